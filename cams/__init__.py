@@ -1,0 +1,1 @@
+"""Differentiable, batched class activation maps (torch only)."""
