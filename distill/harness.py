@@ -1,0 +1,325 @@
+"""Reproduction harness for the Shap-CAM paper's CIFAR-10 table (WRN-40-2 -> WRN-16-2).
+
+``python -m distill.harness run --profile cpu-mini`` trains (or reuses) the teacher, precomputes the
+cached teacher maps, and trains every cell of the table for every seed through ``train.py``
+(Hydra multirun, so ``--launcher joblib`` runs cells in parallel). Finished runs are skipped,
+interrupted runs resume from ``last.ckpt``, and a run directory made with a different configuration
+is refused. ``python -m distill.harness report --profile cpu-mini`` writes
+``results/<profile>/table.md``, ``table.csv`` and ``chart.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import os
+import subprocess
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+PROFILE_DIR = ROOT / "configs" / "harness"
+
+# Test error (%) of the WRN-16-2 student, Shap-CAM paper Table 4 (first three columns from the
+# Grad-CAM++ paper, section 5). ShapleyCAM was not in the paper.
+PAPER_ERRORS: dict[str, float] = {
+    "ce": 6.78, "gradcam": 6.86, "gradcampp": 6.74, "scorecam": 6.75, "shapcam": 6.69,
+    "ce_kd": 5.68, "gradcam_kd": 5.80, "gradcampp_kd": 5.56, "scorecam_kd": 5.42,
+    "shapcam_kd": 5.37,
+}
+ALL_CELLS = ("ce", "gradcam", "gradcampp", "scorecam", "shapcam", "shapleycam")
+IGNORED_KEYS = ("paths", "hydra", "run_name", "ckpt_path", "logger", "callbacks")
+
+
+class HarnessError(RuntimeError):
+    """Bad profile/cell names, or results that cannot be trusted."""
+
+
+@dataclass
+class Profile:
+    """A reproduction protocol: which cells, seeds and Hydra overrides."""
+
+    name: str
+    seeds: list[int]
+    cells: list[str]
+    common: list[str] = field(default_factory=list)
+    teacher: list[str] = field(default_factory=list)
+    student: list[str] = field(default_factory=list)
+    precompute: list[str] = field(default_factory=list)
+    n_jobs: int = 1
+    results_dir: str = "results"
+    description: str = ""
+
+    @classmethod
+    def load(cls, name: str) -> Profile:
+        path = PROFILE_DIR / f"{name}.yaml"
+        if not path.exists():
+            known = sorted(p.stem for p in PROFILE_DIR.glob("*.yaml"))
+            raise HarnessError(f"unknown profile {name!r}; choose one of {known}")
+        data = yaml.safe_load(path.read_text())
+        profile = cls(**data)
+        bad = [c for c in profile.cells if c.removesuffix("_kd") not in ALL_CELLS]
+        if bad:
+            raise HarnessError(f"profile {name!r} names unknown cells {bad}; "
+                               f"known: {[c + s for c in ALL_CELLS for s in ('', '_kd')]}")
+        return profile
+
+    @property
+    def out(self) -> Path:
+        return (ROOT / self.results_dir / self.name).resolve()
+
+    def run_dir(self, cell: str, seed: int) -> Path:
+        return self.out / "runs" / f"{cell}-s{seed}"
+
+    @property
+    def teacher_dir(self) -> Path:
+        return self.out / "runs" / "teacher"
+
+    def location(self, task: str, run: str) -> list[str]:
+        return [f"paths.log_dir={self.out}", f"task_name={task}", f"run_name={run}"]
+
+    def teacher_overrides(self) -> list[str]:
+        return [*self.common, *self.teacher, *self.location("runs", "teacher")]
+
+    def cell_overrides(self, cell: str, seed: int) -> list[str]:
+        ckpt = self.teacher_dir / "checkpoints" / "last.ckpt"
+        return [*self.common, *self.student, f"loss={cell}", f"seed={seed}",
+                f"teacher.checkpoint={ckpt}", *self.location("runs", f"{cell}-s{seed}")]
+
+
+# --------------------------------------------------------------------------- configs
+def compose(overrides: Sequence[str]) -> dict[str, Any]:
+    """The composed training config for ``overrides`` (without run-location keys)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from omegaconf import OmegaConf
+
+    with initialize_config_dir(str(ROOT / "configs"), version_base="1.3"):
+        cfg = hydra_compose("train", overrides=list(overrides))
+    data = OmegaConf.to_container(cfg, resolve=False)
+    return {k: v for k, v in data.items() if k not in IGNORED_KEYS}
+
+
+def saved_config(run_dir: Path) -> dict[str, Any] | None:
+    path = run_dir / ".hydra" / "config.yaml"
+    if not path.exists():
+        return None
+    data = yaml.safe_load(path.read_text())
+    return {k: v for k, v in data.items() if k not in IGNORED_KEYS}
+
+
+def _diff_keys(a: Any, b: Any, prefix: str = "") -> list[str]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        keys = sorted(set(a) | set(b))
+        return [d for k in keys for d in _diff_keys(a.get(k), b.get(k), f"{prefix}{k}.")]
+    return [] if a == b else [prefix.rstrip(".")]
+
+
+def check_same_config(run_dir: Path, overrides: Sequence[str]) -> None:
+    """Refuse a run directory whose saved config differs from what the profile asks for."""
+    found = saved_config(run_dir)
+    if found is None:
+        return
+    diff = _diff_keys(compose(overrides), found)
+    if diff:
+        raise HarnessError(
+            f"{run_dir} holds a run with a different config (differs in {', '.join(diff[:8])}); "
+            "it is not reused or merged: move it away, or run this profile into another "
+            "results folder")
+
+
+def read_metrics(run_dir: Path) -> dict[str, Any] | None:
+    path = run_dir / "metrics.json"
+    if not path.exists():
+        return None
+    return json.loads(path.read_text())
+
+
+# --------------------------------------------------------------------------- running
+def _python(args: Sequence[str], dry_run: bool) -> None:
+    cmd = [sys.executable, *args]
+    print("$", " ".join(cmd), flush=True)
+    if not dry_run:
+        subprocess.run(cmd, check=True, cwd=ROOT, env={**os.environ, "HYDRA_FULL_ERROR": "1"})
+
+
+def run_teacher(profile: Profile, dry_run: bool = False) -> None:
+    overrides = profile.teacher_overrides()
+    check_same_config(profile.teacher_dir, overrides)
+    if read_metrics(profile.teacher_dir) is not None:
+        print(f"teacher: finished, reusing {profile.teacher_dir}")
+        return
+    _python(["train.py", *overrides], dry_run)
+
+
+def run_precompute(profile: Profile, dry_run: bool = False) -> None:
+    cells = [c for c in profile.cells if "shapcam" in c]
+    if not cells:
+        return
+    for cell in sorted({c.removesuffix("_kd") for c in cells}):
+        overrides = profile.cell_overrides(cell, profile.seeds[0])
+        _python(["-m", "distill.precompute", *overrides, *profile.precompute], dry_run)
+
+
+def pending_cells(profile: Profile) -> dict[int, list[str]]:
+    """Per seed, the cells without a finished run (config mismatches raise)."""
+    todo: dict[int, list[str]] = {}
+    for seed in profile.seeds:
+        for cell in profile.cells:
+            run_dir = profile.run_dir(cell, seed)
+            check_same_config(run_dir, profile.cell_overrides(cell, seed))
+            if read_metrics(run_dir) is None:
+                todo.setdefault(seed, []).append(cell)
+    return todo
+
+
+def run_cells(profile: Profile, n_jobs: int, dry_run: bool = False) -> None:
+    for seed, cells in pending_cells(profile).items():
+        overrides = [o for o in profile.cell_overrides("X", seed)
+                     if not o.startswith(("loss=", "run_name="))]
+        sweep = [f"loss={','.join(cells)}", "run_name=${loss.name}-s${seed}",
+                 f"hydra.sweep.dir={profile.out / 'multirun' / f's{seed}'}"]
+        if n_jobs > 1:
+            sweep += ["hydra/launcher=joblib", f"hydra.launcher.n_jobs={n_jobs}"]
+        _python(["train.py", "-m", *overrides, *sweep], dry_run)
+
+
+def run(profile: Profile, n_jobs: int | None = None, dry_run: bool = False) -> None:
+    """The whole protocol, resumable: teacher, cached maps, every cell x seed."""
+    run_teacher(profile, dry_run)
+    run_precompute(profile, dry_run)
+    run_cells(profile, n_jobs or profile.n_jobs, dry_run)
+
+
+# --------------------------------------------------------------------------- report
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    mean = sum(values) / len(values)
+    if len(values) < 2:
+        return mean, float("nan")
+    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+
+
+def collect(profile: Profile) -> list[dict[str, Any]]:
+    """One row per cell: errors per seed, mean, std, missing seeds, paper value."""
+    rows = []
+    for cell in profile.cells:
+        errors, missing = [], []
+        for seed in profile.seeds:
+            metrics = read_metrics(profile.run_dir(cell, seed))
+            if metrics is None or metrics.get("test_error") is None:
+                missing.append(seed)
+            else:
+                errors.append(float(metrics["test_error"]))
+        mean, std = _mean_std(errors) if errors else (float("nan"), float("nan"))
+        rows.append({"cell": cell, "errors": errors, "mean": mean, "std": std,
+                     "missing": missing, "paper": PAPER_ERRORS.get(cell, float("nan"))})
+    return rows
+
+
+def _baseline(cell: str) -> str:
+    return "ce_kd" if cell.endswith("_kd") else "ce"
+
+
+def _noise_note(row: dict[str, Any], base: dict[str, Any]) -> str:
+    if row["cell"] == base["cell"] or not row["errors"] or not base["errors"]:
+        return ""
+    diff = row["mean"] - base["mean"]
+    se = math.sqrt(sum((r["std"] if math.isfinite(r["std"]) else 0.0) ** 2 / max(len(r["errors"]), 1)
+                       for r in (row, base)))
+    if not math.isfinite(se) or se == 0:
+        return "single seed: noise unknown"
+    return "within seed noise" if abs(diff) <= 2 * se else "beyond 2 standard errors"
+
+
+def _fmt(x: float, sign: bool = False) -> str:
+    if not math.isfinite(x):
+        return "—"
+    return f"{x:+.2f}" if sign else f"{x:.2f}"
+
+
+def report(profile: Profile) -> Path:
+    """Write table.md, table.csv and chart.png under results/<profile>/."""
+    rows = collect(profile)
+    by_cell = {r["cell"]: r for r in rows}
+    profile.out.mkdir(parents=True, exist_ok=True)
+    lines = [f"# Student test error (%), profile `{profile.name}`", "",
+             profile.description.strip(), "",
+             "| cell | seeds | error (mean ± std) | paper | diff to paper | diff to baseline | note |",
+             "|---|---|---|---|---|---|---|"]
+    with open(profile.out / "table.csv", "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["cell", "n_seeds", "errors", "mean", "std", "paper", "diff_paper",
+                         "baseline", "diff_baseline", "note", "missing_seeds"])
+        for row in rows:
+            base = by_cell.get(_baseline(row["cell"]))
+            diff_base = row["mean"] - base["mean"] if base else float("nan")
+            note = _noise_note(row, base) if base else ""
+            if row["missing"]:
+                note = (note + "; " if note else "") + f"missing seeds {row['missing']}"
+            cell_err = f"{_fmt(row['mean'])} ± {_fmt(row['std'])}"
+            lines.append(f"| {row['cell']} | {len(row['errors'])} | {cell_err} | "
+                         f"{_fmt(row['paper'])} | {_fmt(row['mean'] - row['paper'], True)} | "
+                         f"{_fmt(diff_base, True)} | {note} |")
+            writer.writerow([row["cell"], len(row["errors"]),
+                             " ".join(f"{e:.2f}" for e in row["errors"]), row["mean"], row["std"],
+                             row["paper"], row["mean"] - row["paper"], _baseline(row["cell"]),
+                             diff_base, note, " ".join(map(str, row["missing"]))])
+    (profile.out / "table.md").write_text("\n".join(lines) + "\n")
+    _chart(rows, profile.out / "chart.png", profile.name)
+    return profile.out / "table.md"
+
+
+def _chart(rows: list[dict[str, Any]], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(max(6, 0.7 * len(rows)), 4))
+    xs = range(len(rows))
+    means = [r["mean"] for r in rows]
+    stds = [r["std"] if math.isfinite(r["std"]) else 0.0 for r in rows]
+    ax.bar(xs, means, yerr=stds, capsize=3, color="tab:blue", alpha=0.8, label="this run")
+    ax.scatter(xs, [r["paper"] for r in rows], color="tab:red", marker="_", s=300, label="paper",
+               zorder=3)
+    ax.set_xticks(list(xs), [r["cell"] for r in rows], rotation=45, ha="right")
+    ax.set_ylabel("test error (%)")
+    ax.set_title(f"WRN-40-2 → WRN-16-2 student, profile {title}")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m distill.harness", description=__doc__)
+    parser.add_argument("command", choices=["run", "report", "status"])
+    parser.add_argument("--profile", default="cpu-mini")
+    parser.add_argument("--n-jobs", type=int, default=None, help="parallel cells (joblib launcher)")
+    parser.add_argument("--dry-run", action="store_true", help="print the commands only")
+    args = parser.parse_args(argv)
+    try:
+        profile = Profile.load(args.profile)
+        if args.command == "run":
+            run(profile, args.n_jobs, args.dry_run)
+            print(f"report: {report(profile)}")
+        elif args.command == "report":
+            print(report(profile).read_text())
+        else:
+            for seed, cells in pending_cells(profile).items():
+                print(f"seed {seed}: pending {cells}")
+    except HarnessError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,219 @@
+"""Student training: CE (+ Hinton KD) + alpha * || N(L_s) - N(L_t) ||^2 on true-class CAMs."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from distill.explain import build_cam, load_teacher, resolve_teacher_checkpoint
+from distill.losses import check_alpha, explanation_loss, kd_loss, map_agreement
+from distill.modules.classifier import ClassifierModule
+from distill.teacher_maps import MapCache, align_maps, teacher_fingerprint
+
+
+@dataclass
+class LossConfig:
+    """The ``loss`` config group (see ``configs/loss/ce.yaml`` for every key)."""
+
+    name: str = "ce"
+    method: str | None = None
+    alpha: float = 0.0
+    norm: str = "l2"
+    student_layer: str = "block3"
+    teacher_layer: str = "block3"
+    teacher_maps: str = "online"
+    cam: dict[str, Any] = field(default_factory=dict)
+    student_cam: dict[str, Any] = field(default_factory=dict)
+    teacher_cam: dict[str, Any] = field(default_factory=dict)
+    kd: dict[str, Any] = field(default_factory=dict)
+    map_align: str = "bilinear"
+    agreement_batches: int = 2
+    grid_every_n_epochs: int = 10
+    cache_dir: str | None = None
+
+    @classmethod
+    def from_mapping(cls, data: Mapping[str, Any]) -> LossConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown loss options {unknown}; known: {sorted(known)}")
+        values = {k: (dict(v) if isinstance(v, Mapping) else v) for k, v in data.items()}
+        cfg = cls(**values)
+        cfg.alpha = check_alpha(cfg.alpha)
+        if cfg.teacher_maps not in ("online", "cache"):
+            raise ValueError(f"loss.teacher_maps must be 'online' or 'cache', got {cfg.teacher_maps!r}")
+        return cfg
+
+    @property
+    def kd_enabled(self) -> bool:
+        return bool(self.kd.get("enabled", False))
+
+    def options(self, side: str) -> dict[str, Any]:
+        """CAM options for ``side`` ("student" or "teacher"): shared ``cam`` + side-specific."""
+        return {**self.cam, **getattr(self, f"{side}_cam")}
+
+
+class StudentModule(ClassifierModule):
+    """A student trained against a frozen teacher with KD and/or an explanation loss.
+
+    The student's map is computed by :mod:`cams` with ``create_graph=True`` in the same forward
+    pass that produces its logits (one forward per step); the teacher's map comes from the
+    teacher on the same augmented batch (``teacher_maps=online``) or from a precomputed cache,
+    looked up by dataset index and pushed through the batch's crop/flip
+    (``teacher_maps=cache``).
+    """
+
+    def __init__(
+        self,
+        net: nn.Module,
+        teacher_net: nn.Module,
+        loss: Mapping[str, Any],
+        teacher_checkpoint: str | None = None,
+        teacher_run_dir: str = "",
+        teacher_command: str = "python train.py experiment=teacher",
+        cache_root: str = "cache/teacher_maps",
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(net=net, **kwargs)
+        self.save_hyperparameters(ignore=["net", "teacher_net"])
+        self.loss_cfg = LossConfig.from_mapping(loss)
+        self.teacher_checkpoint = resolve_teacher_checkpoint(
+            teacher_checkpoint, teacher_run_dir, teacher_command)
+        self.teacher = load_teacher(teacher_net, self.teacher_checkpoint)
+        self.cache_root = Path(cache_root)
+        cfg = self.loss_cfg
+        self.student_cam = self.teacher_cam = None
+        if cfg.method is not None:
+            self.student_cam = build_cam(cfg.method, self.net, cfg.student_layer, cfg.options("student"))
+            self.teacher_cam = build_cam(cfg.method, self.teacher, cfg.teacher_layer, cfg.options("teacher"))
+            self._check_map_shapes()
+        self.register_buffer("cached_maps", torch.empty(0), persistent=False)
+        self._grid_batch: dict[str, Tensor] | None = None
+
+    # ----------------------------------------------------------------- setup
+    def _check_map_shapes(self) -> None:
+        """Stop before training when student and teacher maps differ in size."""
+        probe = torch.zeros(2, 3, 32, 32)
+        shapes = []
+        for model, layer in ((self.net, self.loss_cfg.student_layer),
+                             (self.teacher, self.loss_cfg.teacher_layer)):
+            captured: list[tuple[int, ...]] = []
+            module = dict(model.named_modules())[layer]
+            handle = module.register_forward_hook(lambda m, i, o: captured.append(tuple(o.shape)))
+            was_training = model.training
+            model.eval()
+            with torch.no_grad():
+                model(probe)
+            model.train(was_training)
+            handle.remove()
+            shapes.append(captured[0][-2:])
+        if shapes[0] != shapes[1]:
+            raise ValueError(
+                f"student layer {self.loss_cfg.student_layer!r} gives {shapes[0]} maps but teacher "
+                f"layer {self.loss_cfg.teacher_layer!r} gives {shapes[1]}: choose layers of equal "
+                "resolution (loss.student_layer=..., loss.teacher_layer=...)")
+
+    def setup(self, stage: str) -> None:
+        super().setup(stage)
+        if stage == "fit" and self.loss_cfg.method and self.loss_cfg.teacher_maps == "cache":
+            self.cached_maps = self.map_cache(self.trainer.datamodule).load().to(self.device)
+
+    def map_cache(self, datamodule: Any) -> MapCache:
+        """The cache of teacher maps this run needs (directory derived from its fingerprint)."""
+        cfg = self.loss_cfg
+        fingerprint = teacher_fingerprint(
+            self.teacher_checkpoint, cfg.method, cfg.teacher_layer, cfg.options("teacher"),
+            datamodule.dataset_id, datamodule.num_train_total)
+        cache = MapCache(Path(cfg.cache_dir or self.cache_root), fingerprint,
+                         datamodule.num_train_total)
+        if cfg.cache_dir is None:
+            cache.directory = cache.directory / cache.key[:16]
+        return cache
+
+    def train(self, mode: bool = True) -> StudentModule:
+        super().train(mode)
+        self.teacher.eval()  # the teacher stays frozen in eval mode
+        return self
+
+    # ----------------------------------------------------------------- losses
+    def teacher_outputs(self, batch: Mapping[str, Any], need_logits: bool) -> tuple[Tensor | None, Tensor | None]:
+        """Teacher logits (if needed) and maps (if the loss has an explanation term)."""
+        x, y = batch["image"], batch["label"]
+        if self.teacher_cam is not None and self.loss_cfg.teacher_maps == "online":
+            out = self.teacher_cam.compute(x, y)
+            return out.logits.detach(), out.maps.detach()
+        maps = None
+        if self.teacher_cam is not None:
+            maps = align_maps(self.cached_maps[batch["index"]], batch.get("aug"),
+                              mode=self.loss_cfg.map_align)
+        logits = None
+        if need_logits:
+            with torch.no_grad():
+                logits = self.teacher(x)
+        return logits, maps
+
+    def compute_loss(self, batch: Mapping[str, Any]) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+        cfg = self.loss_cfg
+        x, y = batch["image"], batch["label"]
+        if self.student_cam is not None:
+            out = self.student_cam.compute(x, y, create_graph=True)
+            logits, student_maps = out.logits, out.maps
+        else:
+            logits, student_maps = self.net(x), None
+        teacher_logits, teacher_maps = self.teacher_outputs(batch, need_logits=cfg.kd_enabled)
+        ce = F.cross_entropy(logits, y)
+        terms = {"ce": ce}
+        loss = ce
+        if cfg.kd_enabled:
+            beta = float(cfg.kd.get("beta", 0.9))
+            terms["kd"] = kd_loss(logits, teacher_logits, float(cfg.kd.get("temperature", 4.0)))
+            loss = (1 - beta) * ce + beta * terms["kd"]
+        if student_maps is not None:
+            terms["cam"] = explanation_loss(student_maps, teacher_maps, cfg.norm)
+            loss = loss + cfg.alpha * terms["cam"]
+        return loss, logits, terms
+
+    # ----------------------------------------------------------------- validation extras
+    def validation_step(self, batch: Mapping[str, Any], batch_idx: int) -> Any:
+        result = super().validation_step(batch, batch_idx)
+        if self.student_cam is not None and batch_idx < self.loss_cfg.agreement_batches:
+            x, y = batch["image"], batch["label"]
+            student_maps = self.student_cam(x, y)
+            teacher_maps = self.teacher_cam(x, y)
+            agreement = map_agreement(student_maps, teacher_maps).mean()
+            self.log("val/map_agreement", agreement, on_epoch=True, batch_size=len(y))
+            if batch_idx == 0:
+                self._grid_batch = {"image": x[:8].detach(), "student": student_maps[:8],
+                                    "teacher": teacher_maps[:8]}
+        return result
+
+    def on_validation_epoch_end(self) -> None:
+        super().on_validation_epoch_end()
+        every = self.loss_cfg.grid_every_n_epochs
+        last = self.trainer.max_epochs is not None and self.current_epoch + 1 >= self.trainer.max_epochs
+        if self._grid_batch is None or every <= 0 or self.trainer.sanity_checking:
+            return
+        if (self.current_epoch + 1) % every == 0 or last:
+            from distill.visualize import log_cam_grid
+
+            log_cam_grid(self, **self._grid_batch)
+        self._grid_batch = None
+
+    # ----------------------------------------------------------------- checkpoints
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Keep checkpoints student-only: the teacher is reloaded from ``teacher_checkpoint``."""
+        state = checkpoint["state_dict"]
+        for key in [k for k in state if k.startswith("teacher.")]:
+            del state[key]
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_load_checkpoint(checkpoint)
+        state = checkpoint["state_dict"]
+        for key, value in self.teacher.state_dict().items():
+            state.setdefault(f"teacher.{key}", value)

@@ -1,0 +1,238 @@
+"""Offline teacher explanation maps: sharded, fingerprinted, resumable cache.
+
+The Shap-CAM paper precomputes the teacher's maps once (10^4 permutations per image). This module
+writes them in shards under one directory::
+
+    <dir>/manifest.json      fingerprint + one entry (file, sha256, range) per finished shard
+    <dir>/shard_00000.pt     {"maps": float32 (n, h, w), "start": int, "stop": int}
+
+A finished shard is never recomputed; an interrupted run resumes at the first missing shard.
+Loading verifies the fingerprint (teacher checkpoint hash, method, layer, options, dataset
+identity and size), the shard checksums and shapes, and refuses anything that does not match.
+
+During training the cached maps (computed on un-augmented images) are looked up by dataset index
+and pushed through exactly the crop/flip of their images (:func:`align_maps`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+MANIFEST = "manifest.json"
+FORMAT_VERSION = 1
+
+
+class CacheError(RuntimeError):
+    """A teacher-map cache is missing, incomplete, corrupted or built for another configuration."""
+
+
+def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
+    """SHA-256 hex digest of a file."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def fingerprint_hash(fingerprint: Mapping[str, Any]) -> str:
+    """Stable hash of a JSON-serializable fingerprint."""
+    text = json.dumps(dict(fingerprint), sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _diff(expected: Mapping[str, Any], found: Mapping[str, Any]) -> str:
+    keys = sorted(set(expected) | set(found))
+    changes = [f"{k}: cache={found.get(k)!r} vs run={expected.get(k)!r}" for k in keys
+               if expected.get(k) != found.get(k)]
+    return "; ".join(changes)
+
+
+def _atomic_save(obj: Any, path: Path) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def _atomic_write_json(obj: Any, path: Path) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str))
+    os.replace(tmp, path)
+
+
+@dataclass
+class MapCache:
+    """A sharded cache directory bound to one fingerprint."""
+
+    directory: Path
+    fingerprint: dict[str, Any]
+    num_samples: int
+    shard_size: int = 5000
+
+    def __post_init__(self) -> None:
+        self.directory = Path(self.directory)
+        self.key = fingerprint_hash(self.fingerprint)
+
+    # ----------------------------------------------------------------- manifest
+    def _read_manifest(self) -> dict[str, Any] | None:
+        path = self.directory / MANIFEST
+        if not path.exists():
+            return None
+        try:
+            return json.loads(path.read_text())
+        except json.JSONDecodeError as err:
+            raise CacheError(f"teacher-map cache manifest {path} is corrupted ({err}); "
+                             "delete the directory and precompute again") from err
+
+    def _new_manifest(self) -> dict[str, Any]:
+        return {"version": FORMAT_VERSION, "fingerprint": self.fingerprint, "key": self.key,
+                "num_samples": self.num_samples, "shard_size": self.shard_size, "shards": {}}
+
+    def _check_manifest(self, manifest: dict[str, Any]) -> None:
+        if manifest.get("key") != self.key:
+            raise CacheError(
+                f"teacher-map cache {self.directory} was built for another configuration "
+                f"({_diff(self.fingerprint, manifest.get('fingerprint', {}))}); "
+                "use the matching settings, another cache directory, or delete it")
+        if manifest.get("num_samples") != self.num_samples:
+            raise CacheError(f"teacher-map cache {self.directory} holds "
+                             f"{manifest.get('num_samples')} samples, the dataset has "
+                             f"{self.num_samples}; delete it and precompute again")
+
+    def shard_ranges(self) -> list[tuple[int, int]]:
+        """Half-open index ranges of all shards."""
+        return [(s, min(s + self.shard_size, self.num_samples))
+                for s in range(0, self.num_samples, self.shard_size)]
+
+    @staticmethod
+    def shard_name(start: int) -> str:
+        return f"shard_{start:08d}.pt"
+
+    def missing_shards(self) -> list[tuple[int, int]]:
+        """Shards not yet written (or whose file is missing)."""
+        manifest = self._read_manifest()
+        if manifest is None:
+            return self.shard_ranges()
+        self._check_manifest(manifest)
+        done = manifest["shards"]
+        return [(a, b) for a, b in self.shard_ranges()
+                if str(a) not in done or not (self.directory / done[str(a)]["file"]).exists()]
+
+    # ----------------------------------------------------------------- writing
+    def build(
+        self,
+        compute: Callable[[Tensor, Tensor], Tensor],
+        images: Tensor,
+        labels: Tensor,
+        batch_size: int = 256,
+        progress: bool = True,
+    ) -> None:
+        """Compute and store every missing shard; ``compute(images, labels) -> (n, h, w)``."""
+        if len(images) != self.num_samples or len(labels) != self.num_samples:
+            raise CacheError(f"expected {self.num_samples} images/labels, got {len(images)}/{len(labels)}")
+        self.directory.mkdir(parents=True, exist_ok=True)
+        manifest = self._read_manifest() or self._new_manifest()
+        self._check_manifest(manifest)
+        _atomic_write_json(manifest, self.directory / MANIFEST)
+        todo = self.missing_shards()
+        bar = _progress(total=sum(b - a for a, b in todo), enabled=progress)
+        for start, stop in todo:
+            chunks = []
+            for s in range(start, stop, batch_size):
+                e = min(s + batch_size, stop)
+                chunks.append(compute(images[s:e], labels[s:e]).detach().float().cpu())
+                bar.update(e - s)
+            maps = torch.cat(chunks)
+            if not torch.isfinite(maps).all():
+                raise CacheError(f"non-finite teacher maps in samples {start}..{stop - 1}")
+            name = self.shard_name(start)
+            _atomic_save({"maps": maps, "start": start, "stop": stop, "key": self.key},
+                         self.directory / name)
+            manifest["shards"][str(start)] = {"file": name, "start": start, "stop": stop,
+                                              "sha256": file_sha256(self.directory / name)}
+            _atomic_write_json(manifest, self.directory / MANIFEST)
+        bar.close()
+
+    # ----------------------------------------------------------------- reading
+    def load(self) -> Tensor:
+        """All maps (N, h, w), verified against fingerprint, checksums and shapes."""
+        manifest = self._read_manifest()
+        if manifest is None:
+            raise CacheError(f"no teacher-map cache at {self.directory}")
+        self._check_manifest(manifest)
+        missing = self.missing_shards()
+        if missing:
+            raise CacheError(f"teacher-map cache {self.directory} is incomplete "
+                             f"({len(missing)} of {len(self.shard_ranges())} shards missing); "
+                             "run the precompute command again to finish it")
+        parts = [self._load_shard(manifest["shards"][str(a)], a, b) for a, b in self.shard_ranges()]
+        shapes = {tuple(p.shape[1:]) for p in parts}
+        if len(shapes) != 1:
+            raise CacheError(f"teacher-map cache {self.directory} mixes map shapes {sorted(shapes)}")
+        return torch.cat(parts)
+
+    def _load_shard(self, entry: Mapping[str, Any], start: int, stop: int) -> Tensor:
+        path = self.directory / entry["file"]
+        if file_sha256(path) != entry["sha256"]:
+            raise CacheError(f"teacher-map shard {path} is corrupted (checksum mismatch); "
+                             "delete it and run the precompute command again")
+        data = torch.load(path, map_location="cpu", weights_only=True)
+        maps = data["maps"]
+        if data.get("key") != self.key or maps.ndim != 3 or len(maps) != stop - start:
+            raise CacheError(f"teacher-map shard {path} does not match its manifest; "
+                             "delete it and run the precompute command again")
+        return maps
+
+
+def _progress(total: int, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, disable=not enabled, desc="teacher maps", unit="img")
+
+
+def align_maps(maps: Tensor, aug: Any, image_size: int = 32, mode: str = "bilinear") -> Tensor:
+    """Push maps of un-augmented images through their images' crop/flip.
+
+    ``maps`` (B, h, w) are upsampled to ``image_size`` (``mode``: "bilinear" or "nearest"),
+    transformed by ``aug.apply`` (the same reflect-pad/crop/flip as the images) and brought back to
+    (h, w) by area averaging. With ``mode="nearest"`` and a map that is block-wise the average of a
+    per-pixel function, this equals the map of the augmented image exactly; otherwise it differs
+    by the sub-cell part of the shift and at reflected borders (see tests/test_teacher_maps.py).
+    """
+    if aug is None:
+        return maps
+    h, w = maps.shape[-2:]
+    kwargs = {"align_corners": False} if mode == "bilinear" else {}
+    up = F.interpolate(maps.unsqueeze(1), size=(image_size, image_size), mode=mode, **kwargs)
+    moved = aug.apply(up)
+    return F.adaptive_avg_pool2d(moved, (h, w)).squeeze(1)
+
+
+def teacher_fingerprint(
+    checkpoint: str | Path,
+    method: str,
+    layer: str,
+    options: Mapping[str, Any],
+    dataset_id: str,
+    num_samples: int,
+) -> dict[str, Any]:
+    """Everything a cached map depends on: teacher weights, CAM settings, dataset identity."""
+    return {
+        "format": FORMAT_VERSION,
+        "teacher_sha256": file_sha256(checkpoint),
+        "method": method,
+        "layer": layer,
+        "options": {k: options[k] for k in sorted(options)},
+        "dataset": dataset_id,
+        "num_samples": int(num_samples),
+    }
