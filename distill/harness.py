@@ -53,6 +53,7 @@ class Profile:
     teacher: list[str] = field(default_factory=list)
     student: list[str] = field(default_factory=list)
     precompute: list[str] = field(default_factory=list)
+    method_overrides: dict[str, list[str]] = field(default_factory=dict)
     n_jobs: int = 1
     results_dir: str = "results"
     description: str = ""
@@ -88,10 +89,15 @@ class Profile:
     def teacher_overrides(self) -> list[str]:
         return [*self.common, *self.teacher, *self.location("runs", "teacher")]
 
+    def method_extra(self, cell: str) -> list[str]:
+        """Overrides for this cell's CAM method only (e.g. reduced permutations)."""
+        return list(self.method_overrides.get(cell.removesuffix("_kd"), []))
+
     def cell_overrides(self, cell: str, seed: int) -> list[str]:
         ckpt = self.teacher_dir / "checkpoints" / "last.ckpt"
-        return [*self.common, *self.student, f"loss={cell}", f"seed={seed}",
-                f"teacher.checkpoint={ckpt}", *self.location("runs", f"{cell}-s{seed}")]
+        return [*self.common, *self.student, *self.method_extra(cell), f"loss={cell}",
+                f"seed={seed}", f"teacher.checkpoint={ckpt}",
+                *self.location("runs", f"{cell}-s{seed}")]
 
 
 # --------------------------------------------------------------------------- configs
@@ -160,12 +166,12 @@ def run_teacher(profile: Profile, dry_run: bool = False) -> None:
 
 
 def run_precompute(profile: Profile, dry_run: bool = False) -> None:
-    cells = [c for c in profile.cells if "shapcam" in c]
-    if not cells:
-        return
-    for cell in sorted({c.removesuffix("_kd") for c in cells}):
-        overrides = profile.cell_overrides(cell, profile.seeds[0])
-        _python(["-m", "distill.precompute", *overrides, *profile.precompute], dry_run)
+    """Precompute teacher maps for every method whose cells read them from the cache."""
+    methods = sorted({c.removesuffix("_kd") for c in profile.cells} - {"ce"})
+    for method in methods:
+        overrides = profile.cell_overrides(method, profile.seeds[0])
+        if compose(overrides)["loss"]["teacher_maps"] == "cache":
+            _python(["-m", "distill.precompute", *overrides, *profile.precompute], dry_run)
 
 
 def pending_cells(profile: Profile) -> dict[int, list[str]]:
@@ -181,14 +187,19 @@ def pending_cells(profile: Profile) -> dict[int, list[str]]:
 
 
 def run_cells(profile: Profile, n_jobs: int, dry_run: bool = False) -> None:
+    """One Hydra multirun per seed and group of cells sharing their method overrides."""
     for seed, cells in pending_cells(profile).items():
-        overrides = [o for o in profile.cell_overrides("X", seed)
-                     if not o.startswith(("loss=", "run_name="))]
-        sweep = [f"loss={','.join(cells)}", "run_name=${loss.name}-s${seed}",
-                 f"hydra.sweep.dir={profile.out / 'multirun' / f's{seed}'}"]
-        if n_jobs > 1:
-            sweep += ["hydra/launcher=joblib", f"hydra.launcher.n_jobs={n_jobs}"]
-        _python(["train.py", "-m", *overrides, *sweep], dry_run)
+        groups: dict[tuple[str, ...], list[str]] = {}
+        for cell in cells:
+            groups.setdefault(tuple(profile.method_extra(cell)), []).append(cell)
+        for extra, members in groups.items():
+            overrides = [o for o in profile.cell_overrides(members[0], seed)
+                         if not o.startswith(("loss=", "run_name="))]
+            sweep = [f"loss={','.join(members)}", "run_name=${loss.name}-s${seed}",
+                     f"hydra.sweep.dir={profile.out / 'multirun' / f's{seed}'}"]
+            if n_jobs > 1:
+                sweep += ["hydra/launcher=joblib", f"hydra.launcher.n_jobs={n_jobs}"]
+            _python(["train.py", "-m", *overrides, *sweep], dry_run)
 
 
 def run(profile: Profile, n_jobs: int | None = None, dry_run: bool = False) -> None:

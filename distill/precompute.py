@@ -15,14 +15,13 @@ import hydra
 import torch
 from omegaconf import DictConfig
 
+from distill.data.augment import normalize
 from distill.explain import TeacherError
 from distill.teacher_maps import CacheError
 
 
 def precompute(cfg: DictConfig) -> str:
     """Build the cache for ``cfg`` and return its directory."""
-    from distill.data import normalize_images
-
     if cfg.loss.method is None:
         raise CacheError(f"loss={cfg.loss.name} has no explanation term: nothing to precompute")
     datamodule = hydra.utils.instantiate(cfg.data)
@@ -35,7 +34,7 @@ def precompute(cfg: DictConfig) -> str:
     cache = module.map_cache(datamodule)
 
     def compute(images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        x = normalize_images(images.to(device))
+        x = normalize(images.to(device))
         return teacher_cam(x, labels.to(device))
 
     print(f"teacher maps: {cfg.loss.method} at {cfg.loss.teacher_layer}, "

@@ -200,14 +200,16 @@ def _progress(total: int, enabled: bool):
     return tqdm(total=total, disable=not enabled, desc="teacher maps", unit="img")
 
 
-def align_maps(maps: Tensor, aug: Any, image_size: int = 32, mode: str = "bilinear") -> Tensor:
+def align_maps(maps: Tensor, aug: Any, image_size: int = 32, mode: str = "nearest") -> Tensor:
     """Push maps of un-augmented images through their images' crop/flip.
 
-    ``maps`` (B, h, w) are upsampled to ``image_size`` (``mode``: "bilinear" or "nearest"),
-    transformed by ``aug.apply`` (the same reflect-pad/crop/flip as the images) and brought back to
-    (h, w) by area averaging. With ``mode="nearest"`` and a map that is block-wise the average of a
-    per-pixel function, this equals the map of the augmented image exactly; otherwise it differs
-    by the sub-cell part of the shift and at reflected borders (see tests/test_teacher_maps.py).
+    ``maps`` (B, h, w) are upsampled to ``image_size`` (``mode``: "nearest", default, or
+    "bilinear"), transformed by ``aug.apply`` (the same reflect-pad/crop/flip as the images) and
+    brought back to (h, w) by area averaging. With "nearest" a cell shifted by a fraction of its
+    size becomes the overlap-weighted (linear) interpolation of its neighbours, which is exact for
+    maps that are block averages of a per-pixel function of the image and, away from the border,
+    for maps linear in position. Border cells differ: padding reflects the map, not the image.
+    "bilinear" smooths twice and is less exact (see tests/test_teacher_maps.py).
     """
     if aug is None:
         return maps

@@ -10,12 +10,7 @@ from torch import Tensor
 from torchvision.utils import make_grid, save_image
 
 import cams
-
-
-def denormalize(images: Tensor, mean: Tensor, std: Tensor) -> Tensor:
-    """Undo per-channel normalization and clamp to [0, 1]."""
-    shape = (1, -1, 1, 1)
-    return (images * std.view(shape).to(images) + mean.view(shape).to(images)).clamp(0, 1)
+from distill.data.augment import denormalize
 
 
 def cam_grid(images: Tensor, teacher: Tensor, student: Tensor) -> Tensor:
@@ -30,10 +25,7 @@ def cam_grid(images: Tensor, teacher: Tensor, student: Tensor) -> Tensor:
 
 def log_cam_grid(module: Any, image: Tensor, teacher: Tensor, student: Tensor) -> Path:
     """Save the grid as PNG in the run directory and send it to image-capable loggers."""
-    from distill.data import CIFAR10_MEAN, CIFAR10_STD
-
-    grid = cam_grid(denormalize(image.float().cpu(), torch.tensor(CIFAR10_MEAN), torch.tensor(CIFAR10_STD)),
-                    teacher.cpu(), student.cpu())
+    grid = cam_grid(denormalize(image.float().cpu()).clamp(0, 1), teacher.cpu(), student.cpu())
     epoch = module.current_epoch
     path = Path(module.trainer.default_root_dir) / "cam_grids" / f"epoch_{epoch:03d}.png"
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -32,7 +32,7 @@ class LossConfig:
     student_cam: dict[str, Any] = field(default_factory=dict)
     teacher_cam: dict[str, Any] = field(default_factory=dict)
     kd: dict[str, Any] = field(default_factory=dict)
-    map_align: str = "bilinear"
+    map_align: str = "nearest"
     agreement_batches: int = 2
     grid_every_n_epochs: int = 10
     cache_dir: str | None = None
