@@ -1,0 +1,303 @@
+"""Shared machinery of every CAM method: layer resolution, validation, the single hooked forward,
+gradients w.r.t. the hooked activation (fast closed form or autograd) and the side-effect guard."""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, ClassVar, NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+from cams._bn import Stats, batchnorm_patch, frozen_batchnorm, train_batchnorms
+from cams._head import Head, detect_head, grad_hvp
+from cams.utility import Utility, get_utility
+
+__all__ = ["BaseCAM", "CAMOutput", "preserve_state", "resolve_target_layer"]
+
+TargetsLike = Tensor | int | Sequence[int] | None
+
+
+class CAMOutput(NamedTuple):
+    """What :meth:`BaseCAM.compute` returns: the maps (B, h, w) and the logits of its forward."""
+
+    maps: Tensor
+    logits: Tensor
+
+
+def resolve_target_layer(model: nn.Module, target_layer: nn.Module | str) -> tuple[str, nn.Module]:
+    """``(dotted name, module)``; unknown names list close candidates."""
+    if isinstance(target_layer, nn.Module):
+        for name, module in model.named_modules():
+            if module is target_layer:
+                return name, module
+        raise ValueError("target_layer is not a submodule of the model")
+    if not isinstance(target_layer, str):
+        raise TypeError("target_layer must be a module or a dotted name, "
+                        f"got {type(target_layer).__name__}")
+    modules = dict(model.named_modules())
+    if target_layer in modules:
+        return target_layer, modules[target_layer]
+    close = difflib.get_close_matches(target_layer, [n for n in modules if n], n=5, cutoff=0.5)
+    hint = f"close candidates: {', '.join(close)}" if close else "see model.named_modules()"
+    raise ValueError(f"unknown target layer {target_layer!r}; {hint}")
+
+
+def check_choice(kind: str, value: str, choices: Sequence[str]) -> str:
+    """``value`` if it is one of ``choices``, else a short ``ValueError``."""
+    if value not in choices:
+        raise ValueError(f"unknown {kind} {value!r}; choose one of {', '.join(choices)}")
+    return value
+
+
+def check_input(x: Any) -> None:
+    """``x`` must be a finite floating tensor (B, C, H, W)."""
+    if not isinstance(x, Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != 4:
+        raise ValueError(f"x must be 4-D (B, C, H, W), got shape {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise ValueError(f"x must be a floating-point tensor, got {x.dtype}")
+    if not bool(torch.isfinite(x).all()):
+        raise ValueError("x contains NaN or inf")
+
+
+def check_targets(targets: TargetsLike, batch: int, device: torch.device) -> Tensor | None:
+    """Targets as a long tensor (B,) on ``device`` (range is checked after the forward)."""
+    if targets is None:
+        return None
+    if isinstance(targets, bool):
+        raise TypeError("targets must be class indices, got a bool")
+    if isinstance(targets, int):
+        return torch.full((batch,), targets, dtype=torch.long, device=device)
+    if not isinstance(targets, Tensor):
+        targets = torch.as_tensor(list(targets))
+    if targets.dtype == torch.bool or targets.is_floating_point() or targets.is_complex():
+        raise TypeError(f"targets must be an integer tensor, got {targets.dtype}")
+    if tuple(targets.shape) != (batch,):
+        raise ValueError(f"targets must have shape ({batch},), got {tuple(targets.shape)}")
+    return targets.to(device=device, dtype=torch.long)
+
+
+def check_range(targets: Tensor, num_classes: int) -> None:
+    if targets.numel() and (int(targets.min()) < 0 or int(targets.max()) >= num_classes):
+        raise ValueError(f"targets must lie in [0, {num_classes}), got values in "
+                         f"[{int(targets.min())}, {int(targets.max())}]")
+
+
+@contextmanager
+def preserve_state(model: nn.Module) -> Iterator[None]:
+    """Restore every module's train/eval flag and every buffer (BN statistics) on exit.
+
+    Buffers are swapped for clones during the block and the untouched originals put back, so no
+    tensor that an autograd graph saved is ever modified in place.
+    """
+    modes = [(m, m.training) for m in model.modules()]
+    buffers = [(m, name, b) for m in model.modules() for name, b in m._buffers.items()
+               if b is not None]
+    for m, name, b in buffers:
+        m._buffers[name] = b.clone()
+    try:
+        yield
+    finally:
+        for m, mode in modes:
+            m.training = mode
+        for m, name, b in buffers:
+            m._buffers[name] = b
+
+
+@contextmanager
+def rerun_context(model: nn.Module, stats: Stats) -> Iterator[None]:
+    """Extra evaluations: eval mode (no dropout noise), the forward's BN statistics, buffers
+    kept."""
+    with preserve_state(model), frozen_batchnorm(model, stats):
+        model.eval()
+        yield
+
+
+@dataclass
+class Forward:
+    """Result of the hooked forward (kept only for the duration of one call)."""
+
+    logits: Tensor
+    activation: Tensor
+    synthetic: bool
+    stats: Stats
+
+
+class _Capture:
+    def __init__(self, name: str, needs_grad: bool) -> None:
+        self.name, self.needs_grad = name, needs_grad
+        self.count, self.synthetic = 0, False
+        self.activation: Tensor | None = None
+
+    def hook(self, module: nn.Module, inputs: Any, output: Any) -> Tensor | None:
+        self.count += 1
+        if self.count > 1:
+            return None
+        if not isinstance(output, Tensor) or output.dim() != 4:
+            got = tuple(output.shape) if isinstance(output, Tensor) else type(output).__name__
+            raise ValueError(f"target layer {self.name!r} must output a 4-D tensor (B, C, h, w), "
+                             f"got {got}")
+        if self.needs_grad:
+            torch.set_grad_enabled(True)  # the head always runs with grad; restored after forward
+            if not output.requires_grad:
+                output, self.synthetic = output.detach().requires_grad_(), True
+        self.activation = output
+        return output.clone()  # later in-place ops must not modify the captured activation
+
+
+class BaseCAM:
+    """Base class. Subclasses implement :meth:`_maps` ``(x, fwd, targets, create_graph)``.
+
+    Args:
+        model: a classifier returning logits (B, K).
+        target_layer: a submodule or its dotted name in ``model.named_modules()``.
+        utility: "logit", "prob", "logprob" or "rest" (per sample, see :mod:`cams.utility`).
+        relu: apply the final ReLU (``False`` returns the signed map).
+        fast_path: use the closed-form head when detected (``False`` forces the generic path).
+    """
+
+    default_utility: ClassVar[str] = "logit"
+    _needs_grad: ClassVar[bool] = True  # maps need ∂U/∂A
+    _third_order: ClassVar[bool] = False  # maps contain second derivatives (H·A)
+    _reruns: ClassVar[bool] = False  # extra evaluations of the network
+
+    def __init__(self, model: nn.Module, target_layer: nn.Module | str, *,
+                 utility: str | None = None, relu: bool = True, fast_path: bool = True) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        self.model = model
+        self.target_name, self.target_layer = resolve_target_layer(model, target_layer)
+        self.utility: Utility = get_utility(utility or self.default_utility)
+        self.relu = bool(relu)
+        self.fast_path = bool(fast_path)
+        self._head: Head | None | bool = False  # False = not detected yet
+        self.last_path = ""  # "fast" or "generic": which path the last call used
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}(target_layer={self.target_name!r}, "
+                f"utility={self.utility.name!r}, relu={self.relu})")
+
+    # ------------------------------------------------------------------ public API
+    def __call__(self, x: Tensor, targets: TargetsLike = None, *,
+                 create_graph: bool = False) -> Tensor:
+        """Maps (B, h, w) on ``x``'s device; leaves modes, ``.grad`` and buffers as found."""
+        with preserve_state(self.model):
+            return self._run(x, targets, create_graph=create_graph, keep_logits=False).maps
+
+    def compute(self, x: Tensor, targets: TargetsLike = None, *,
+                create_graph: bool = False) -> CAMOutput:
+        """One forward that a training loop can reuse: ``CAMOutput(maps, logits)``.
+
+        ``logits`` carry the autograd graph when grad mode is on; in train mode BatchNorm running
+        statistics are updated once, as by an ordinary forward.
+        """
+        return self._run(x, targets, create_graph=create_graph, keep_logits=True)
+
+    # ------------------------------------------------------------------ internals
+    def head(self) -> Head | None:
+        """The fast-path head after the target layer (traced once), or ``None``."""
+        if self._head is False:
+            self._head = detect_head(self.model, self.target_name) if self.fast_path else None
+        return self._head  # type: ignore[return-value]
+
+    def _fast(self, fwd: Forward) -> Head | None:
+        head = self.head()
+        return head if head is not None and head.usable(fwd.activation) else None
+
+    def _run(self, x: Tensor, targets: TargetsLike, *, create_graph: bool,
+             keep_logits: bool) -> CAMOutput:
+        check_input(x)
+        tgt = check_targets(targets, x.shape[0], x.device)
+        grad_on = torch.is_grad_enabled()
+        create_graph = bool(create_graph) and grad_on
+        fwd = self._forward(x, body_graph=create_graph or (keep_logits and grad_on),
+                            create_graph=create_graph)
+        logits = fwd.logits
+        if logits.dim() != 2 or logits.shape[0] != x.shape[0]:
+            raise ValueError("the model must return logits (B, K), "
+                             f"got shape {tuple(logits.shape)}")
+        if tgt is None:
+            tgt = logits.detach().argmax(1)
+        check_range(tgt, logits.shape[1])
+        self.last_path = "generic"
+        maps = self._maps(x, fwd, tgt, create_graph)
+        if self.relu:
+            maps = torch.relu(maps)
+        frozen = fwd.synthetic and not x.requires_grad and not any(
+            p.requires_grad for p in self.model.parameters())
+        if not create_graph or frozen:
+            maps = maps.detach()
+        if not (keep_logits and grad_on) or frozen:
+            logits = logits.detach()
+        return CAMOutput(maps, logits)
+
+    def _forward(self, x: Tensor, *, body_graph: bool, create_graph: bool) -> Forward:
+        cap = _Capture(self.target_name, self._needs_grad)
+        has_train_bn = bool(train_batchnorms(self.model))
+        stats: Stats = {}
+        handle = self.target_layer.register_forward_hook(cap.hook)
+        prev = torch.is_grad_enabled()
+        try:
+            with batchnorm_patch(self.model, lambda: cap.count > 0,
+                                 elementary=create_graph and self._third_order and has_train_bn,
+                                 record=stats if self._reruns and has_train_bn else None,
+                                 detach=not create_graph):
+                torch.set_grad_enabled(body_graph)
+                logits = self.model(x)
+        finally:
+            torch.set_grad_enabled(prev)
+            handle.remove()
+        if cap.count != 1 or cap.activation is None:
+            raise ValueError(f"target layer {self.target_name!r} ran {cap.count} times in one "
+                             "forward; "
+                             "choose a layer that runs exactly once")
+        if not isinstance(logits, Tensor):
+            raise ValueError(f"the model must return a logits tensor, got {type(logits).__name__}")
+        return Forward(logits, cap.activation, cap.synthetic, stats)
+
+    def _grads(self, fwd: Forward, targets: Tensor, create_graph: bool, hvp: bool
+               ) -> tuple[Tensor, Tensor | None]:
+        """``g = ∂U/∂A`` and, if ``hvp``, ``H·A = ∂(g·A)/∂A`` (A held fixed as the vector)."""
+        head = self._fast(fwd)
+        if head is not None:
+            self.last_path = "fast"
+            a, logits = fwd.activation, fwd.logits
+            if not create_graph:
+                a, logits = a.detach(), logits.detach()
+            with torch.set_grad_enabled(create_graph):
+                return grad_hvp(head, a, logits, targets, self.utility, hvp)
+        a = fwd.activation
+        with torch.enable_grad():
+            u = self.utility.value(fwd.logits, targets).sum()
+            (g,) = torch.autograd.grad(u, a, create_graph=create_graph or hvp, retain_graph=True,
+                                       allow_unused=True)
+            if g is None:
+                raise ValueError("the model output does not depend on target layer "
+                                 f"{self.target_name!r}")
+            if not hvp:
+                return g, None
+            if not g.requires_grad:
+                return g, torch.zeros_like(a)
+            (h,) = torch.autograd.grad(g, a, grad_outputs=a, create_graph=create_graph,
+                                       retain_graph=True, allow_unused=True)
+        return (g if create_graph else g.detach()), (torch.zeros_like(a) if h is None else h)
+
+    def _maps(self, x: Tensor, fwd: Forward, targets: Tensor, create_graph: bool) -> Tensor:
+        raise NotImplementedError
+
+    @staticmethod
+    def _activation(fwd: Forward, create_graph: bool) -> Tensor:
+        return fwd.activation if create_graph else fwd.activation.detach()
+
+    def _rerun(self, fwd: Forward) -> Any:
+        return rerun_context(self.model, fwd.stats)
+
+
+def weighted_sum(weights: Tensor, a: Tensor) -> Tensor:
+    """``Σ_k w_k A_k`` for weights (B, K) and activations (B, K, h, w)."""
+    return torch.einsum("bk,bkhw->bhw", weights, a)

@@ -1,0 +1,70 @@
+"""Score-CAM (Wang et al., 2020): channel weights from the scores of masked inputs."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from cams._base import BaseCAM, Forward, weighted_sum
+
+__all__ = ["ScoreCAM"]
+
+
+class ScoreCAM(BaseCAM):
+    r"""Score-CAM, batched over (sample, channel) pairs in chunks of ``batch_size``.
+
+    .. math::
+        M_k = \frac{\mathrm{up}(A_k) - \min \mathrm{up}(A_k)}
+                   {\max \mathrm{up}(A_k) - \min \mathrm{up}(A_k) + 10^{-8}}, \quad
+        s_k = U\big(f(x \odot M_k), c\big), \quad
+        w = \mathrm{softmax}_k(s), \quad
+        L = \mathrm{ReLU}\Big(\sum_k w_k A_k\Big)
+
+    ``up`` is bilinear with ``align_corners=True`` to the input size (as pytorch-grad-cam).
+    Masks are built per chunk, so at most ``batch_size`` masked inputs exist at a time (peak
+    memory is one forward of ``batch_size`` images, never ``B·K`` inputs).
+
+    The scores are computed under ``no_grad`` with the model in eval mode and, for a train-mode
+    model, with every BatchNorm using the batch statistics of the main forward (the function the
+    model applied to this batch); BN running statistics are not touched by these evaluations.
+    Inside a loss (``create_graph=True``) the weights ``w`` are constants: the map is
+    differentiable through ``A`` only.
+
+    Default utility ``"prob"`` (the softmax score of the original Score-CAM code); pytorch-grad-cam
+    scores with the raw logit (``utility="logit"``).
+
+    Args:
+        batch_size: masked inputs per forward (default 64).
+    """
+
+    default_utility = "prob"
+    _needs_grad = False
+    _reruns = True
+
+    def __init__(self, model: nn.Module, target_layer: nn.Module | str, *,
+                 utility: str | None = None, relu: bool = True, batch_size: int = 64) -> None:
+        super().__init__(model, target_layer, utility=utility, relu=relu, fast_path=False)
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        self.batch_size = batch_size
+
+    def _maps(self, x: Tensor, fwd: Forward, targets: Tensor, create_graph: bool) -> Tensor:
+        with torch.no_grad(), self._rerun(fwd):
+            weights = torch.softmax(self.scores(x, fwd.activation.detach(), targets), 1)
+        return weighted_sum(weights.to(fwd.activation.dtype), self._activation(fwd, create_graph))
+
+    def scores(self, x: Tensor, a: Tensor, targets: Tensor) -> Tensor:
+        """``s`` (B, K): the utility of every masked input ``x_i ⊙ M_ik``."""
+        b, k, h, w = a.shape
+        flat = a.reshape(b * k, 1, h, w)
+        out = torch.empty(b * k, dtype=x.dtype, device=x.device)
+        for start in range(0, b * k, self.batch_size):
+            stop = min(start + self.batch_size, b * k)
+            rows = torch.arange(start, stop, device=x.device) // k
+            m = F.interpolate(flat[start:stop], size=x.shape[-2:], mode="bilinear",
+                              align_corners=True)
+            lo, hi = m.amin((2, 3), keepdim=True), m.amax((2, 3), keepdim=True)
+            m = (m - lo) / (hi - lo + 1e-8)
+            out[start:stop] = self.utility.value(self.model(x[rows] * m), targets[rows])
+        return out.view(b, k)

@@ -1,0 +1,42 @@
+"""ShapleyCAM (Cai, 2025): gradient plus a second-order Shapley correction."""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+from cams._base import BaseCAM, Forward, check_choice
+from cams.gradcam import VARIANTS, combine
+
+__all__ = ["ShapleyCAM"]
+
+
+class ShapleyCAM(BaseCAM):
+    r"""ShapleyCAM (Algorithm 1 of Cai, 2025) and its -H / -E variants.
+
+    .. math::
+        W = \frac{\partial U}{\partial A} - \tfrac12\, H A, \qquad
+        H A = \frac{\partial}{\partial A}\Big(\frac{\partial U}{\partial A} \cdot v\Big)\Big|_{v=A}
+
+    * ``"mean"`` (ShapleyCAM):    ``ReLU(Σ_k mean_hw(W_k) · A_k)``
+    * ``"hires"`` (ShapleyCAM-H): ``ReLU(Σ_k W_k ⊙ A_k)``
+    * ``"elementwise"`` (-E):     ``ReLU(Σ_k ReLU(W_k ⊙ A_k))``
+
+    Default utility ``"rest"`` (``y_c + log softmax(y)_c`` per sample). With ``"logit"`` and only
+    piecewise-linear ops, average pooling and a linear layer after ``A``, ``H·A = 0`` and the map
+    equals Grad-CAM's. ``H·A`` comes from double backward w.r.t. ``A`` only, or in closed form on
+    the fast path. With ``create_graph=True`` train-mode BatchNorm after the target runs through
+    elementary ops during the forward, so a loss on the map can take the 3rd-order derivative.
+    """
+
+    default_utility = "rest"
+    _third_order = True
+
+    def __init__(self, model: nn.Module, target_layer: nn.Module | str, *,
+                 utility: str | None = None, relu: bool = True, variant: str = "mean",
+                 fast_path: bool = True) -> None:
+        super().__init__(model, target_layer, utility=utility, relu=relu, fast_path=fast_path)
+        self.variant = check_choice("variant", variant, VARIANTS)
+
+    def _maps(self, x: Tensor, fwd: Forward, targets: Tensor, create_graph: bool) -> Tensor:
+        g, hvp = self._grads(fwd, targets, create_graph, hvp=True)
+        return combine(g - 0.5 * hvp, self._activation(fwd, create_graph), self.variant)
