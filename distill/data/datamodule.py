@@ -1,0 +1,313 @@
+"""CIFAR-10 LightningDataModule with tensor-resident data and batched on-device augmentation.
+
+Images are decoded once into uint8 tensors and kept resident (on the training device when
+``device="auto"``). Loaders yield batches of *indices*; the batch is gathered from the resident
+tensors, moved to the device, and augmented/normalized as a whole in ``on_after_batch_transfer``.
+
+Every batch is a dict (see docs/CONTRACTS.md)::
+
+    {"image": float (B,3,32,32) normalized (augmented when training), "label": long (B,),
+     "index": long (B,) index into the full training (or test) set, "aug": AugParams | None}
+
+Shuffling and augmentation are deterministic functions of ``(seed, epoch, batch number, rank)``,
+so a seeded run resumed from an epoch-end checkpoint sees the same batches as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+
+from distill.data.augment import AugParams, normalize
+from distill.data.sources import (
+    CIFARArrays,
+    DataError,
+    load_folder,
+    load_torchvision,
+    make_synthetic,
+)
+from distill.data.splits import split_indices
+
+__all__ = ["CIFAR10DataModule", "IndexBatchSampler", "ResidentDataset"]
+
+SOURCES = ("torchvision", "folder", "synthetic")
+_MIX = 0x9E3779B97F4A7C15  # odd 64-bit constant for seed mixing
+
+
+def mix_seed(*parts: int) -> int:
+    """A 63-bit seed derived deterministically from integers."""
+    h = 0
+    for p in parts:
+        h = ((h ^ (int(p) & 0xFFFFFFFFFFFFFFFF)) * _MIX + 0x632BE5AB) & 0xFFFFFFFFFFFFFFFF
+    return h >> 1
+
+
+class IndexBatchSampler:
+    """Yields ``(indices, aug_seed | None)`` per batch over a fixed set of original indices.
+
+    Shuffles with a generator seeded from ``(seed, epoch)`` (``set_epoch`` is called by Lightning),
+    shards by rank for multi-process training (each rank gets ``len // world_size`` samples).
+    """
+
+    def __init__(
+        self,
+        indices: Tensor,
+        batch_size: int,
+        shuffle: bool = False,
+        seed: int = 0,
+        drop_last: bool = False,
+        augment: bool = False,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
+        self.indices = indices.cpu().long()
+        self.batch_size, self.shuffle, self.seed = batch_size, shuffle, seed
+        self.drop_last, self.augment = drop_last, augment
+        self.rank, self.world_size = rank, world_size
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _num_samples(self) -> int:
+        return len(self.indices) // self.world_size if self.world_size > 1 else len(self.indices)
+
+    def __len__(self) -> int:
+        n = self._num_samples()
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    def epoch_order(self) -> Tensor:
+        """This rank's original indices in this epoch's order."""
+        idx = self.indices
+        if self.shuffle:
+            g = torch.Generator().manual_seed(mix_seed(self.seed, self.epoch))
+            idx = idx[torch.randperm(len(idx), generator=g)]
+        if self.world_size > 1:
+            idx = idx[self.rank : self._num_samples() * self.world_size : self.world_size]
+        return idx
+
+    def __iter__(self) -> Iterator[tuple[Tensor, int | None]]:
+        order = self.epoch_order()
+        for b in range(len(self)):
+            batch = order[b * self.batch_size : (b + 1) * self.batch_size]
+            aug_seed = mix_seed(self.seed, self.epoch, b, self.rank, 1) if self.augment else None
+            yield batch, aug_seed
+
+
+class ResidentDataset(Dataset):
+    """Gathers batches from resident uint8 images: ``dataset[(indices, aug_seed)] -> batch``."""
+
+    def __init__(self, images: Tensor, labels: Tensor, pad: int = 4) -> None:
+        self.images, self.labels, self.pad = images, labels, pad
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, request: tuple[Tensor, int | None]) -> dict[str, Any]:
+        indices, aug_seed = request
+        idx = indices.to(self.images.device)
+        aug = None
+        if aug_seed is not None:
+            aug = AugParams.sample(len(idx), self.pad, torch.Generator().manual_seed(aug_seed))
+        return {"image": self.images[idx], "label": self.labels[idx], "index": idx, "aug": aug}
+
+
+class CIFAR10DataModule(pl.LightningDataModule):
+    """CIFAR-10 from torchvision, an image folder or synthetic data; see the module docstring.
+
+    Args:
+        source: "torchvision" (download when ``download``), "folder" (``root/train/<class>/*``,
+            ``root/test/<class>/*``) or "synthetic".
+        root: dataset directory for torchvision/folder.
+        download: allow torchvision to download into ``root``.
+        batch_size: training batch size; ``eval_batch_size`` for val/test (default: same).
+        val_size: size of a seeded stratified validation split taken from the training images
+            (0 = no validation split).
+        split_seed: seed of the train subset and validation split.
+        train_subset: use a seeded stratified subset of this many training images (None = all).
+            Indices in batches stay the original training-set indices.
+        synthetic_size, synthetic_test_size, synthetic_seed: synthetic data size and seed.
+        cache_dir: where the decoded image-folder copy is cached as .pt (None = no cache).
+        device: where the decoded tensors live: "auto" (the trainer's device), "cpu", "cuda", ...
+        augment: random crop (reflect pad ``pad``) + horizontal flip on training batches.
+        shuffle_seed: seed of the per-epoch shuffling and augmentation.
+        drop_last: drop the last incomplete training batch.
+    """
+
+    def __init__(
+        self,
+        source: str = "torchvision",
+        root: str | Path = "data/cifar10",
+        download: bool = True,
+        batch_size: int = 128,
+        eval_batch_size: int | None = None,
+        val_size: int = 0,
+        split_seed: int = 0,
+        train_subset: int | None = None,
+        synthetic_size: int = 1000,
+        synthetic_test_size: int = 500,
+        synthetic_seed: int = 0,
+        cache_dir: str | Path | None = None,
+        device: str = "auto",
+        augment: bool = True,
+        pad: int = 4,
+        shuffle_seed: int = 0,
+        drop_last: bool = False,
+    ) -> None:
+        super().__init__()
+        if source not in SOURCES:
+            raise DataError(f"data.source must be one of {', '.join(SOURCES)}; got '{source}'")
+        self.source, self.root, self.download = source, root, download
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size or batch_size
+        self.val_size, self.split_seed, self.train_subset = val_size, split_seed, train_subset
+        self.synthetic = (synthetic_size, synthetic_test_size, synthetic_seed)
+        self.cache_dir, self.device = cache_dir, device
+        self.augment, self.pad, self.shuffle_seed, self.drop_last = (
+            augment,
+            pad,
+            shuffle_seed,
+            drop_last,
+        )
+        self.arrays: CIFARArrays | None = None
+        self.train_indices = self.val_indices = torch.zeros(0, dtype=torch.long)
+        self._resident: dict[str, ResidentDataset] = {}
+
+    # ------------------------------------------------------------------ loading
+
+    def load(self) -> CIFARArrays:
+        """Decode the source once (idempotent); raises :class:`DataError` on bad input."""
+        if self.arrays is None:
+            if self.source == "torchvision":
+                self.arrays = load_torchvision(self.root, self.download)
+            elif self.source == "folder":
+                self.arrays = load_folder(self.root, self.cache_dir)
+            else:
+                n, n_test, seed = self.synthetic
+                self.arrays = make_synthetic(n, n_test, seed)
+        return self.arrays
+
+    @property
+    def train_images(self) -> Tensor:
+        """uint8 (N, 3, 32, 32), the full un-augmented training set (CPU)."""
+        return self.load().train_images
+
+    @property
+    def train_labels(self) -> Tensor:
+        return self.load().train_labels
+
+    @property
+    def test_images(self) -> Tensor:
+        return self.load().test_images
+
+    @property
+    def test_labels(self) -> Tensor:
+        return self.load().test_labels
+
+    @property
+    def classes(self) -> tuple[str, ...]:
+        return self.load().classes
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    @property
+    def num_train_total(self) -> int:
+        """Size of the full training set (what ``index`` in training batches indexes)."""
+        return len(self.train_labels)
+
+    @property
+    def dataset_id(self) -> str:
+        """Identifies source and content (for caches keyed by dataset index)."""
+        return self.load().dataset_id
+
+    # ------------------------------------------------------------------ Lightning hooks
+
+    def prepare_data(self) -> None:
+        if self.source == "torchvision":
+            load_torchvision(self.root, self.download)
+        elif self.source == "folder":
+            load_folder(self.root, self.cache_dir)  # fills the cache once
+
+    def _target_device(self) -> torch.device:
+        if self.device != "auto":
+            return torch.device(self.device)
+        trainer = getattr(self, "trainer", None)
+        return trainer.strategy.root_device if trainer is not None else torch.device("cpu")
+
+    def setup(self, stage: str | None = None) -> None:
+        arrays = self.load()
+        self.train_indices, self.val_indices = split_indices(
+            arrays.train_labels, self.train_subset, self.val_size, self.split_seed
+        )
+        dev = self._target_device()
+        self._resident = {
+            "train": ResidentDataset(
+                arrays.train_images.to(dev), arrays.train_labels.to(dev), self.pad
+            ),
+            "test": ResidentDataset(
+                arrays.test_images.to(dev), arrays.test_labels.to(dev), self.pad
+            ),
+        }
+
+    def _rank_world(self) -> tuple[int, int]:
+        trainer = getattr(self, "trainer", None)
+        if trainer is None:
+            return 0, 1
+        return trainer.global_rank, trainer.world_size
+
+    def _loader(self, split: str, indices: Tensor, train: bool) -> DataLoader:
+        if not self._resident:
+            self.setup()
+        rank, world = self._rank_world()
+        sampler = IndexBatchSampler(
+            indices,
+            self.batch_size if train else self.eval_batch_size,
+            shuffle=train,
+            seed=self.shuffle_seed,
+            drop_last=self.drop_last and train,
+            augment=train and self.augment,
+            rank=rank,
+            world_size=world,
+        )
+        return DataLoader(
+            self._resident[split], batch_size=None, sampler=sampler, collate_fn=_identity
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", self.train_indices, train=True)
+
+    def val_dataloader(self) -> DataLoader | list:
+        if len(self.val_indices) == 0:
+            return []
+        return self._loader("train", self.val_indices, train=False)
+
+    def test_dataloader(self) -> DataLoader:
+        n_test = len(self._resident["test"]) if self._resident else len(self.test_labels)
+        return self._loader("test", torch.arange(n_test), train=False)
+
+    def transform_batch(self, batch: dict[str, Any]) -> dict[str, Any]:
+        """Augment (if the batch carries ``aug``) and normalize a gathered uint8 batch, in place."""
+        images = batch["image"]
+        if images.dtype == torch.uint8:
+            aug = batch.get("aug")
+            if aug is not None:
+                aug = aug.to(images.device)
+                images = aug.apply(images)
+                batch["aug"] = aug
+            batch["image"] = normalize(images)
+        return batch
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        return self.transform_batch(batch)
+
+
+def _identity(batch: Any) -> Any:
+    return batch

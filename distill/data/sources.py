@@ -1,0 +1,259 @@
+"""CIFAR-10 sources decoded once into uint8 tensors: torchvision, image folder, synthetic."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+__all__ = [
+    "CIFAR10_CLASSES",
+    "CIFARArrays",
+    "DataError",
+    "decode_images",
+    "list_image_folder",
+    "load_folder",
+    "load_torchvision",
+    "make_synthetic",
+]
+
+CIFAR10_CLASSES: tuple[str, ...] = (
+    "airplane",
+    "automobile",
+    "bird",
+    "cat",
+    "deer",
+    "dog",
+    "frog",
+    "horse",
+    "ship",
+    "truck",
+)
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".webp")
+_CACHE_VERSION = 1
+
+
+class DataError(RuntimeError):
+    """A user-facing data problem; the message says what is wrong and how to fix it."""
+
+
+@dataclass
+class CIFARArrays:
+    """A decoded dataset: uint8 (N, 3, 32, 32) images and long (N,) labels per split."""
+
+    train_images: Tensor
+    train_labels: Tensor
+    test_images: Tensor
+    test_labels: Tensor
+    classes: tuple[str, ...]
+    dataset_id: str
+
+
+def missing_data_message(root: str | Path, reason: str) -> str:
+    """The error text for "no CIFAR-10 at ``root``", listing the three ways out."""
+    return (
+        f"CIFAR-10 not found at '{root}' ({reason}). Fix one of:\n"
+        "  data.download=true                 (torchvision download; needs internet)\n"
+        "  data.source=folder data.root=PATH  (image-folder copy PATH/{train,test}/<class>/*;\n"
+        "                                      data=cifar10_folder: ../shared/data/cifar10-jpeg)\n"
+        "  data.source=synthetic              (tiny deterministic fake data; data=synthetic)"
+    )
+
+
+# ----------------------------------------------------------------------------- torchvision
+
+
+def load_torchvision(root: str | Path, download: bool) -> CIFARArrays:
+    """torchvision's CIFAR10 (python pickle batches), downloading when allowed."""
+    from torchvision.datasets import CIFAR10
+
+    root = Path(root).expanduser().resolve()
+    try:
+        train = CIFAR10(str(root), train=True, download=download)
+        test = CIFAR10(str(root), train=False, download=download)
+    except (RuntimeError, OSError) as err:  # not found / corrupted / no network (URLError)
+        reason = "download disabled" if not download else f"download failed: {err}"
+        raise DataError(missing_data_message(root, reason)) from None
+
+    def to_tensors(ds: CIFAR10) -> tuple[Tensor, Tensor]:
+        images = torch.from_numpy(np.ascontiguousarray(ds.data.transpose(0, 3, 1, 2)))
+        return images, torch.as_tensor(ds.targets, dtype=torch.long)
+
+    tr_x, tr_y = to_tensors(train)
+    te_x, te_y = to_tensors(test)
+    return CIFARArrays(tr_x, tr_y, te_x, te_y, tuple(train.classes), f"torchvision:{root}")
+
+
+# ----------------------------------------------------------------------------- image folder
+
+
+def _class_dirs(split_dir: Path) -> list[str]:
+    return sorted(p.name for p in split_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def list_image_folder(root: str | Path, split: str) -> tuple[list[Path], list[int]]:
+    """Files and labels of ``root/split/<class>/*`` (classes in CIFAR-10 order, names sorted)."""
+    split_dir = Path(root) / split
+    if not split_dir.is_dir():
+        raise DataError(missing_data_message(root, f"no '{split}' folder"))
+    found = _class_dirs(split_dir)
+    if set(found) != set(CIFAR10_CLASSES):
+        missing = sorted(set(CIFAR10_CLASSES) - set(found))
+        extra = sorted(set(found) - set(CIFAR10_CLASSES))
+        raise DataError(
+            f"'{split_dir}' must hold exactly the 10 CIFAR-10 class folders "
+            f"{', '.join(CIFAR10_CLASSES)}; missing: {missing or 'none'}, "
+            f"unexpected: {extra or 'none'}. "
+            "Fix the folder layout or point data.root at a complete copy."
+        )
+    files: list[Path] = []
+    labels: list[int] = []
+    for label, name in enumerate(CIFAR10_CLASSES):
+        with os.scandir(split_dir / name) as it:
+            names = sorted(
+                e.name for e in it if e.is_file() and e.name.lower().endswith(IMAGE_EXTENSIONS)
+            )
+        files += [split_dir / name / n for n in names]
+        labels += [label] * len(names)
+    if not files:
+        raise DataError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) under '{split_dir}'")
+    return files, labels
+
+
+def _decode_one(path: Path) -> np.ndarray:
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        im = Image.open(path)
+    except (UnidentifiedImageError, OSError) as err:
+        raise DataError(f"cannot read image '{path}': {err}. Remove or replace the file.") from None
+    with im:
+        if im.size != (32, 32) or im.mode != "RGB":
+            raise DataError(
+                f"'{path}' is {im.size[0]}x{im.size[1]} {im.mode}; "
+                "CIFAR-10 images must be 32x32 RGB. "
+                "Convert the folder copy (or use data.source=torchvision / synthetic)."
+            )
+        return np.asarray(im, dtype=np.uint8)
+
+
+def decode_images(files: Sequence[Path], threads: int | None = None) -> Tensor:
+    """Decode 32x32 RGB image files into a uint8 (N, 3, 32, 32) tensor."""
+    out = np.empty((len(files), 32, 32, 3), dtype=np.uint8)
+    workers = threads or min(4, os.cpu_count() or 1)
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        for i, arr in enumerate(pool.map(_decode_one, files, chunksize=256)):
+            out[i] = arr
+    return torch.from_numpy(out).permute(0, 3, 1, 2).contiguous()
+
+
+def _fingerprint(root: Path, files: Sequence[Path]) -> str:
+    h = hashlib.sha1(str(root).encode())
+    for f in files:
+        h.update(b"\n" + str(f.relative_to(root)).encode())
+    return h.hexdigest()
+
+
+def load_folder(root: str | Path, cache_dir: str | Path | None = None) -> CIFARArrays:
+    """Decode an image-folder copy; with ``cache_dir``, reuse a .pt cache keyed by path + files."""
+    root = Path(root).expanduser().resolve()
+    if not root.is_dir():
+        raise DataError(missing_data_message(root, "folder does not exist"))
+    tr_files, tr_labels = list_image_folder(root, "train")
+    te_files, te_labels = list_image_folder(root, "test")
+    key = _fingerprint(root, tr_files + te_files)
+    dataset_id = f"folder:{root}:n={len(tr_files)}:{key[:10]}"
+    cache = Path(cache_dir).expanduser() / f"cifar10-folder-{key[:16]}.pt" if cache_dir else None
+    if cache is not None and cache.is_file():
+        blob = torch.load(cache, map_location="cpu", weights_only=True)
+        if blob.get("version") == _CACHE_VERSION and blob.get("key") == key:
+            return CIFARArrays(
+                blob["train_images"],
+                blob["train_labels"],
+                blob["test_images"],
+                blob["test_labels"],
+                CIFAR10_CLASSES,
+                dataset_id,
+            )
+    arrays = CIFARArrays(
+        decode_images(tr_files),
+        torch.tensor(tr_labels, dtype=torch.long),
+        decode_images(te_files),
+        torch.tensor(te_labels, dtype=torch.long),
+        CIFAR10_CLASSES,
+        dataset_id,
+    )
+    if cache is not None:
+        _save_cache(cache, key, arrays)
+    return arrays
+
+
+def _save_cache(cache: Path, key: str, arrays: CIFARArrays) -> None:
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cache.with_suffix(f".tmp{os.getpid()}")
+    blob = {
+        "version": _CACHE_VERSION,
+        "key": key,
+        "train_images": arrays.train_images,
+        "train_labels": arrays.train_labels,
+        "test_images": arrays.test_images,
+        "test_labels": arrays.test_labels,
+    }
+    torch.save(blob, tmp)
+    os.replace(tmp, cache)  # atomic: concurrent runs never read a half-written cache
+
+
+# ----------------------------------------------------------------------------- synthetic
+
+
+def _palette(num_classes: int) -> Tensor:
+    """Distinct fixed RGB colors (float 0..255), one per class: a hue wheel, two brightnesses."""
+    hues = torch.arange(num_classes, dtype=torch.float32) / num_classes
+    k = (torch.tensor([5.0, 3.0, 1.0])[None, :] + hues[:, None] * 6) % 6
+    rgb = 1 - torch.clamp(torch.minimum(k, 4 - k), 0, 1)  # HSV -> RGB with S = V = 1
+    level = torch.where(torch.arange(num_classes) % 2 == 0, 230.0, 150.0)[:, None]
+    return 40 + rgb * (level - 40)
+
+
+def _synthetic_split(n: int, num_classes: int, seed: int) -> tuple[Tensor, Tensor]:
+    """Class-colored square on a class-tinted noisy background; deterministic given ``seed``."""
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.arange(n) % num_classes
+    labels = labels[torch.randperm(n, generator=g)]
+    color = _palette(num_classes)[labels][:, :, None, None]  # (n, 3, 1, 1)
+    img = 128 + 0.3 * (color - 128) + 24 * torch.randn(n, 3, 32, 32, generator=g)
+    size = torch.randint(10, 17, (n,), generator=g)
+    y0 = (torch.rand(n, generator=g) * (32 - size + 1)).long()
+    x0 = (torch.rand(n, generator=g) * (32 - size + 1)).long()
+    ar = torch.arange(32)
+    in_y = (ar[None, :] >= y0[:, None]) & (ar[None, :] < (y0 + size)[:, None])
+    in_x = (ar[None, :] >= x0[:, None]) & (ar[None, :] < (x0 + size)[:, None])
+    mask = (in_y[:, :, None] & in_x[:, None, :])[:, None]  # (n, 1, 32, 32)
+    img = torch.where(mask, color + 12 * torch.randn(n, 3, 32, 32, generator=g), img)
+    return img.round().clamp(0, 255).to(torch.uint8), labels.long()
+
+
+def make_synthetic(
+    n_train: int = 1000, n_test: int = 500, seed: int = 0, num_classes: int = 10
+) -> CIFARArrays:
+    """Deterministic learnable fake CIFAR-10 (class = color of a square and background tint)."""
+    if n_train < num_classes or n_test < 1:
+        raise DataError(
+            f"synthetic data needs n_train >= {num_classes} and n_test >= 1, "
+            f"got {n_train}, {n_test}"
+        )
+    tr_x, tr_y = _synthetic_split(n_train, num_classes, seed)
+    te_x, te_y = _synthetic_split(n_test, num_classes, seed + 100_003)
+    classes = (
+        CIFAR10_CLASSES if num_classes == 10 else tuple(f"class{i}" for i in range(num_classes))
+    )
+    return CIFARArrays(
+        tr_x, tr_y, te_x, te_y, classes, f"synthetic:n={n_train}:test={n_test}:seed={seed}"
+    )

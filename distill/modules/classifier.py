@@ -1,0 +1,244 @@
+"""Cross-entropy classifier training (teacher / CE baseline) as a LightningModule.
+
+Students subclass :class:`ClassifierModule` and override :meth:`ClassifierModule.compute_loss`.
+Defaults are the attention-transfer CIFAR recipe: SGD lr 0.1, momentum 0.9, weight decay 5e-4,
+lr x0.2 at epochs 60/120/160 (200 epochs, set on the trainer).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchmetrics.classification import MulticlassAccuracy
+
+__all__ = [
+    "CheckpointMismatchError",
+    "ClassifierModule",
+    "ErrorRate",
+    "NonFiniteLossError",
+    "arch_name",
+    "check_checkpoint_compatible",
+    "default_optimizer",
+    "default_scheduler",
+]
+
+OptimizerFactory = Callable[..., torch.optim.Optimizer]
+SchedulerFactory = Callable[..., Any]
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN/inf; training stops instead of stepping on it."""
+
+
+class CheckpointMismatchError(RuntimeError):
+    """A checkpoint does not fit the configured network."""
+
+
+class ErrorRate(MulticlassAccuracy):
+    """Top-1 error in percent: ``100 * (1 - accuracy)`` (micro-averaged)."""
+
+    def __init__(self, num_classes: int) -> None:
+        super().__init__(num_classes=num_classes, average="micro")
+
+    def compute(self) -> Tensor:
+        return 100.0 * (1.0 - super().compute())
+
+
+def default_optimizer() -> OptimizerFactory:
+    """attention-transfer: SGD lr 0.1, momentum 0.9 (no Nesterov), weight decay 5e-4 (all)."""
+    return functools.partial(
+        torch.optim.SGD, lr=0.1, momentum=0.9, weight_decay=5e-4, nesterov=False
+    )
+
+
+def default_scheduler() -> SchedulerFactory:
+    """attention-transfer: lr x0.2 at epochs 60, 120, 160 (stepped once per epoch)."""
+    return functools.partial(
+        torch.optim.lr_scheduler.MultiStepLR, milestones=[60, 120, 160], gamma=0.2
+    )
+
+
+def arch_name(net: nn.Module) -> str:
+    """Architecture name of ``net`` (``net.arch`` when it has one, else the class name)."""
+    arch = getattr(net, "arch", None)
+    return str(arch) if arch is not None else type(net).__name__
+
+
+class ClassifierModule(pl.LightningModule):
+    """Trains ``net`` with cross-entropy; logs train/<term>, train/err, val/err, test/err and lr.
+
+    Args:
+        net: the network (e.g. ``distill.models.WideResNet``).
+        optimizer: ``params -> Optimizer`` factory (Hydra ``_partial_: true``); None = recipe SGD.
+        scheduler: ``optimizer -> LRScheduler`` factory; None = recipe MultiStepLR; False = none.
+        scheduler_interval: "epoch" or "step" (how often the scheduler is stepped).
+        channels_last: use channels_last memory format for the net and its inputs.
+        compile: ``torch.compile`` the net in place (state_dict keys are unchanged).
+        num_classes: number of classes (default: ``net.fc.out_features`` or 10).
+    """
+
+    def __init__(
+        self,
+        net: nn.Module,
+        optimizer: OptimizerFactory | None = None,
+        scheduler: SchedulerFactory | None | bool = None,
+        scheduler_interval: str = "epoch",
+        channels_last: bool = False,
+        compile: bool = False,
+        num_classes: int | None = None,
+    ) -> None:
+        super().__init__()
+        self.net = net
+        self.optimizer_factory = optimizer or default_optimizer()
+        self.scheduler_factory = default_scheduler() if scheduler is None else scheduler
+        self.scheduler_interval = scheduler_interval
+        self.use_channels_last, self.use_compile = channels_last, compile
+        fc = getattr(net, "fc", None)
+        n_cls = num_classes or (fc.out_features if isinstance(fc, nn.Linear) else 10)
+        self.arch = arch_name(net)
+        self.save_hyperparameters(
+            {
+                "arch": self.arch,
+                "num_classes": n_cls,
+                "channels_last": channels_last,
+                "compile": compile,
+            },
+            logger=False,
+        )
+        self.train_err, self.val_err, self.test_err = (
+            ErrorRate(n_cls),
+            ErrorRate(n_cls),
+            ErrorRate(n_cls),
+        )
+
+    # ------------------------------------------------------------------ model
+
+    def setup(self, stage: str) -> None:
+        if self.use_channels_last:
+            self.net.to(memory_format=torch.channels_last)
+        if self.use_compile and not getattr(self, "_compiled", False):
+            self.net.compile()
+            self._compiled = True
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.use_channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return self.net(x)
+
+    def compute_loss(self, batch: Mapping[str, Any]) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+        """Training loss of a batch: ``(loss, logits, terms)``; terms are logged as train/<name>."""
+        logits = self(batch["image"])
+        ce = F.cross_entropy(logits, batch["label"])
+        return ce, logits, {"ce": ce}
+
+    # ------------------------------------------------------------------ steps
+
+    def _check_finite(self, loss: Tensor, terms: Mapping[str, Tensor]) -> None:
+        if bool(torch.isfinite(loss.detach()).all()):
+            return
+        bad = [k for k, v in terms.items() if not bool(torch.isfinite(v.detach()).all())] or [
+            "loss"
+        ]
+        vals = ", ".join(
+            f"{k}={terms[k].detach().float().mean().item() if k in terms else loss.item()}"
+            for k in bad
+        )
+        raise NonFiniteLossError(
+            f"non-finite loss at global step {self.global_step} (epoch {self.current_epoch}): "
+            f"{vals}. Lower the learning rate / loss weights, or disable mixed precision "
+            "(trainer.precision=32)."
+        )
+
+    def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> Tensor:
+        loss, logits, terms = self.compute_loss(batch)
+        self._check_finite(loss, terms)
+        bs = batch["label"].shape[0]
+        for name, value in terms.items():
+            self.log(f"train/{name}", value.detach(), on_step=True, on_epoch=True, batch_size=bs)
+        if "loss" not in terms:
+            self.log("train/loss", loss.detach(), on_step=False, on_epoch=True, batch_size=bs)
+        self.train_err(logits.detach(), batch["label"])
+        self.log(
+            "train/err", self.train_err, on_step=False, on_epoch=True, prog_bar=True, batch_size=bs
+        )
+        return loss
+
+    def _eval_step(self, batch: Mapping[str, Any], metric: ErrorRate, name: str) -> None:
+        logits = self(batch["image"])
+        bs = batch["label"].shape[0]
+        self.log(
+            f"{name}/loss",
+            F.cross_entropy(logits, batch["label"]),
+            on_epoch=True,
+            batch_size=bs,
+            sync_dist=True,
+        )
+        metric(logits, batch["label"])
+        self.log(f"{name}/err", metric, on_step=False, on_epoch=True, prog_bar=True, batch_size=bs)
+
+    def validation_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
+        self._eval_step(batch, self.val_err, "val")
+
+    def test_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
+        self._eval_step(batch, self.test_err, "test")
+
+    def on_train_epoch_start(self) -> None:
+        opt = self.optimizers()
+        if isinstance(opt, torch.optim.Optimizer) or hasattr(opt, "param_groups"):
+            self.log("lr", float(opt.param_groups[0]["lr"]), on_step=False, on_epoch=True)
+
+    # ------------------------------------------------------------------ optim
+
+    def configure_optimizers(self) -> Any:
+        optimizer = self.optimizer_factory(params=self.parameters())
+        if not self.scheduler_factory:
+            return optimizer
+        scheduler = self.scheduler_factory(optimizer=optimizer)
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": self.scheduler_interval},
+        }
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["arch"] = self.arch
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        _check_state(checkpoint, self, "<checkpoint>")
+
+
+def _check_state(checkpoint: Mapping[str, Any], module: nn.Module, source: str) -> None:
+    """Raise :class:`CheckpointMismatchError` if ``checkpoint`` was made for another network."""
+    hp = checkpoint.get("hyper_parameters") or {}
+    want = getattr(module, "arch", None)
+    have = checkpoint.get("arch") or hp.get("arch")
+    own = module.state_dict()
+    state = checkpoint.get("state_dict") or {}
+    shapes_differ = [
+        k for k, v in state.items() if k in own and tuple(own[k].shape) != tuple(v.shape)
+    ]
+    missing = [k for k in own if k.startswith("net.") and k not in state]
+    if (have is not None and want is not None and have != want) or shapes_differ or missing:
+        raise CheckpointMismatchError(
+            f"checkpoint '{source}' was made for architecture '{have or 'unknown'}', but the "
+            f"configured model is '{want}'. Use a checkpoint of the same model, choose the "
+            "matching model=..., "
+            "or start a new run (run_name=... or ckpt_path=null)."
+        )
+
+
+def check_checkpoint_compatible(ckpt_path: str | Path, module: nn.Module) -> None:
+    """Fail fast (before ``fit``) when ``ckpt_path`` holds another architecture than ``module``."""
+    try:
+        checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+    except Exception as err:  # corrupted / truncated file
+        raise CheckpointMismatchError(f"cannot read checkpoint '{ckpt_path}': {err}") from None
+    _check_state(checkpoint, module, str(ckpt_path))

@@ -1,0 +1,238 @@
+"""Training entry point (Hydra): ``python train.py [overrides]``; ``train(cfg)`` from Python.
+
+One run = one directory ``<paths.log_dir>/<task_name>/<run_name>`` holding the composed config
+(``.hydra/``, ``config_resolved.yaml``), logs, ``checkpoints/last.ckpt`` and ``metrics.json`` with
+the test error of the *final* weights. ``ckpt_path=auto`` resumes ``checkpoints/last.ckpt`` when the
+run directory already has one (same ``run_name``).
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import os
+import sys
+import warnings
+from pathlib import Path
+from typing import Any
+
+import hydra
+import pytorch_lightning as pl
+import torch
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from distill.data.sources import DataError
+from distill.modules.classifier import (
+    CheckpointMismatchError,
+    NonFiniteLossError,
+    check_checkpoint_compatible,
+)
+
+__all__ = ["CONFIG_DIR", "USER_ERRORS", "main", "repo_root", "train"]
+
+USER_ERRORS: tuple[type[Exception], ...] = (DataError, CheckpointMismatchError, NonFiniteLossError)
+
+
+def repo_root() -> str:
+    """The repository holding ``configs/`` (editable install), else the current directory."""
+    root = Path(__file__).resolve().parents[1]
+    return str(root if (root / "configs").is_dir() else Path.cwd())
+
+
+OmegaConf.register_new_resolver("repo_root", repo_root, replace=True)
+CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "configs")
+
+for _pattern in (
+    ".*does not have many workers.*",
+    ".*GPU available but not used.*",
+    ".*`training_step` returned `None`.*",
+    ".*Checkpoint directory .* exists and is not empty.*",
+    ".*is a LightningModule.*",
+    ".*The number of training batches.*",
+    ".*across ranks is zero.*",
+    ".*isinstance\\(treespec, LeafSpec\\)` is deprecated.*",
+):
+    warnings.filterwarnings("ignore", _pattern)
+
+
+# ----------------------------------------------------------------------------- building blocks
+
+
+def _instantiate_group(group: DictConfig | None) -> list[Any]:
+    """Instantiate every entry with a ``_target_`` of a group such as ``callbacks`` / ``logger``."""
+    if not group:
+        return []
+    return [
+        hydra.utils.instantiate(c)
+        for c in group.values()
+        if isinstance(c, DictConfig) and "_target_" in c
+    ]
+
+
+def build_callbacks(cfg: DictConfig, has_logger: bool) -> list[pl.Callback]:
+    callbacks = _instantiate_group(cfg.get("callbacks"))
+    if not has_logger:  # LearningRateMonitor refuses to run without a logger
+        callbacks = [c for c in callbacks if not isinstance(c, pl.callbacks.LearningRateMonitor)]
+    if cfg.trainer.get("enable_progress_bar") is False:  # Lightning refuses a bar callback then
+        callbacks = [c for c in callbacks if not isinstance(c, pl.callbacks.ProgressBar)]
+    return callbacks
+
+
+def build_module(
+    cfg: DictConfig, net: torch.nn.Module, datamodule: pl.LightningDataModule
+) -> pl.LightningModule:
+    """``instantiate(cfg.module, net=net)``, plus ``datamodule`` when the class accepts it."""
+    cls = hydra.utils.get_class(cfg.module._target_)
+    kwargs: dict[str, Any] = {"net": net}
+    if "datamodule" in inspect.signature(cls).parameters:
+        kwargs["datamodule"] = datamodule
+    return hydra.utils.instantiate(cfg.module, **kwargs)
+
+
+def resolve_ckpt_path(cfg: DictConfig, output_dir: Path) -> str | None:
+    """``auto``: ``<run_dir>/checkpoints/last.ckpt`` if it exists; ``null``: None; else the path."""
+    ckpt = cfg.get("ckpt_path")
+    if ckpt in (None, "", "null", "none"):
+        return None
+    if ckpt == "auto":
+        last = output_dir / "checkpoints" / "last.ckpt"
+        return str(last) if last.is_file() else None
+    if not Path(ckpt).is_file():
+        raise CheckpointMismatchError(
+            f"ckpt_path '{ckpt}' does not exist (use ckpt_path=auto or null)"
+        )
+    return str(ckpt)
+
+
+def _last_checkpoint(trainer: pl.Trainer, output_dir: Path) -> Path:
+    """The checkpoint of the final weights, writing ``checkpoints/last.ckpt`` if no callback did."""
+    for cb in trainer.checkpoint_callbacks:
+        if getattr(cb, "save_last", False) and getattr(cb, "last_model_path", ""):
+            return Path(cb.last_model_path)
+    last = output_dir / "checkpoints" / "last.ckpt"
+    if trainer.state.fn == "fit" or not last.is_file():
+        trainer.save_checkpoint(last)
+    return last
+
+
+def _metric(metrics: dict[str, Any], key: str) -> float | None:
+    value = metrics.get(key)
+    return None if value is None else float(value)
+
+
+def _finish_wandb() -> None:
+    """Close the wandb run so the next job of a multirun gets its own (template issue #289)."""
+    wandb = sys.modules.get("wandb")
+    if wandb is not None and getattr(wandb, "run", None) is not None:
+        wandb.finish()
+
+
+def _prepare_cfg(cfg: DictConfig) -> tuple[DictConfig, Path]:
+    """Resolve the config once (fixes the timestamp in run_name) and create the run directory."""
+    cfg = cfg.copy()
+    OmegaConf.resolve(cfg)
+    output_dir = Path(cfg.paths.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    return cfg, output_dir
+
+
+# ----------------------------------------------------------------------------- train
+
+
+def train(cfg: DictConfig) -> dict[str, Any]:
+    """Fit (or resume) and test one run; returns (and writes to metrics.json) the final metrics."""
+    cfg, output_dir = _prepare_cfg(cfg)
+    if cfg.get("print_config", True):
+        print(OmegaConf.to_yaml(cfg), flush=True)
+    is_main_process = (
+        os.environ.get("LOCAL_RANK", "0") == "0" and os.environ.get("NODE_RANK", "0") == "0"
+    )
+    if is_main_process:
+        OmegaConf.save(cfg, output_dir / "config_resolved.yaml")
+    pl.seed_everything(cfg.seed, workers=True)
+
+    datamodule = hydra.utils.instantiate(cfg.data)
+    datamodule.load()  # decode now: bad data fails before anything else is built
+    net = hydra.utils.instantiate(cfg.model)
+    module = build_module(cfg, net, datamodule)
+    ckpt_path = resolve_ckpt_path(cfg, output_dir)
+    if ckpt_path is not None:
+        check_checkpoint_compatible(ckpt_path, module)
+        print(f"resuming from {ckpt_path}", flush=True)
+
+    loggers = _instantiate_group(cfg.get("logger"))
+    trainer: pl.Trainer = hydra.utils.instantiate(
+        cfg.trainer, callbacks=build_callbacks(cfg, bool(loggers)), logger=loggers or False
+    )
+    for lg in loggers:
+        lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+    try:
+        return _fit_and_test(cfg, trainer, module, datamodule, ckpt_path, output_dir)
+    finally:
+        _finish_wandb()
+
+
+def _fit_and_test(
+    cfg: DictConfig,
+    trainer: pl.Trainer,
+    module: pl.LightningModule,
+    datamodule: pl.LightningDataModule,
+    ckpt_path: str | None,
+    output_dir: Path,
+) -> dict[str, Any]:
+    if cfg.get("train", True):
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    elif ckpt_path is not None:  # test only: evaluate the checkpoint's weights
+        state = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        module.load_state_dict(state["state_dict"])
+    fit_metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
+    checkpoint = _last_checkpoint(trainer, output_dir) if cfg.get("train", True) else ckpt_path
+    test_metrics: dict[str, Any] = {}
+    if cfg.get("test", True):
+        results = trainer.test(
+            module, datamodule=datamodule, verbose=False
+        )  # final weights, not "best"
+        test_metrics = results[0] if results else {}
+    metrics = {
+        "test_error": _metric(test_metrics, "test/err"),
+        "val_error": _metric(fit_metrics, "val/err"),
+        "train_error": _metric(fit_metrics, "train/err"),
+        "epochs": int(trainer.current_epoch),
+        "global_step": int(trainer.global_step),
+        "checkpoint": str(checkpoint) if checkpoint else None,
+        "run_dir": str(output_dir),
+        "task_name": cfg.task_name,
+        "run_name": cfg.run_name,
+        "model": getattr(module, "arch", type(module).__name__),
+        "dataset_id": getattr(datamodule, "dataset_id", None),
+        "seed": int(cfg.seed),
+    }
+    if trainer.is_global_zero:
+        (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        err = metrics["test_error"]
+        err_text = f"{err:.2f}%" if err is not None else "n/a"
+        print(f"test error: {err_text} | checkpoint: {metrics['checkpoint']}", flush=True)
+    return metrics
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
+def main(cfg: DictConfig) -> float | None:
+    """``python train.py``: run :func:`train`; user errors print one message, exit status 2."""
+    from hydra.core.hydra_config import HydraConfig
+
+    with open_dict(cfg):
+        cfg.paths.output_dir = HydraConfig.get().runtime.output_dir
+    try:
+        metrics = train(cfg)
+    except USER_ERRORS as err:
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        sys.exit(2)
+    key = cfg.get("optimized_metric")
+    return metrics.get(key) if key else None
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,81 @@
+"""Shared fixtures: repository paths, the shared CIFAR-10 copy, tiny image folders, subprocesses."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SHARED_CIFAR = REPO_ROOT.parent / "shared" / "data" / "cifar10-jpeg"
+CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+
+
+@pytest.fixture(scope="session")
+def repo_root() -> Path:
+    return REPO_ROOT
+
+
+@pytest.fixture(scope="session")
+def shared_cifar() -> Path:
+    """The shared JPEG CIFAR-10 copy (../shared/data/cifar10-jpeg); skips the test when absent."""
+    if not (SHARED_CIFAR / "train").is_dir():
+        pytest.skip(f"shared CIFAR-10 copy not found at {SHARED_CIFAR}")
+    return SHARED_CIFAR
+
+
+def write_image_folder(
+    root: Path,
+    per_class: tuple[int, int] = (2, 1),
+    classes: Sequence[str] = CLASSES,
+    size: tuple[int, int] = (32, 32),
+    mode: str = "RGB",
+    seed: int = 0,
+) -> Path:
+    """Write a tiny lossless (PNG) image folder ``root/{train,test}/<class>/NNNN.png``."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    channels = {"RGB": 3, "L": 1, "RGBA": 4}[mode]
+    for split, n in zip(("train", "test"), per_class, strict=True):
+        for name in classes:
+            d = root / split / name
+            d.mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                arr = rng.integers(0, 256, (size[1], size[0], channels), dtype=np.uint8)
+                Image.fromarray(arr.squeeze(-1) if channels == 1 else arr, mode).save(
+                    d / f"{i:04d}.png"
+                )
+    return root
+
+
+@pytest.fixture
+def image_folder(tmp_path: Path) -> Callable[..., Path]:
+    """Factory: ``image_folder(**kwargs)`` writes a tiny image folder under tmp_path."""
+
+    def make(name: str = "cifar", **kwargs: object) -> Path:
+        return write_image_folder(tmp_path / name, **kwargs)  # type: ignore[arg-type]
+
+    return make
+
+
+def run_python(
+    args: Sequence[str], cwd: Path = REPO_ROOT, timeout: float = 300
+) -> subprocess.CompletedProcess:
+    """Run ``python <args>`` in a clean-ish environment (no wandb network, no Hydra full errors)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("WANDB_", "HYDRA_"))}
+    env.update({"WANDB_MODE": "offline", "WANDB_SILENT": "true", "PYTHONUNBUFFERED": "1"})
+    return subprocess.run(
+        [sys.executable, *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
