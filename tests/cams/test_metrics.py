@@ -1,0 +1,187 @@
+"""Values of the explanation metrics in ``cams.metrics`` on toy models."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import Tensor, nn
+
+from cams.metrics import (
+    ADCC,
+    AverageDrop,
+    AverageDropInDeletion,
+    Coherency,
+    Complexity,
+    ExplanationMetrics,
+    IncreaseInConfidence,
+    adcc_from_terms,
+    explanation_scores,
+)
+
+LN3, LN9 = float(torch.tensor(3.0).log()), float(torch.tensor(9.0).log())
+
+
+class PixelSum(nn.Module):
+    """Two classes: logits ``(sum_p w_p x_p, 0)`` on a (B, 1, 1, P) input."""
+
+    def __init__(self, weights: list[float]) -> None:
+        super().__init__()
+        self.w = torch.tensor(weights, dtype=torch.float64)
+
+    def forward(self, x: Tensor) -> Tensor:
+        s = x.flatten(1) @ self.w
+        return torch.stack([s, torch.zeros_like(s)], 1)
+
+
+def identity_cam(x: Tensor, targets: Tensor) -> Tensor:
+    return x[:, 0]
+
+
+def image(*values: float) -> Tensor:
+    return torch.tensor(values, dtype=torch.float64).view(1, 1, 1, -1)
+
+
+def test_closed_form_single_image() -> None:
+    """x = (ln 9, ln 3): cam = (1, 0); Y = 27/28, O = 9/10, D = 3/4, Coh = 1, Com = 1/2."""
+    model, x = PixelSum([1.0, 1.0]), image(LN9, LN3)
+    scores = explanation_scores(model, identity_cam, x)
+    torch.testing.assert_close(scores.base, torch.tensor([27 / 28]))
+    torch.testing.assert_close(scores.masked, torch.tensor([9 / 10]))
+    torch.testing.assert_close(scores.deleted, torch.tensor([3 / 4]))
+    metrics = ExplanationMetrics()
+    metrics.update(model, identity_cam, x)
+    out = metrics.compute()
+    expected = {
+        "average_drop": 1 / 15,
+        "increase_in_confidence": 0.0,
+        "average_drop_in_deletion": 2 / 9,
+        "coherency": 1.0,
+        "complexity": 0.5,
+        "adcc": 14 / 19,  # 3 / (1 + 2 + 15/14)
+    }
+    for key, value in expected.items():
+        assert float(out[key]) == pytest.approx(value, abs=1e-6), key
+
+
+def test_increase_in_confidence_and_zero_drop() -> None:
+    """A negative-weight pixel outside the map: O > Y, so AD = 0 and IC = 1."""
+    model, x = PixelSum([1.0, -1.0]), image(LN9, LN3)  # cam = (1, 0) keeps the positive pixel
+    ic, ad = IncreaseInConfidence(), AverageDrop()
+    ic.update(model, identity_cam, x)
+    ad.update(model, identity_cam, x)
+    assert float(ic.compute()) == 1.0
+    assert float(ad.compute()) == 0.0
+
+
+def test_constant_map_rules() -> None:
+    """A constant map normalizes to zeros: Com = 0, Coh = 0, O = D's complement case."""
+    model, x = PixelSum([1.0, 1.0]), image(LN3, LN9)
+    const = lambda x, t: torch.full_like(x[:, 0], 0.7)  # noqa: E731
+    metrics = ExplanationMetrics()
+    metrics.update(model, const, x)
+    out = metrics.compute()
+    y = 27 / 28  # sigmoid(ln 27)
+    assert float(out["complexity"]) == 0.0
+    assert float(out["coherency"]) == 0.0
+    assert float(out["average_drop"]) == pytest.approx((y - 0.5) / y, abs=1e-6)  # O on zeros
+    assert float(out["average_drop_in_deletion"]) == pytest.approx(0.0, abs=1e-6)  # D = Y
+    assert float(out["adcc"]) == 0.0
+
+
+def test_coherency_is_pearson_of_the_two_maps() -> None:
+    """cam = x^2 on one channel: cam' = ((x * cam)^2) normalized; Coh = (rho + 1) / 2."""
+    x = torch.tensor([3.0, 1.0, 2.0, 0.5], dtype=torch.float64).view(1, 1, 2, 2)
+    square = lambda x, t: x[:, 0] ** 2  # noqa: E731
+    model = PixelSum([0.1, 0.2, 0.3, 0.4])
+    a = torch.tensor([9.0, 1.0, 4.0, 0.25], dtype=torch.float64)
+    a = (a - a.min()) / (a.max() - a.min())
+    b = (x.flatten() * a) ** 2
+    b = (b - b.min()) / (b.max() - b.min())
+    rho = torch.corrcoef(torch.stack([a, b]))[0, 1]
+    coh = Coherency()
+    coh.update(model, square, x)
+    assert float(coh.compute()) == pytest.approx(float((rho + 1) / 2), abs=1e-6)
+    com = Complexity()
+    com.update(model, square, x)
+    assert float(com.compute()) == pytest.approx(float(a.mean()), abs=1e-6)
+
+
+def test_upsampling_is_bilinear_to_the_input_size() -> None:
+    x = torch.randn(2, 1, 4, 4, dtype=torch.float64)
+    low = torch.tensor([[[0.0, 1.0], [2.0, 4.0]], [[1.0, 0.0], [0.0, 0.0]]], dtype=torch.float64)
+    cam = lambda x, t: low  # noqa: E731
+    scores = explanation_scores(PixelSum([1.0] * 16), cam, x, fields=("complexity",))
+    norm = low / low.flatten(1).amax(1).view(2, 1, 1)
+    up = torch.nn.functional.interpolate(norm[:, None], size=(4, 4), mode="bilinear")
+    torch.testing.assert_close(scores.complexity, up.flatten(1).mean(1).float())
+    assert scores.masked is None
+
+
+def test_adcc_uses_dataset_averaged_terms() -> None:
+    """Two images with different terms: ADCC of the means, not the mean of per-image ADCC."""
+    model = PixelSum([1.0, 1.0])
+    x = torch.cat([image(LN9, LN3), image(LN3, 2 * LN3)])
+    metric, parts = ADCC(), ExplanationMetrics()
+    metric.update(model, identity_cam, x)
+    parts.update(model, identity_cam, x)
+    out = parts.compute()
+    expected = adcc_from_terms(out["average_drop"], out["coherency"], out["complexity"])
+    ad, coh, com = float(out["average_drop"]), float(out["coherency"]), float(out["complexity"])
+    assert float(metric.compute()) == pytest.approx(3 / (1 / coh + 1 / (1 - com) + 1 / (1 - ad)))
+    assert float(metric.compute()) == pytest.approx(float(expected))
+    # image 2: cam = (0, 1) keeps 2 ln 3: O = 9/10, Y = 27/28 as well -> same AD = 1/15
+    assert ad == pytest.approx(1 / 15, abs=1e-6)
+
+
+def test_accumulation_across_batches_equals_one_batch() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 36, 5)
+    )
+    model = model.double()
+    x = torch.randn(6, 3, 6, 6, dtype=torch.float64)
+    cam = lambda x, t: x.square().sum(1)[:, ::2, ::2] + t.view(-1, 1, 1)  # noqa: E731
+    whole, split = ExplanationMetrics(), ExplanationMetrics()
+    whole.update(model, cam, x)
+    split.update(model, cam, x[:2])
+    split.update(explanation_scores(model, cam, x[2:]))
+    a, b = whole.compute(), split.compute()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-6, atol=1e-7)
+    singles = {
+        "average_drop": AverageDrop(),
+        "increase_in_confidence": IncreaseInConfidence(),
+        "average_drop_in_deletion": AverageDropInDeletion(),
+        "coherency": Coherency(),
+        "complexity": Complexity(),
+        "adcc": ADCC(),
+    }
+    for key, metric in singles.items():
+        metric.update(model, cam, x[:4])
+        metric.update(model, cam, x[4:])
+        torch.testing.assert_close(metric.compute(), a[key], rtol=1e-6, atol=1e-7)
+
+
+def test_given_targets_are_used() -> None:
+    model, x = PixelSum([1.0, 1.0]), image(LN9, LN3)  # predicted class 0
+    seen: list[Tensor] = []
+
+    def cam(x: Tensor, t: Tensor) -> Tensor:
+        seen.append(t.clone())
+        return x[:, 0]
+
+    scores = explanation_scores(model, cam, x, torch.tensor([1]), fields=("drop",))
+    assert seen[0].tolist() == [1]
+    torch.testing.assert_close(scores.base, torch.tensor([1 / 28]))
+
+
+def test_bad_inputs() -> None:
+    model, x = PixelSum([1.0, 1.0]), image(LN9, LN3)
+    with pytest.raises(ValueError, match="non-finite"):
+        explanation_scores(model, lambda x, t: x[:, 0] * torch.nan, x)
+    with pytest.raises(ValueError, match=r"\(B, h, w\)"):
+        explanation_scores(model, lambda x, t: x, x)
+    with pytest.raises(ValueError, match="fields"):
+        explanation_scores(model, identity_cam, x, fields=("speed",))
+    with pytest.raises(ValueError, match="without"):
+        AverageDrop().update(explanation_scores(model, identity_cam, x, fields=("complexity",)))
