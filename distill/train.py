@@ -42,17 +42,20 @@ def repo_root() -> str:
 OmegaConf.register_new_resolver("repo_root", repo_root, replace=True)
 CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "configs")
 
-for _pattern in (
+_QUIET = (
     ".*does not have many workers.*",
     ".*GPU available but not used.*",
-    ".*`training_step` returned `None`.*",
     ".*Checkpoint directory .* exists and is not empty.*",
-    ".*is a LightningModule.*",
     ".*The number of training batches.*",
     ".*across ranks is zero.*",
     ".*isinstance\\(treespec, LeafSpec\\)` is deprecated.*",
-):
-    warnings.filterwarnings("ignore", _pattern)
+)
+
+
+def _quiet_warnings() -> None:
+    """Silence Lightning warnings that are expected with tensor-resident data."""
+    for pattern in _QUIET:
+        warnings.filterwarnings("ignore", pattern)
 
 
 # ----------------------------------------------------------------------------- building blocks
@@ -141,6 +144,7 @@ def _prepare_cfg(cfg: DictConfig) -> tuple[DictConfig, Path]:
 
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Fit (or resume) and test one run; returns (and writes to metrics.json) the final metrics."""
+    _quiet_warnings()
     cfg, output_dir = _prepare_cfg(cfg)
     if cfg.get("print_config", True):
         print(OmegaConf.to_yaml(cfg), flush=True)
@@ -161,8 +165,12 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         print(f"resuming from {ckpt_path}", flush=True)
 
     loggers = _instantiate_group(cfg.get("logger"))
+    callbacks = build_callbacks(cfg, bool(loggers))
+    extra: dict[str, Any] = {}
+    if not any(isinstance(c, pl.callbacks.ModelCheckpoint) for c in callbacks):
+        extra["enable_checkpointing"] = False  # no hidden default checkpoint; see _last_checkpoint
     trainer: pl.Trainer = hydra.utils.instantiate(
-        cfg.trainer, callbacks=build_callbacks(cfg, bool(loggers)), logger=loggers or False
+        cfg.trainer, callbacks=callbacks, logger=loggers or False, **extra
     )
     for lg in loggers:
         lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
