@@ -8,7 +8,7 @@ applies when the target node's only consumer is a chain of
   the functional ``relu``/``sigmoid``/``tanh``/``silu``),
 * a global average pool (``AdaptiveAvgPool2d(1)``, ``adaptive_avg_pool2d(·, 1)``, an
   ``AvgPool2d``/``avg_pool2d`` whose kernel covers the map, ``mean`` over the two spatial dims),
-* flatten / view / reshape / squeeze, and
+* flatten (also ``nn.Flatten``) / view / reshape / squeeze, and
 * one ``nn.Linear`` whose output is the model's output,
 
 so nothing computed before the target is used after it. Then the logits are
@@ -159,7 +159,10 @@ def _pool(node: fx.Node, modules: dict[str, nn.Module]) -> tuple[bool, tuple[int
     return False, None
 
 
-def _is_reshape(node: fx.Node) -> bool:
+def _is_reshape(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
+    if node.op == "call_module":
+        m = modules[node.target]
+        return isinstance(m, nn.Flatten) and m.start_dim in (1, -3) or isinstance(m, nn.Identity)
     return (node.op == "call_method" and node.target in _RESHAPE_METHODS) or (
         node.op == "call_function" and node.target in _RESHAPE_FUNCTIONS)
 
@@ -178,7 +181,7 @@ def _walk(graph: fx.Graph, target: str, modules: dict[str, nn.Module]) -> Head |
     if not is_pool:
         return None
     node = _next(node)
-    while node is not None and _is_reshape(node):
+    while node is not None and _is_reshape(node, modules):
         node = _next(node)
     if node is None or node.op != "call_module" or not isinstance(modules[node.target], nn.Linear):
         return None

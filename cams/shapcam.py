@@ -1,0 +1,199 @@
+"""Shap-CAM (Zheng et al., 2022): Shapley values of the target feature map's positions."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor, nn
+
+from cams._base import (
+    BaseCAM,
+    Forward,
+    TargetsLike,
+    check_choice,
+    check_input,
+    check_range,
+    check_targets,
+)
+from cams._head import Head
+from cams._shapley import additive_game_shapley, exact_shapley, permutation_shapley
+
+__all__ = ["BASELINES", "ShapCAM"]
+
+BASELINES: tuple[str, ...] = ("mean", "zero")
+ValueFn = Callable[[Tensor], Tensor]
+
+
+class ShapCAM(BaseCAM):
+    r"""Shap-CAM: the map is the Shapley value of every spatial position of ``A``.
+
+    Players are the ``P = h·w`` positions (all channels of a position move together). A
+    coalition ``S`` keeps ``A_j`` for ``j ∈ S`` and replaces the others by the baseline
+    ``b`` (``"mean"``: the per-channel spatial mean of ``A``, as in the paper; ``"zero"``)::
+
+        v(S) = U(f_head(A_S), c),   φ_j = E_π[v(Pre_π(j) ∪ {j}) - v(Pre_π(j))]
+
+    estimated by permutation sampling (Castro et al. 2009) with ``n_permutations`` orderings
+    (the paper uses 10⁴). Every ordering's marginals telescope to ``v(N) - v(∅)``, so
+    ``Σ_j φ_j = v(N) - v(∅)`` holds exactly (up to float rounding).
+
+    **Fast path** (head ``f → global average pool → linear``, see :mod:`cams._head`): a
+    coalition's logits are ``y(∅) + Σ_{j∈S} u_j`` with ``y(∅) = W f(b) + c_0`` and
+    ``u_j = W (f(A_j) - f(b)) / P``, so only the body runs once and each ordering is one
+    running sum (:func:`cams._shapley.additive_game_shapley`). **Generic path**: the network is
+    rerun with the target layer's output replaced by the coalition activations (a forward hook;
+    a sample's input is fed once per model call and broadcast, or repeated if the model needs
+    it), ``batch_size`` coalitions per call — expensive, lower ``n_permutations`` there.
+    Reruns happen in eval mode with the main forward's BatchNorm statistics.
+
+    Default utility ``"prob"`` (the paper's class probability). The same orderings serve every
+    sample; with an int ``seed`` every call draws the same orderings, so a sample's map does not
+    depend on the batch it is in (a ``torch.Generator`` advances between calls; ``None`` uses
+    the global RNG). Differentiable with ``create_graph=True`` (first order, through ``A``,
+    the head parameters and the baseline).
+
+    Args:
+        n_permutations: sampled orderings (default 10_000, the paper's value).
+        antithetic: pair every ordering with its reverse.
+        baseline: "mean" (default) or "zero".
+        seed: int (default 0), ``torch.Generator`` or ``None``.
+        exact: enumerate all ``2^P`` coalitions instead of sampling (``P <= 24``).
+        batch_size: coalitions per network rerun on the generic path (default 256).
+        chunk_size: orderings per estimator chunk (``None``: the estimator's default).
+    """
+
+    default_utility = "prob"
+    _needs_grad = False
+    _reruns = True
+
+    def __init__(self, model: nn.Module, target_layer: nn.Module | str, *,
+                 utility: str | None = None, relu: bool = True, n_permutations: int = 10_000,
+                 antithetic: bool = False, baseline: str = "mean",
+                 seed: int | torch.Generator | None = 0, exact: bool = False,
+                 batch_size: int = 256, chunk_size: int | None = None,
+                 fast_path: bool = True) -> None:
+        super().__init__(model, target_layer, utility=utility, relu=relu, fast_path=fast_path)
+        for name, value in (("n_permutations", n_permutations), ("batch_size", batch_size),
+                            ("chunk_size", 1 if chunk_size is None else chunk_size)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if seed is not None and not isinstance(seed, (int, torch.Generator)):
+            raise TypeError(f"seed must be an int, a torch.Generator or None, got {seed!r}")
+        self.baseline = check_choice("baseline", baseline, BASELINES)
+        self.n_permutations, self.antithetic, self.seed = n_permutations, bool(antithetic), seed
+        self.exact, self.batch_size, self.chunk_size = bool(exact), batch_size, chunk_size
+        self._expand_input = False  # generic path: repeat the input instead of broadcasting
+
+    # ------------------------------------------------------------------ public helper
+    def value_function(self, x: Tensor, targets: TargetsLike = None) -> ValueFn:
+        """The game of ``x``: ``value_fn(masks (M, P) bool) -> (B, M)`` worths (no grad).
+
+        For analysis (e.g. exact Shapley values by enumeration). The returned closure keeps
+        ``x`` and the activations alive and reruns the network on the generic path.
+        """
+        check_input(x)
+        tgt = check_targets(targets, x.shape[0], x.device)
+        with torch.no_grad():
+            fwd = self._forward(x, body_graph=False, create_graph=False)
+        if tgt is None:
+            tgt = fwd.logits.argmax(1)
+        check_range(tgt, fwd.logits.shape[1])
+        a = fwd.activation.detach()
+        head = self._fast(fwd)
+        if head is not None:
+            game = self._additive(head, a, self._base(a))
+            return lambda masks: self._additive_values(*game, tgt, masks)
+        generic = self._generic_game(x, a, self._base(a), tgt)
+
+        def value_fn(masks: Tensor) -> Tensor:
+            with torch.no_grad(), self._rerun(fwd):
+                return generic(masks)
+        return value_fn
+
+    # ------------------------------------------------------------------ internals
+    def _base(self, a: Tensor) -> Tensor:
+        if self.baseline == "mean":
+            return a.mean((2, 3), keepdim=True)
+        return torch.zeros_like(a[:, :, :1, :1])
+
+    @staticmethod
+    def _additive(head: Head, a: Tensor, base: Tensor) -> tuple[Tensor, Tensor]:
+        """``(y(∅) (B, K), u (B, P, K))`` of the additive game."""
+        weight, bias = head.linear.weight, head.linear.bias
+        f_base = head.features(base)
+        base_logits = f_base.flatten(1) @ weight.t()
+        if bias is not None:
+            base_logits = base_logits + bias
+        delta = (head.features(a) - f_base).flatten(2).transpose(1, 2)
+        return base_logits, delta @ weight.t() / delta.shape[1]
+
+    def _additive_values(self, base_logits: Tensor, contrib: Tensor, targets: Tensor,
+                         masks: Tensor) -> Tensor:
+        masks = masks.to(device=contrib.device, dtype=contrib.dtype)
+        logits = base_logits[:, None] + torch.einsum("mp,bpk->bmk", masks, contrib)
+        b, m, k = logits.shape
+        return self.utility.value(logits.reshape(b * m, k), targets.repeat_interleave(m)).view(b, m)
+
+    def _rerun_logits(self, x_i: Tensor, acts: Tensor) -> Tensor:
+        """Logits with the target layer's output replaced by ``acts`` (m, C, h, w)."""
+        def run(inp: Tensor) -> Tensor:
+            handle = self.target_layer.register_forward_hook(lambda *_: acts)
+            try:
+                return self.model(inp)
+            finally:
+                handle.remove()
+
+        if not self._expand_input:
+            try:
+                out = run(x_i[None])
+                if isinstance(out, Tensor) and out.shape[0] == acts.shape[0]:
+                    return out
+            except RuntimeError:
+                pass
+            self._expand_input = True
+        return run(x_i[None].expand(acts.shape[0], *x_i.shape))
+
+    def _generic_game(self, x: Tensor, a: Tensor, base: Tensor, targets: Tensor) -> ValueFn:
+        h, w = a.shape[-2:]
+
+        def value_fn(masks: Tensor) -> Tensor:
+            masks = masks.to(a.device).view(-1, 1, h, w)
+            rows = []
+            for i in range(a.shape[0]):
+                vals = []
+                for s in range(0, masks.shape[0], self.batch_size):
+                    acts = torch.where(masks[s:s + self.batch_size], a[i], base[i])
+                    logits = self._rerun_logits(x[i], acts)
+                    vals.append(self.utility.value(logits, targets[i].expand(acts.shape[0])))
+                rows.append(torch.cat(vals))
+            return torch.stack(rows)
+        return value_fn
+
+    def _maps(self, x: Tensor, fwd: Forward, targets: Tensor, create_graph: bool) -> Tensor:
+        a = self._activation(fwd, create_graph)
+        b, _, h, w = a.shape
+        head = self._fast(fwd)
+        with torch.set_grad_enabled(create_graph):
+            base = self._base(a)
+            if head is not None:
+                self.last_path = "fast"
+                base_logits, contrib = self._additive(head, a, base)
+                if self.exact:
+                    phi = exact_shapley(lambda m: self._additive_values(
+                        base_logits, contrib, targets, m), h * w)
+                else:
+                    phi = additive_game_shapley(
+                        base_logits, contrib, targets, self.utility.name, self.n_permutations,
+                        antithetic=self.antithetic, generator=self.seed,
+                        chunk_size=self.chunk_size)
+            else:
+                with self._rerun(fwd):
+                    game = self._generic_game(x, a, base, targets)
+                    if self.exact:
+                        phi = exact_shapley(game, h * w)
+                    else:
+                        phi = permutation_shapley(
+                            game, h * w, self.n_permutations, antithetic=self.antithetic,
+                            generator=self.seed, chunk_size=self.chunk_size or 64)
+        return phi.view(b, h, w).to(a.dtype)
