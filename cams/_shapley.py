@@ -224,12 +224,14 @@ def _scatter_interior(acc: Tensor, perms: Tensor, values: Tensor) -> Tensor:
 
     ``values[t-1, c]`` is ``v(Pre_t)`` of ordering ``c`` for ``t = 1..P-1``; it enters the
     marginal of ``pi_{t-1}`` with ``+`` and that of ``pi_t`` with ``-``.  ``acc``: ``(P, N)``,
-    ``perms``: ``(C, P)``, ``values``: ``(P-1, C, N)``.  Returns the updated ``acc``.
+    ``perms``: ``(C, P)``, ``values``: ``(P-1, C, N)``.  Returns the updated ``acc``
+    (one chunk is summed in the values' dtype, chunks are accumulated in ``acc.dtype``).
     """
-    flat = values.reshape(-1, values.shape[-1]).to(acc.dtype)
+    flat = values.reshape(-1, values.shape[-1])
     plus = perms[:, :-1].t().reshape(-1)
     minus = perms[:, 1:].t().reshape(-1)
-    return acc.index_add(0, plus, flat).index_add(0, minus, flat, alpha=-1)
+    part = flat.new_zeros(acc.shape).index_add_(0, plus, flat).index_add_(0, minus, flat, alpha=-1)
+    return acc + part.to(acc.dtype)
 
 
 def _prefix_masks(perms: Tensor) -> Tensor:
@@ -331,8 +333,8 @@ def _exp_safe(base_rel: Tensor, contrib_rel: Tensor) -> Tensor:
 
 
 def _default_chunk(batch: int, n_classes: int) -> int:
-    """Orderings per chunk so that one scan state holds about 2^16 elements."""
-    return max(1, min(256, (1 << 16) // max(1, batch * n_classes)))
+    """Orderings per chunk so that one scan state holds about 2^17 elements (L2-sized)."""
+    return max(1, min(1024, (1 << 17) // max(1, batch * n_classes)))
 
 
 def additive_game_shapley(
@@ -379,7 +381,7 @@ def additive_game_shapley(
         n_permutations: number of sampled orderings ``n``.
         antithetic: pair every ordering with its reverse.
         generator: ``torch.Generator``, int seed or ``None`` (global RNG).
-        chunk_size: orderings per chunk (default: about ``2^16 / (B K)``).
+        chunk_size: orderings per chunk (default: about ``2^17 / (B K)``, at most 1024).
         permutations: explicit ``(n, P)`` orderings; overrides sampling.
 
     Returns:
@@ -467,34 +469,38 @@ def _exp_scan(e_base: Tensor, e_contrib: Tensor, perms: Tensor, keep: bool) -> T
 
     ``e_base``: ``(K', B)``; ``e_contrib``: ``(P, K', B)``; ``perms``: ``(C, P)``.
     Returns ``s_t = sum_k e^{r_k}`` as ``(P-1, C, B)``, or with ``keep`` all states
-    ``(P-1, C, K', B)``.
+    ``(P-1, C, K', B)``.  One step = one gather, one product and one sum over ``K'``.
     """
-    p = perms.shape[1]
-    state = e_contrib.index_select(0, perms[:, 0]).mul_(e_base)
-    out = state.new_empty((p - 1, *state.shape)) if keep else None
+    cols = perms.t().contiguous()  # cols[t]: player added at step t of every ordering
+    p = cols.shape[0]
+    state = e_contrib.index_select(0, cols[0]).mul_(e_base)
+    if keep:
+        states = state.new_empty((p - 1, *state.shape))
+        states[0] = state
+        for t in range(1, p - 1):
+            torch.mul(states[t - 1], e_contrib.index_select(0, cols[t]), out=states[t])
+        return states
     sums = state.new_empty((p - 1, state.shape[0], state.shape[2]))
-    for t in range(1, p):
-        if keep:
-            out[t - 1] = state
-        torch.sum(state, dim=1, out=sums[t - 1])
-        if t < p - 1:
-            state.mul_(e_contrib.index_select(0, perms[:, t]))
-    return out if keep else sums
+    sums[0] = state.sum(1)  # faster than sum(out=...), which zero-fills first
+    for t in range(1, p - 1):
+        state.mul_(e_contrib.index_select(0, cols[t]))
+        sums[t] = state.sum(1)
+    return sums
 
 
 def _log_scan(base: Tensor, contrib: Tensor, perms: Tensor) -> Tensor:
     """Prefix logits ``(P-1, C, B, K)`` for ``base (B, K)``, ``contrib (P, B, K)``."""
-    p = perms.shape[1]
-    state = contrib.index_select(0, perms[:, 0]) + base
-    out = state.new_empty((p - 1, *state.shape))
-    out[0] = state
-    for t in range(2, p):
-        torch.add(out[t - 2], contrib.index_select(0, perms[:, t - 1]), out=out[t - 1])
+    cols = perms.t().contiguous()
+    out = contrib.new_empty((cols.shape[0] - 1, cols.shape[1], *contrib.shape[1:]))
+    torch.add(contrib.index_select(0, cols[0]), base, out=out[0])
+    for t in range(1, cols.shape[0] - 1):
+        torch.add(out[t - 1], contrib.index_select(0, cols[t]), out=out[t])
     return out
 
 
 def _named_value(s: Tensor, kind: str) -> Tensor:
-    return (1.0 + s).reciprocal_() if kind == "prob" else torch.log1p(s).neg_()
+    """In place: prob ``1/(1+s)``, logprob ``-log(1+s)``."""
+    return s.add_(1.0).reciprocal_() if kind == "prob" else s.log1p_().neg_()
 
 
 def _named_coef(s: Tensor, kind: str) -> Tensor:
