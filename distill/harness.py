@@ -59,12 +59,15 @@ class Profile:
     description: str = ""
 
     @classmethod
-    def load(cls, name: str) -> Profile:
-        path = PROFILE_DIR / f"{name}.yaml"
+    def load(cls, name: str, directory: Path = PROFILE_DIR, results_dir: str | None = None
+             ) -> Profile:
+        path = Path(directory) / f"{name}.yaml"
         if not path.exists():
-            known = sorted(p.stem for p in PROFILE_DIR.glob("*.yaml"))
+            known = sorted(p.stem for p in Path(directory).glob("*.yaml"))
             raise HarnessError(f"unknown profile {name!r}; choose one of {known}")
         data = yaml.safe_load(path.read_text())
+        if results_dir is not None:
+            data["results_dir"] = results_dir
         profile = cls(**data)
         bad = [c for c in profile.cells if c.removesuffix("_kd") not in ALL_CELLS]
         if bad:
@@ -74,7 +77,7 @@ class Profile:
 
     @property
     def out(self) -> Path:
-        return (ROOT / self.results_dir / self.name).resolve()
+        return (ROOT / self.results_dir / self.name).resolve()  # absolute results_dir wins
 
     def run_dir(self, cell: str, seed: int) -> Path:
         return self.out / "runs" / f"{cell}-s{seed}"
@@ -315,9 +318,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--profile", default="cpu-mini")
     parser.add_argument("--n-jobs", type=int, default=None, help="parallel cells (joblib launcher)")
     parser.add_argument("--dry-run", action="store_true", help="print the commands only")
+    parser.add_argument("--results-dir", default=None, help="default: the profile's (results)")
     args = parser.parse_args(argv)
     try:
-        profile = Profile.load(args.profile)
+        profile = Profile.load(args.profile, results_dir=args.results_dir)
         if args.command == "run":
             run(profile, args.n_jobs, args.dry_run)
             print(f"report: {report(profile)}")

@@ -16,6 +16,7 @@ import torch
 from omegaconf import DictConfig
 
 from distill.data.augment import normalize
+import distill.train  # noqa: F401  (registers the repo_root resolver)
 from distill.explain import TeacherError
 from distill.teacher_maps import CacheError
 

@@ -14,7 +14,18 @@ from torch import Tensor, nn
 from distill.explain import build_cam, load_teacher, resolve_teacher_checkpoint
 from distill.losses import check_alpha, explanation_loss, kd_loss, map_agreement
 from distill.modules.classifier import ClassifierModule
-from distill.teacher_maps import MapCache, align_maps, teacher_fingerprint
+from distill.teacher_maps import CacheError, MapCache, align_maps, teacher_fingerprint
+
+
+def precompute_command() -> str:
+    """The precompute command with this run's own Hydra overrides."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        overrides = " ".join(HydraConfig.get().overrides.task)
+    except (ImportError, ValueError):
+        overrides = "<the same overrides as this run>"
+    return f"python -m distill.precompute {overrides}"
 
 
 @dataclass
@@ -81,11 +92,12 @@ class StudentModule(ClassifierModule):
         **kwargs: Any,
     ) -> None:
         super().__init__(net=net, **kwargs)
-        self.save_hyperparameters(ignore=["net", "teacher_net"])
         self.loss_cfg = LossConfig.from_mapping(loss)
         self.teacher_checkpoint = resolve_teacher_checkpoint(
             teacher_checkpoint, teacher_run_dir, teacher_command)
         self.teacher = load_teacher(teacher_net, self.teacher_checkpoint)
+        self.hparams.update(loss=dict(vars(self.loss_cfg)), teacher_checkpoint=self.teacher_checkpoint,
+                            teacher_arch=type(teacher_net).__name__)
         self.cache_root = Path(cache_root)
         cfg = self.loss_cfg
         self.student_cam = self.teacher_cam = None
@@ -122,7 +134,12 @@ class StudentModule(ClassifierModule):
     def setup(self, stage: str) -> None:
         super().setup(stage)
         if stage == "fit" and self.loss_cfg.method and self.loss_cfg.teacher_maps == "cache":
-            self.cached_maps = self.map_cache(self.trainer.datamodule).load().to(self.device)
+            try:
+                maps = self.map_cache(self.trainer.datamodule).load()
+            except CacheError as err:
+                raise CacheError(f"{err}\nPrecompute the teacher maps with:\n"
+                                 f"    {precompute_command()}") from None
+            self.cached_maps = maps.to(self.device)
 
     def map_cache(self, datamodule: Any) -> MapCache:
         """The cache of teacher maps this run needs (directory derived from its fingerprint)."""
@@ -161,6 +178,8 @@ class StudentModule(ClassifierModule):
     def compute_loss(self, batch: Mapping[str, Any]) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
         cfg = self.loss_cfg
         x, y = batch["image"], batch["label"]
+        if self.use_channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
         if self.student_cam is not None:
             out = self.student_cam.compute(x, y, create_graph=True)
             logits, student_maps = out.logits, out.maps
@@ -208,6 +227,7 @@ class StudentModule(ClassifierModule):
     # ----------------------------------------------------------------- checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Keep checkpoints student-only: the teacher is reloaded from ``teacher_checkpoint``."""
+        super().on_save_checkpoint(checkpoint)
         state = checkpoint["state_dict"]
         for key in [k for k in state if k.startswith("teacher.")]:
             del state[key]

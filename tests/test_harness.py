@@ -1,0 +1,100 @@
+"""Reproduction harness: profiles, refusal of foreign runs, report values, and a smoke run."""
+
+from __future__ import annotations
+
+import csv
+import json
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from distill import harness
+from distill.harness import HarnessError, Profile
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def write_run(profile: Profile, cell: str, seed: int, error: float | None) -> Path:
+    run_dir = profile.run_dir(cell, seed)
+    (run_dir / ".hydra").mkdir(parents=True, exist_ok=True)
+    if error is not None:
+        (run_dir / "metrics.json").write_text(json.dumps({"test_error": error}))
+    return run_dir
+
+
+def test_unknown_profile_and_cell_are_refused(tmp_path):
+    with pytest.raises(HarnessError, match="unknown profile 'nope'.*smoke"):
+        Profile.load("nope")
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump({"name": "bad", "seeds": [0],
+                                                       "cells": ["ce", "gradkam"]}))
+    with pytest.raises(HarnessError, match="unknown cells \\['gradkam'\\]"):
+        Profile.load("bad", directory=tmp_path)
+
+
+def test_report_values_and_missing_runs(tmp_path):
+    profile = Profile.load("smoke", results_dir=str(tmp_path))
+    profile.cells = ["ce", "gradcam", "ce_kd", "shapcam_kd"]
+    errors = {"ce": [10.0, 12.0], "gradcam": [9.0, 9.5], "ce_kd": [8.0, 8.5],
+              "shapcam_kd": [7.0, None]}
+    for cell, values in errors.items():
+        for seed, err in zip(profile.seeds, values):
+            write_run(profile, cell, seed, err)
+    harness.report(profile)
+    rows = {r["cell"]: r for r in csv.DictReader(open(tmp_path / "smoke" / "table.csv"))}
+    assert float(rows["ce"]["mean"]) == pytest.approx(11.0)
+    assert float(rows["ce"]["std"]) == pytest.approx(statistics.stdev([10.0, 12.0]))
+    assert float(rows["gradcam"]["diff_baseline"]) == pytest.approx(9.25 - 11.0)
+    assert float(rows["gradcam"]["diff_paper"]) == pytest.approx(9.25 - 6.86)
+    # a run that died is reported as missing, never as a zero error
+    assert rows["shapcam_kd"]["n_seeds"] == "1" and rows["shapcam_kd"]["missing_seeds"] == "1"
+    assert float(rows["shapcam_kd"]["mean"]) == pytest.approx(7.0)
+    table = (tmp_path / "smoke" / "table.md").read_text()
+    assert "missing seeds [1]" in table
+    assert (tmp_path / "smoke" / "chart.png").stat().st_size > 1000
+
+
+def test_noise_note_distinguishes_noise_from_effects(tmp_path):
+    base = {"cell": "ce", "errors": [10.0, 10.2, 9.8], "mean": 10.0, "std": 0.2}
+    close = {"cell": "gradcam", "errors": [9.9, 10.1, 9.9], "mean": 9.97, "std": 0.115}
+    far = {"cell": "gradcam", "errors": [5.0, 5.1, 4.9], "mean": 5.0, "std": 0.1}
+    assert harness._noise_note(close, base) == "within seed noise"
+    assert harness._noise_note(far, base) == "beyond 2 standard errors"
+
+
+def test_run_with_a_different_config_is_refused(tmp_path):
+    profile = Profile.load("smoke", results_dir=str(tmp_path))
+    run_dir = write_run(profile, "gradcam", 0, 50.0)
+    other = harness.compose([*profile.cell_overrides("gradcam", 0), "loss.alpha=0.5"])
+    (run_dir / ".hydra" / "config.yaml").write_text(yaml.safe_dump(other))
+    with pytest.raises(HarnessError, match="loss.alpha"):
+        harness.pending_cells(profile)
+    same = harness.compose(profile.cell_overrides("gradcam", 0))
+    (run_dir / ".hydra" / "config.yaml").write_text(yaml.safe_dump(same))
+    assert "gradcam" not in harness.pending_cells(profile)[0]
+
+
+def test_cli_reports_bad_profile_briefly():
+    proc = subprocess.run([sys.executable, "-m", "distill.harness", "report", "--profile", "x"],
+                          cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("error: unknown profile 'x'") and "Traceback" not in proc.stderr
+
+
+@pytest.mark.slow
+def test_smoke_profile_runs_the_whole_harness(tmp_path):
+    cmd = [sys.executable, "-m", "distill.harness", "run", "--profile", "smoke",
+           "--results-dir", str(tmp_path)]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = list(csv.DictReader(open(tmp_path / "smoke" / "table.csv")))
+    profile = Profile.load("smoke")
+    assert [r["cell"] for r in rows] == profile.cells
+    assert all(r["n_seeds"] == str(len(profile.seeds)) for r in rows)
+    assert all(0 <= float(r["mean"]) <= 100 for r in rows)
+    # rerunning skips every finished run
+    again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0 and "train.py" not in again.stdout
