@@ -1,0 +1,210 @@
+"""Throughput and peak memory of :mod:`cams` vs pytorch-grad-cam 1.5.7, side by side.
+
+Settings (random weights, eval mode, fixed seeds):
+
+* ``resnet18``: torchvision resnet18, 224x224, batch 16, target ``layer4``;
+* ``wrn``: WRN-40-2 (``distill.models.wrn``), 32x32, batch 128, target ``block3``.
+
+Every measurement runs in a fresh subprocess (``--worker``) so that its peak resident memory
+(``resource.getrusage(RUSAGE_SELF).ru_maxrss``) belongs to that method alone; ``base`` is the RSS
+after building the model and the input, ``peak - base`` the method's own memory. One warm-up call
+on 2 samples precedes the timed calls (best of ``--repeats``; ScoreCAM and Shap-CAM once).
+``bare`` is ScoreCAM's unavoidable cost: forwards of ``B·K`` inputs in chunks of the same size
+(64) with nothing else. Utilities match pytorch-grad-cam's targets: logit for Grad-CAM, Grad-CAM++
+and Score-CAM, ReST for ShapleyCAM. Shap-CAM (10^4 permutations, utility prob) is timed on
+``--shapcam-maps`` WRN maps and extrapolated to 50,000.
+
+    python benchmarks/bench_cams.py                      # everything (~30 min on 2 cores)
+    python benchmarks/bench_cams.py --skip-pgc-scorecam-resnet18 --only wrn
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+SETTINGS = {
+    "resnet18": {"batch": 16, "size": 224, "layer": "layer4"},
+    "wrn": {"batch": 128, "size": 32, "layer": "block3"},
+}
+OURS = ["GradCAM", "GradCAMPlusPlus", "ScoreCAM", "ShapleyCAM", "ShapCAM"]
+THEIRS = ["GradCAM", "GradCAMPlusPlus", "ScoreCAM", "ShapleyCAM"]
+UTILITY = {"GradCAM": "logit", "GradCAMPlusPlus": "logit", "ScoreCAM": "logit",
+           "ShapleyCAM": "rest", "ShapCAM": "prob"}
+CHUNK = 64
+
+
+def _rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _model(setting: str) -> torch.nn.Module:
+    torch.manual_seed(0)
+    if setting == "resnet18":
+        import torchvision
+
+        return torchvision.models.resnet18(weights=None).eval()
+    from distill.models.wrn import wrn40_2
+
+    return wrn40_2().eval()
+
+
+def _runner(spec: dict[str, Any], model: torch.nn.Module) -> Any:
+    """A callable ``f(x, targets)`` computing the maps of ``spec``."""
+    layer, impl, method = SETTINGS[spec["setting"]]["layer"], spec["impl"], spec["method"]
+    if impl == "ours":
+        import cams
+
+        opts: dict[str, Any] = {"utility": UTILITY[method]}
+        if method == "ScoreCAM":
+            opts["batch_size"] = CHUNK
+        if method == "ShapCAM":
+            opts["n_permutations"] = spec["n_permutations"]
+        cam = getattr(cams, method)(model, layer, **opts)
+        return lambda x, t: cam(x, t)
+    if impl == "bare":  # B·K forwards of masked-input-sized chunks, nothing else
+        k = {"resnet18": 512, "wrn": 128}[spec["setting"]]
+
+        def bare(x: torch.Tensor, t: torch.Tensor) -> None:
+            total = x.shape[0] * k
+            chunk = x[:1].expand(CHUNK, *x.shape[1:]).contiguous()
+            with torch.no_grad():
+                for start in range(0, total, CHUNK):
+                    model(chunk[: min(CHUNK, total - start)])
+        return bare
+    import pytorch_grad_cam as pgc
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputReST, ClassifierOutputTarget
+
+    cam = getattr(pgc, method)(model, [dict(model.named_modules())[layer]])
+    if method == "ScoreCAM":
+        cam.batch_size = 16  # its default
+    target = ClassifierOutputReST if method == "ShapleyCAM" else ClassifierOutputTarget
+    return lambda x, t: cam(x, [target(int(c)) for c in t])
+
+
+def worker(spec: dict[str, Any]) -> dict[str, Any]:
+    """Run one measurement in this (fresh) process."""
+    setting = SETTINGS[spec["setting"]]
+    model = _model(spec["setting"])
+    torch.manual_seed(1)
+    batch = spec.get("batch") or setting["batch"]
+    x = torch.randn(batch, 3, setting["size"], setting["size"])
+    with torch.no_grad():
+        targets = model(x[:2]).argmax(1).repeat(batch)[:batch]
+    base = _rss_mb()
+    run = _runner(spec, model)
+    if spec["impl"] != "bare" and spec["method"] not in ("ScoreCAM",):
+        run(x[:2], targets[:2])  # warm-up (also traces the fast path once)
+    times = []
+    for _ in range(spec["repeats"]):
+        start = time.perf_counter()
+        run(x, targets)
+        times.append(time.perf_counter() - start)
+    best = min(times)
+    return {**spec, "batch": batch, "seconds": best, "maps_per_s": batch / best,
+            "base_mb": base, "peak_mb": _rss_mb(), "extra_mb": _rss_mb() - base}
+
+
+def _measure(spec: dict[str, Any]) -> dict[str, Any]:
+    cmd = [sys.executable, __file__, "--worker", json.dumps(spec)]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=False,
+                         env={**os.environ, "TQDM_DISABLE": "1"})
+    if out.returncode != 0:
+        return {**spec, "error": out.stderr.strip().splitlines()[-1:]}
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _plan(args: argparse.Namespace) -> list[dict[str, Any]]:
+    plan = []
+    for setting in args.only or list(SETTINGS):
+        for method in OURS:
+            slow = method in ("ScoreCAM", "ShapCAM")
+            spec = {"setting": setting, "impl": "ours", "method": method,
+                    "repeats": 1 if slow else args.repeats}
+            if method == "ShapCAM":
+                if setting != "wrn":
+                    continue
+                spec.update(n_permutations=10_000, batch=args.shapcam_maps)
+            plan.append(spec)
+        plan.append({"setting": setting, "impl": "bare", "method": "ScoreCAM", "repeats": 1})
+        for method in THEIRS:
+            if method == "ScoreCAM" and setting == "resnet18" and args.skip_pgc_scorecam_resnet18:
+                continue
+            plan.append({"setting": setting, "impl": "pytorch-grad-cam", "method": method,
+                         "repeats": 1 if method == "ScoreCAM" else args.repeats})
+    return plan
+
+
+def _table(results: list[dict[str, Any]]) -> str:
+    lines = ["| setting | method | cams maps/s | pytorch-grad-cam maps/s | speed-up | "
+             "cams peak / extra MB | pgc peak / extra MB |", "|---|---|---|---|---|---|---|"]
+    get = {(r["setting"], r["impl"], r["method"]): r for r in results}
+    for setting in SETTINGS:
+        for method in OURS:
+            ours = get.get((setting, "ours", method))
+            if ours is None:
+                continue
+            theirs = get.get((setting, "pytorch-grad-cam", method))
+            bare = get.get((setting, "bare", method))
+
+            def fmt(r: dict | None) -> tuple[str, str]:
+                if r is None:
+                    return "—", "—"
+                if "error" in r:
+                    return "error", "—"
+                return f"{r['maps_per_s']:.3g}", f"{r['peak_mb']:.0f} / {r['extra_mb']:.0f}"
+
+            (o_speed, o_mem), (t_speed, t_mem) = fmt(ours), fmt(theirs)
+            ratio = "—"
+            if theirs and "error" not in theirs and "error" not in ours:
+                ratio = f"{ours['maps_per_s'] / theirs['maps_per_s']:.2f}x"
+            name = method
+            if bare and "error" not in bare and "error" not in ours:
+                name += f" (bare K-forward: {bare['maps_per_s']:.3g} maps/s, " \
+                        f"cams/bare time {bare['maps_per_s'] / ours['maps_per_s']:.3f})"
+            if method == "ShapCAM" and "error" not in ours:
+                name += f" (10^4 perms, {ours['batch']} maps; 50,000 maps ≈ " \
+                        f"{50_000 / ours['maps_per_s'] / 60:.1f} min)"
+            lines.append(f"| {setting} | {name} | {o_speed} | {t_speed} | {ratio} | {o_mem} | "
+                         f"{t_mem} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--only", nargs="*", choices=list(SETTINGS))
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--shapcam-maps", type=int, default=1024)
+    parser.add_argument("--skip-pgc-scorecam-resnet18", action="store_true",
+                        help="skip pytorch-grad-cam's ScoreCAM on resnet18 (~209 s, ~9 GB)")
+    parser.add_argument("--json", type=Path, help="write all results here")
+    args = parser.parse_args()
+    if args.worker:
+        print(json.dumps(worker(json.loads(args.worker))))
+        return
+    results = []
+    for spec in _plan(args):
+        res = _measure(spec)
+        print(json.dumps(res), flush=True)
+        results.append(res)
+    print(f"\nmachine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
+          f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
+          f"load average at end {os.getloadavg()[0]:.1f}\n")
+    print(_table(results))
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()
