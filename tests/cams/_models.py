@@ -72,8 +72,9 @@ def randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:
         for m in model.modules():
             if isinstance(m, nn.BatchNorm2d):
                 c = m.num_features
-                m.running_mean.copy_(torch.rand(c, generator=g) - 0.5)
-                m.running_var.copy_(torch.rand(c, generator=g) + 0.5)
+                if m.running_mean is not None:
+                    m.running_mean.copy_(torch.rand(c, generator=g) - 0.5)
+                    m.running_var.copy_(torch.rand(c, generator=g) + 0.5)
                 m.weight.copy_(torch.rand(c, generator=g) + 0.5)
                 m.bias.copy_(torch.rand(c, generator=g) - 0.5)
     return model

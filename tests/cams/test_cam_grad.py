@@ -134,3 +134,21 @@ def test_full_gradcheck_shapleycam_train_mode_bn_parameters() -> None:
     inputs = (model.bn.weight.detach().clone().requires_grad_(),
               model.bn.bias.detach().clone().requires_grad_())
     assert torch.autograd.gradcheck(maps, inputs, eps=1e-6, atol=1e-6, rtol=1e-4)
+
+
+@pytest.mark.parametrize("opts", [{}, {"momentum": None}, {"affine": False},
+                                  {"track_running_stats": False}])
+def test_elementary_batchnorm_equals_module(opts: dict) -> None:
+    from cams._bn import _elementary
+
+    torch.manual_seed(0)
+    bn = nn.BatchNorm2d(3, **opts).double().train()
+    if bn.weight is not None:
+        randomize_bn(bn)
+    ref = copy.deepcopy(bn)
+    x = torch.randn(4, 3, 5, 5, dtype=torch.float64)
+    for _ in range(2):
+        y, _, _ = _elementary(bn, x)
+        torch.testing.assert_close(y, ref(x))
+    for a, b in zip(bn.buffers(), ref.buffers(), strict=True):
+        torch.testing.assert_close(a, b)
