@@ -1,0 +1,192 @@
+"""Student module: presets, teacher handling, cached vs online teacher maps, resume, bad input."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig, OmegaConf
+
+from distill.data.augment import AugParams
+from distill.explain import TeacherError
+from distill.models import WideResNet
+from distill.modules.student import StudentModule
+from distill.precompute import precompute
+from distill.teacher_maps import CacheError
+from distill.train import CONFIG_DIR, train
+
+PRESETS = ["ce_kd", "gradcam", "gradcam_kd", "gradcampp", "gradcampp_kd", "scorecam",
+           "scorecam_kd", "shapcam", "shapcam_kd", "shapleycam", "shapleycam_kd"]
+TINY = ["data=synthetic", "data.synthetic_size=64", "data.synthetic_test_size=32",
+        "data.batch_size=32", "trainer=cpu", "trainer.max_epochs=1", "logger=csv",
+        "trainer.enable_progress_bar=false", "print_config=false", "teacher.model.depth=10",
+        "loss.agreement_batches=1"]
+
+
+def compose_cfg(*overrides: str) -> DictConfig:
+    with initialize_config_dir(CONFIG_DIR, version_base="1.3"):
+        return compose("train", overrides=list(overrides))
+
+
+@pytest.fixture(scope="module")
+def teacher_ckpt(tmp_path_factory) -> Path:
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("teacher") / "teacher.ckpt"
+    net = WideResNet(10, 2)
+    state = {f"net.{k}": v for k, v in net.state_dict().items()}
+    torch.save({"state_dict": state, "hyper_parameters": {"arch": "wrn10_2"}}, path)
+    return path
+
+
+def tiny(tmp_path: Path, ckpt: Path, *extra: str) -> DictConfig:
+    return compose_cfg(*TINY, f"paths.log_dir={tmp_path}", f"teacher.checkpoint={ckpt}",
+                       f"module.cache_root={tmp_path}/cache", *extra)
+
+
+def student(cfg: DictConfig) -> StudentModule:
+    """Instantiate the configured student; re-raise the error Hydra wraps, as train.py does."""
+    import hydra
+    from hydra.errors import InstantiationException
+
+    try:
+        return hydra.utils.instantiate(cfg.module, net=hydra.utils.instantiate(cfg.model))
+    except InstantiationException as err:
+        raise err.__cause__ or err from None
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_every_preset_composes_into_a_student(preset, tmp_path, teacher_ckpt):
+    cfg = tiny(tmp_path, teacher_ckpt, f"loss={preset}")
+    assert cfg.module._target_ == "distill.modules.student.StudentModule"
+    assert cfg.loss.name == preset and cfg.loss.kd.enabled == preset.endswith("_kd")
+    method = preset.removesuffix("_kd")
+    assert cfg.loss.method == (None if method == "ce" else method)
+    assert cfg.loss.teacher_maps == ("cache" if method == "shapcam" else "online")
+
+
+@pytest.mark.parametrize("preset", ["gradcam_kd", "gradcampp", "scorecam", "shapleycam_kd",
+                                    "shapcam"])
+def test_one_training_step_uses_every_term(preset, tmp_path, teacher_ckpt):
+    cfg = tiny(tmp_path, teacher_ckpt, f"loss={preset}", "loss.student_cam.max_channels=4"
+               if preset == "scorecam" else "loss.alpha=1.0",
+               *(["loss.teacher_maps=online", "loss.teacher_cam.n_permutations=32",
+                  "loss.student_cam.n_permutations=8"] if preset == "shapcam" else []))
+    module = student(cfg).train()
+    assert not module.teacher.training
+    gen = torch.Generator().manual_seed(0)
+    batch = {"image": torch.randn(6, 3, 32, 32, generator=gen), "label": torch.arange(6),
+             "index": torch.arange(6), "aug": AugParams.sample(6, generator=gen)}
+    loss, logits, terms = module.compute_loss(batch)
+    assert set(terms) == {"ce", "cam"} | ({"kd"} if preset.endswith("_kd") else set())
+    assert logits.shape == (6, 10) and torch.isfinite(loss)
+    loss.backward()
+    grads = [p.grad for p in module.net.parameters()]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+    assert all(p.grad is None for p in module.teacher.parameters())
+    # the explanation term alone reaches the student's parameters
+    module.net.zero_grad()
+    _, _, terms = module.compute_loss(batch)
+    terms["cam"].backward()
+    assert sum(float(p.grad.abs().sum()) for p in module.net.parameters() if p.grad is not None) > 0
+
+
+def test_cached_teacher_maps_equal_online_maps(tmp_path, teacher_ckpt):
+    """Precomputed maps, looked up by index with identity augmentation, match online maps."""
+    cfg = tiny(tmp_path, teacher_ckpt, "loss=gradcam", "data.augment=false")
+    cached = tiny(tmp_path, teacher_ckpt, "loss=gradcam", "loss.teacher_maps=cache")
+    directory = precompute(cached)
+    assert Path(directory).parent == tmp_path / "cache"
+    module = student(cached)
+    import hydra
+
+    dm = hydra.utils.instantiate(cfg.data)
+    dm.prepare_data()
+    dm.setup("fit")
+    module.cached_maps = module.map_cache(dm).load()
+    from distill.data.augment import normalize
+
+    idx = torch.tensor([3, 0, 17, 42])
+    batch = {"image": normalize(dm.train_images[idx]), "label": dm.train_labels[idx],
+             "index": idx, "aug": AugParams.identity(4)}
+    _, from_cache = module.teacher_outputs(batch, need_logits=False)
+    online = student(cfg)
+    _, live = online.teacher_outputs(batch, need_logits=False)
+    torch.testing.assert_close(from_cache, live, rtol=1e-4, atol=1e-5)
+
+
+def test_missing_cache_names_the_precompute_command(tmp_path, teacher_ckpt):
+    cfg = tiny(tmp_path, teacher_ckpt, "loss=shapcam")
+    with pytest.raises(CacheError, match="python -m distill.precompute"):
+        train(cfg)
+
+
+def test_missing_teacher_gives_the_training_command(tmp_path):
+    cfg = compose_cfg(*TINY, f"paths.log_dir={tmp_path}", "loss=gradcam_kd")
+    with pytest.raises(TeacherError, match="python train.py experiment=teacher"):
+        student(cfg)
+    with pytest.raises(TeacherError, match="does not exist"):
+        student(compose_cfg(*TINY, "loss=ce_kd", f"teacher.checkpoint={tmp_path}/none.ckpt"))
+
+
+def test_teacher_of_another_architecture_is_refused(tmp_path, teacher_ckpt):
+    cfg = tiny(tmp_path, teacher_ckpt, "loss=ce_kd", "teacher.model.depth=16")
+    with pytest.raises(TeacherError, match="does not fit teacher.model"):
+        student(cfg)
+
+
+def test_map_shape_mismatch_stops_before_training(tmp_path, teacher_ckpt):
+    cfg = tiny(tmp_path, teacher_ckpt, "loss=gradcam", "loss.student_layer=block2")
+    with pytest.raises(ValueError, match="same resolution|equal resolution"):
+        student(cfg)
+
+
+@pytest.mark.parametrize("alpha", ["-1", "nan", "inf"])
+def test_bad_alpha_is_refused(tmp_path, teacher_ckpt, alpha):
+    with pytest.raises(ValueError, match="loss.alpha"):
+        student(tiny(tmp_path, teacher_ckpt, "loss=gradcam", f"loss.alpha={alpha}"))
+
+
+def test_the_finished_teacher_run_is_found_without_a_path(tmp_path, teacher_ckpt):
+    cfg = compose_cfg(*TINY, f"paths.log_dir={tmp_path}", "loss=ce_kd", "teacher.epochs=1")
+    run_dir = Path(cfg.teacher.run_dir)
+    (run_dir / "checkpoints").mkdir(parents=True)
+    (run_dir / "checkpoints" / "last.ckpt").write_bytes(teacher_ckpt.read_bytes())
+    with pytest.raises(TeacherError):  # not finished yet: no metrics.json
+        student(cfg)
+    (run_dir / "metrics.json").write_text("{}")
+    assert student(cfg).teacher_checkpoint == str(run_dir / "checkpoints" / "last.ckpt")
+
+
+@pytest.mark.slow
+def test_interrupted_run_resumes_with_the_same_losses(tmp_path, teacher_ckpt):
+    """2 epochs straight == 1 epoch, stop, resume to 2 epochs (same seed, same run dir)."""
+    common = ["loss=gradcam_kd", "trainer.deterministic=true", "module.scheduler.milestones=[1]"]
+
+    def run(name: str, epochs: int) -> dict:
+        cfg = tiny(tmp_path, teacher_ckpt, *common, f"run_name={name}",
+                   f"trainer.max_epochs={epochs}")
+        OmegaConf.set_struct(cfg, False)
+        return train(cfg)
+
+    straight = run("straight", 2)
+    run("resumed", 1)
+    resumed = run("resumed", 2)
+    assert resumed["test_error"] == pytest.approx(straight["test_error"], abs=1e-9)
+    logs = {}
+    for name in ("straight", "resumed"):
+        metrics = sorted((tmp_path / "train" / name).rglob("metrics.csv"))
+        rows = [line.split(",") for p in metrics for line in p.read_text().splitlines()]
+        logs[name] = rows
+    a = json.loads((tmp_path / "train" / "straight" / "metrics.json").read_text())
+    b = json.loads((tmp_path / "train" / "resumed" / "metrics.json").read_text())
+    assert a["test_error"] == b["test_error"]
+    sa = torch.load(tmp_path / "train" / "straight" / "checkpoints" / "last.ckpt",
+                    weights_only=False)["state_dict"]
+    sb = torch.load(tmp_path / "train" / "resumed" / "checkpoints" / "last.ckpt",
+                    weights_only=False)["state_dict"]
+    assert sa.keys() == sb.keys() and not any(k.startswith("teacher.") for k in sa)
+    for key in sa:
+        torch.testing.assert_close(sa[key], sb[key], rtol=1e-5, atol=1e-6)
