@@ -117,6 +117,17 @@ def test_ce_loss_and_terms() -> None:
     assert set(terms) == {"ce"} and logits.shape == (4, 10)
 
 
+def test_channels_last_switch_keeps_outputs() -> None:
+    torch.manual_seed(0)
+    plain = ClassifierModule(WideResNet(10, 1)).eval()
+    fast = ClassifierModule(WideResNet(10, 1), channels_last=True).eval()
+    fast.load_state_dict(plain.state_dict())
+    fast.setup("fit")
+    assert fast.net.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(fast(x), plain(x), rtol=1e-4, atol=1e-4)
+
+
 def test_checkpoint_of_other_architecture_rejected(tmp_path: Path) -> None:
     teacher = ClassifierModule(wrn40_2())
     path = tmp_path / "teacher.ckpt"
