@@ -30,12 +30,19 @@ PRESETS: dict[str, tuple[str, dict]] = {
     "gradcampp_kd": ("gradcampp_kd", {}),
     "shapleycam_kd": ("shapleycam_kd", {}),
     "shapcam_kd (cache, student 256 perm.)": ("shapcam_kd", {}),
-    "shapcam_kd (online, 1000 perm.)": ("shapcam_kd", {
-        "teacher_maps": "online", "teacher_cam": {"n_permutations": 1000, "seed": 0},
-        "student_cam": {"n_permutations": 1000}}),
+    "shapcam_kd (online, 1000 perm.)": (
+        "shapcam_kd",
+        {
+            "teacher_maps": "online",
+            "teacher_cam": {"n_permutations": 1000, "seed": 0},
+            "student_cam": {"n_permutations": 1000},
+        },
+    ),
     "scorecam_kd (cache, all 128 channels)": ("scorecam_kd", {"teacher_maps": "cache"}),
-    "scorecam_kd (cache, max_channels=8)": ("scorecam_kd", {
-        "teacher_maps": "cache", "student_cam": {"max_channels": 8}}),
+    "scorecam_kd (cache, max_channels=8)": (
+        "scorecam_kd",
+        {"teacher_maps": "cache", "student_cam": {"max_channels": 8}},
+    ),
 }
 
 
@@ -67,17 +74,20 @@ def run_one(preset: str, batch: int, steps: int) -> dict:
         ckpt = Path(tmp) / "teacher.ckpt"
         teacher = WideResNet(40, 2)
         torch.save({"state_dict": {f"net.{k}": v for k, v in teacher.state_dict().items()}}, ckpt)
-        module = StudentModule(WideResNet(16, 2), WideResNet(40, 2), loss_cfg,
-                               teacher_checkpoint=str(ckpt))
+        module = StudentModule(
+            WideResNet(16, 2), WideResNet(40, 2), loss_cfg, teacher_checkpoint=str(ckpt)
+        )
     module.train()
     if loss_cfg["method"] and loss_cfg["teacher_maps"] == "cache":
         module.cached_maps = torch.rand(50_000, 8, 8)
     opt = torch.optim.SGD(module.net.parameters(), lr=0.01, momentum=0.9)
     gen = torch.Generator().manual_seed(0)
-    data = {"image": torch.randn(batch, 3, 32, 32, generator=gen),
-            "label": torch.randint(0, 10, (batch,), generator=gen),
-            "index": torch.randint(0, 50_000, (batch,), generator=gen),
-            "aug": AugParams.sample(batch, generator=gen)}
+    data = {
+        "image": torch.randn(batch, 3, 32, 32, generator=gen),
+        "label": torch.randint(0, 10, (batch,), generator=gen),
+        "index": torch.randint(0, 50_000, (batch,), generator=gen),
+        "aug": AugParams.sample(batch, generator=gen),
+    }
 
     def step() -> None:
         loss, _, _ = module.compute_loss(data)
@@ -92,8 +102,11 @@ def run_one(preset: str, batch: int, steps: int) -> dict:
         step()
         times.append(time.perf_counter() - start)
     times.sort()
-    return {"preset": preset, "step_s": times[len(times) // 2],
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    return {
+        "preset": preset,
+        "step_s": times[len(times) // 2],
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
 
 
 def main() -> None:
@@ -109,8 +122,21 @@ def main() -> None:
     results = []
     for preset in args.presets:
         steps = max(1, args.steps // 3) if "all 128" in preset else args.steps
-        out = subprocess.run([sys.executable, __file__, "--one", preset, "--batch", str(args.batch),
-                              "--steps", str(steps)], capture_output=True, text=True, check=True)
+        out = subprocess.run(
+            [
+                sys.executable,
+                __file__,
+                "--one",
+                preset,
+                "--batch",
+                str(args.batch),
+                "--steps",
+                str(steps),
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
         results.append(json.loads(out.stdout.strip().splitlines()[-1]))
         print(f"# {preset}: {results[-1]['step_s']:.3f} s", file=sys.stderr, flush=True)
     base = next((r["step_s"] for r in results if r["preset"] == "ce_kd"), None)
@@ -118,8 +144,10 @@ def main() -> None:
     print("|---|---|---|---|---|")
     for r in results:
         ratio = f"{r['step_s'] / base:.2f}" if base else "—"
-        print(f"| {r['preset']} | {r['step_s']:.3f} | {ratio} | {args.batch / r['step_s']:.0f} | "
-              f"{r['peak_rss_mb']:.0f} |")
+        print(
+            f"| {r['preset']} | {r['step_s']:.3f} | {ratio} | {args.batch / r['step_s']:.0f} | "
+            f"{r['peak_rss_mb']:.0f} |"
+        )
 
 
 if __name__ == "__main__":

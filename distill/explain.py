@@ -38,8 +38,11 @@ def load_teacher(net: nn.Module, checkpoint: str | Path, arch: str = "") -> nn.M
         raise TeacherError(f"teacher checkpoint {path} does not exist; set teacher.checkpoint=PATH")
     ckpt = torch.load(path, map_location="cpu", weights_only=False)
     state = ckpt.get("state_dict", ckpt)
-    weights = {k.removeprefix("net.").removeprefix("_orig_mod."): v for k, v in state.items()
-               if k.startswith("net.")} or state
+    weights = {
+        k.removeprefix("net.").removeprefix("_orig_mod."): v
+        for k, v in state.items()
+        if k.startswith("net.")
+    } or state
     try:
         net.load_state_dict(weights)
     except RuntimeError as err:
@@ -47,7 +50,8 @@ def load_teacher(net: nn.Module, checkpoint: str | Path, arch: str = "") -> nn.M
         raise TeacherError(
             f"teacher checkpoint {path} holds {found}, which does not fit teacher.model "
             f"{arch or type(net).__name__}: set teacher.model to the checkpoint's architecture "
-            f"or point teacher.checkpoint at a matching run ({str(err).splitlines()[0]})") from None
+            f"or point teacher.checkpoint at a matching run ({str(err).splitlines()[0]})"
+        ) from None
     net.eval()
     for param in net.parameters():
         param.requires_grad_(False)
@@ -62,12 +66,15 @@ def resolve_teacher_checkpoint(checkpoint: str | None, run_dir: str, train_comma
     """
     if checkpoint:
         if not Path(checkpoint).exists():
-            raise TeacherError(f"teacher checkpoint {checkpoint} does not exist; "
-                               "fix teacher.checkpoint=PATH")
+            raise TeacherError(
+                f"teacher checkpoint {checkpoint} does not exist; fix teacher.checkpoint=PATH"
+            )
         return str(checkpoint)
     run = Path(run_dir)
+    train_command = train_command.replace("=None", "=null")  # Hydra's spelling of a missing value
     if (run / "metrics.json").exists() and (run / "checkpoints" / "last.ckpt").exists():
         return str(run / "checkpoints" / "last.ckpt")
     raise TeacherError(
         f"no trained teacher found at {run} (teacher.checkpoint is not set). Train it first:\n"
-        f"    {train_command}\nor pass teacher.checkpoint=PATH")
+        f"    {train_command}\nor pass teacher.checkpoint=PATH"
+    )

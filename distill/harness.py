@@ -30,8 +30,15 @@ PROFILE_DIR = ROOT / "configs" / "harness"
 # Test error (%) of the WRN-16-2 student, Shap-CAM paper Table 4 (first three columns from the
 # Grad-CAM++ paper, section 5). ShapleyCAM was not in the paper.
 PAPER_ERRORS: dict[str, float] = {
-    "ce": 6.78, "gradcam": 6.86, "gradcampp": 6.74, "scorecam": 6.75, "shapcam": 6.69,
-    "ce_kd": 5.68, "gradcam_kd": 5.80, "gradcampp_kd": 5.56, "scorecam_kd": 5.42,
+    "ce": 6.78,
+    "gradcam": 6.86,
+    "gradcampp": 6.74,
+    "scorecam": 6.75,
+    "shapcam": 6.69,
+    "ce_kd": 5.68,
+    "gradcam_kd": 5.80,
+    "gradcampp_kd": 5.56,
+    "scorecam_kd": 5.42,
     "shapcam_kd": 5.37,
 }
 ALL_CELLS = ("ce", "gradcam", "gradcampp", "scorecam", "shapcam", "shapleycam")
@@ -59,8 +66,9 @@ class Profile:
     description: str = ""
 
     @classmethod
-    def load(cls, name: str, directory: Path = PROFILE_DIR, results_dir: str | None = None
-             ) -> Profile:
+    def load(
+        cls, name: str, directory: Path = PROFILE_DIR, results_dir: str | None = None
+    ) -> Profile:
         path = Path(directory) / f"{name}.yaml"
         if not path.exists():
             known = sorted(p.stem for p in Path(directory).glob("*.yaml"))
@@ -71,8 +79,10 @@ class Profile:
         profile = cls(**data)
         bad = [c for c in profile.cells if c.removesuffix("_kd") not in ALL_CELLS]
         if bad:
-            raise HarnessError(f"profile {name!r} names unknown cells {bad}; "
-                               f"known: {[c + s for c in ALL_CELLS for s in ('', '_kd')]}")
+            raise HarnessError(
+                f"profile {name!r} names unknown cells {bad}; "
+                f"known: {[c + s for c in ALL_CELLS for s in ('', '_kd')]}"
+            )
         return profile
 
     @property
@@ -98,9 +108,15 @@ class Profile:
 
     def cell_overrides(self, cell: str, seed: int) -> list[str]:
         ckpt = self.teacher_dir / "checkpoints" / "last.ckpt"
-        return [*self.common, *self.student, *self.method_extra(cell), f"loss={cell}",
-                f"seed={seed}", f"teacher.checkpoint={ckpt}",
-                *self.location("runs", f"{cell}-s{seed}")]
+        return [
+            *self.common,
+            *self.student,
+            *self.method_extra(cell),
+            f"loss={cell}",
+            f"seed={seed}",
+            f"teacher.checkpoint={ckpt}",
+            *self.location("runs", f"{cell}-s{seed}"),
+        ]
 
 
 # --------------------------------------------------------------------------- configs
@@ -141,7 +157,8 @@ def check_same_config(run_dir: Path, overrides: Sequence[str]) -> None:
         raise HarnessError(
             f"{run_dir} holds a run with a different config (differs in {', '.join(diff[:8])}); "
             "it is not reused or merged: move it away, or run this profile into another "
-            "results folder")
+            "results folder"
+        )
 
 
 def read_metrics(run_dir: Path) -> dict[str, Any] | None:
@@ -195,11 +212,17 @@ def run_cells(profile: Profile, n_jobs: int, dry_run: bool = False) -> None:
         groups: dict[tuple[str, ...], list[str]] = {}
         for cell in cells:
             groups.setdefault(tuple(profile.method_extra(cell)), []).append(cell)
-        for extra, members in groups.items():
-            overrides = [o for o in profile.cell_overrides(members[0], seed)
-                         if not o.startswith(("loss=", "run_name="))]
-            sweep = [f"loss={','.join(members)}", "run_name=${loss.name}-s${seed}",
-                     f"hydra.sweep.dir={profile.out / 'multirun' / f's{seed}'}"]
+        for members in groups.values():
+            overrides = [
+                o
+                for o in profile.cell_overrides(members[0], seed)
+                if not o.startswith(("loss=", "run_name="))
+            ]
+            sweep = [
+                f"loss={','.join(members)}",
+                "run_name=${loss.name}-s${seed}",
+                f"hydra.sweep.dir={profile.out / 'multirun' / f's{seed}'}",
+            ]
             if n_jobs > 1:
                 sweep += ["hydra/launcher=joblib", f"hydra.launcher.n_jobs={n_jobs}"]
             _python(["train.py", "-m", *overrides, *sweep], dry_run)
@@ -232,8 +255,16 @@ def collect(profile: Profile) -> list[dict[str, Any]]:
             else:
                 errors.append(float(metrics["test_error"]))
         mean, std = _mean_std(errors) if errors else (float("nan"), float("nan"))
-        rows.append({"cell": cell, "errors": errors, "mean": mean, "std": std,
-                     "missing": missing, "paper": PAPER_ERRORS.get(cell, float("nan"))})
+        rows.append(
+            {
+                "cell": cell,
+                "errors": errors,
+                "mean": mean,
+                "std": std,
+                "missing": missing,
+                "paper": PAPER_ERRORS.get(cell, float("nan")),
+            }
+        )
     return rows
 
 
@@ -245,8 +276,12 @@ def _noise_note(row: dict[str, Any], base: dict[str, Any]) -> str:
     if row["cell"] == base["cell"] or not row["errors"] or not base["errors"]:
         return ""
     diff = row["mean"] - base["mean"]
-    se = math.sqrt(sum((r["std"] if math.isfinite(r["std"]) else 0.0) ** 2 / max(len(r["errors"]), 1)
-                       for r in (row, base)))
+    se = math.sqrt(
+        sum(
+            (r["std"] if math.isfinite(r["std"]) else 0.0) ** 2 / max(len(r["errors"]), 1)
+            for r in (row, base)
+        )
+    )
     if not math.isfinite(se) or se == 0:
         return "single seed: noise unknown"
     return "within seed noise" if abs(diff) <= 2 * se else "beyond 2 standard errors"
@@ -263,14 +298,31 @@ def report(profile: Profile) -> Path:
     rows = collect(profile)
     by_cell = {r["cell"]: r for r in rows}
     profile.out.mkdir(parents=True, exist_ok=True)
-    lines = [f"# Student test error (%), profile `{profile.name}`", "",
-             profile.description.strip(), "",
-             "| cell | seeds | error (mean ± std) | paper | diff to paper | diff to baseline | note |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [
+        f"# Student test error (%), profile `{profile.name}`",
+        "",
+        profile.description.strip(),
+        "",
+        "| cell | seeds | error (mean ± std) | paper | diff to paper | diff to baseline | note |",
+        "|---|---|---|---|---|---|---|",
+    ]
     with open(profile.out / "table.csv", "w", newline="") as handle:
         writer = csv.writer(handle)
-        writer.writerow(["cell", "n_seeds", "errors", "mean", "std", "paper", "diff_paper",
-                         "baseline", "diff_baseline", "note", "missing_seeds"])
+        writer.writerow(
+            [
+                "cell",
+                "n_seeds",
+                "errors",
+                "mean",
+                "std",
+                "paper",
+                "diff_paper",
+                "baseline",
+                "diff_baseline",
+                "note",
+                "missing_seeds",
+            ]
+        )
         for row in rows:
             base = by_cell.get(_baseline(row["cell"]))
             diff_base = row["mean"] - base["mean"] if base else float("nan")
@@ -278,13 +330,26 @@ def report(profile: Profile) -> Path:
             if row["missing"]:
                 note = (note + "; " if note else "") + f"missing seeds {row['missing']}"
             cell_err = f"{_fmt(row['mean'])} ± {_fmt(row['std'])}"
-            lines.append(f"| {row['cell']} | {len(row['errors'])} | {cell_err} | "
-                         f"{_fmt(row['paper'])} | {_fmt(row['mean'] - row['paper'], True)} | "
-                         f"{_fmt(diff_base, True)} | {note} |")
-            writer.writerow([row["cell"], len(row["errors"]),
-                             " ".join(f"{e:.2f}" for e in row["errors"]), row["mean"], row["std"],
-                             row["paper"], row["mean"] - row["paper"], _baseline(row["cell"]),
-                             diff_base, note, " ".join(map(str, row["missing"]))])
+            lines.append(
+                f"| {row['cell']} | {len(row['errors'])} | {cell_err} | "
+                f"{_fmt(row['paper'])} | {_fmt(row['mean'] - row['paper'], True)} | "
+                f"{_fmt(diff_base, True)} | {note} |"
+            )
+            writer.writerow(
+                [
+                    row["cell"],
+                    len(row["errors"]),
+                    " ".join(f"{e:.2f}" for e in row["errors"]),
+                    row["mean"],
+                    row["std"],
+                    row["paper"],
+                    row["mean"] - row["paper"],
+                    _baseline(row["cell"]),
+                    diff_base,
+                    note,
+                    " ".join(map(str, row["missing"])),
+                ]
+            )
     (profile.out / "table.md").write_text("\n".join(lines) + "\n")
     _chart(rows, profile.out / "chart.png", profile.name)
     return profile.out / "table.md"
@@ -301,8 +366,9 @@ def _chart(rows: list[dict[str, Any]], path: Path, title: str) -> None:
     means = [r["mean"] for r in rows]
     stds = [r["std"] if math.isfinite(r["std"]) else 0.0 for r in rows]
     ax.bar(xs, means, yerr=stds, capsize=3, color="tab:blue", alpha=0.8, label="this run")
-    ax.scatter(xs, [r["paper"] for r in rows], color="tab:red", marker="_", s=300, label="paper",
-               zorder=3)
+    ax.scatter(
+        xs, [r["paper"] for r in rows], color="tab:red", marker="_", s=300, label="paper", zorder=3
+    )
     ax.set_xticks(list(xs), [r["cell"] for r in rows], rotation=45, ha="right")
     ax.set_ylabel("test error (%)")
     ax.set_title(f"WRN-40-2 → WRN-16-2 student, profile {title}")

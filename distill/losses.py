@@ -22,11 +22,17 @@ from cams import normalize
 MAP_NORMS = ("l2", "minmax", "none")
 
 
+class LossConfigError(ValueError):
+    """A loss option is invalid (negative alpha, unknown normalization, mismatched map shapes)."""
+
+
 def check_alpha(alpha: float) -> float:
     """Return ``alpha`` as float; raise if it is negative or not finite."""
     value = float(alpha)
     if not math.isfinite(value) or value < 0:
-        raise ValueError(f"loss.alpha must be a finite number >= 0, got {alpha!r}; set e.g. loss.alpha=1.0")
+        raise LossConfigError(
+            f"loss.alpha must be a finite number >= 0, got {alpha!r}; set e.g. loss.alpha=1.0"
+        )
     return value
 
 
@@ -37,12 +43,12 @@ def explanation_loss(student_maps: Tensor, teacher_maps: Tensor, norm: str = "l2
     ``"minmax"`` (per-map rescale to [0, 1]) or ``"none"``. The teacher maps are detached.
     """
     if norm not in MAP_NORMS:
-        raise ValueError(f"unknown map normalization {norm!r}; choose one of {MAP_NORMS}")
+        raise LossConfigError(f"unknown map normalization {norm!r}; choose one of {MAP_NORMS}")
     if student_maps.shape != teacher_maps.shape:
-        raise ValueError(
-            f"student maps {tuple(student_maps.shape)} and teacher maps {tuple(teacher_maps.shape)} "
-            "differ in shape: choose target layers with the same resolution "
-            "(loss.student_layer / loss.teacher_layer)"
+        raise LossConfigError(
+            f"student maps {tuple(student_maps.shape)} and teacher maps "
+            f"{tuple(teacher_maps.shape)} differ in shape: choose target layers with the same "
+            "resolution (loss.student_layer / loss.teacher_layer)"
         )
     diff = normalize(student_maps, norm) - normalize(teacher_maps.detach(), norm)
     return diff.flatten(1).pow(2).sum(1).mean()

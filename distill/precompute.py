@@ -15,8 +15,8 @@ import hydra
 import torch
 from omegaconf import DictConfig
 
-from distill.data.augment import normalize
 import distill.train  # noqa: F401  (registers the repo_root resolver)
+from distill.data.augment import normalize
 from distill.explain import TeacherError
 from distill.teacher_maps import CacheError
 
@@ -38,10 +38,16 @@ def precompute(cfg: DictConfig) -> str:
         x = normalize(images.to(device))
         return teacher_cam(x, labels.to(device))
 
-    print(f"teacher maps: {cfg.loss.method} at {cfg.loss.teacher_layer}, "
-          f"{datamodule.num_train_total} images -> {cache.directory}")
-    cache.build(compute, datamodule.train_images, datamodule.train_labels,
-                batch_size=int(cfg.get("precompute_batch_size", 256)))
+    print(
+        f"teacher maps: {cfg.loss.method} at {cfg.loss.teacher_layer}, "
+        f"{datamodule.num_train_total} images -> {cache.directory}"
+    )
+    cache.build(
+        compute,
+        datamodule.train_images,
+        datamodule.train_labels,
+        batch_size=int(cfg.get("precompute_batch_size", 256)),
+    )
     print(f"teacher maps ready: {cache.directory}")
     return str(cache.directory)
 

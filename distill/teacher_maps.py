@@ -53,8 +53,11 @@ def fingerprint_hash(fingerprint: Mapping[str, Any]) -> str:
 
 def _diff(expected: Mapping[str, Any], found: Mapping[str, Any]) -> str:
     keys = sorted(set(expected) | set(found))
-    changes = [f"{k}: cache={found.get(k)!r} vs run={expected.get(k)!r}" for k in keys
-               if expected.get(k) != found.get(k)]
+    changes = [
+        f"{k}: cache={found.get(k)!r} vs run={expected.get(k)!r}"
+        for k in keys
+        if expected.get(k) != found.get(k)
+    ]
     return "; ".join(changes)
 
 
@@ -91,28 +94,41 @@ class MapCache:
         try:
             return json.loads(path.read_text())
         except json.JSONDecodeError as err:
-            raise CacheError(f"teacher-map cache manifest {path} is corrupted ({err}); "
-                             "delete the directory and precompute again") from err
+            raise CacheError(
+                f"teacher-map cache manifest {path} is corrupted ({err}); "
+                "delete the directory and precompute again"
+            ) from err
 
     def _new_manifest(self) -> dict[str, Any]:
-        return {"version": FORMAT_VERSION, "fingerprint": self.fingerprint, "key": self.key,
-                "num_samples": self.num_samples, "shard_size": self.shard_size, "shards": {}}
+        return {
+            "version": FORMAT_VERSION,
+            "fingerprint": self.fingerprint,
+            "key": self.key,
+            "num_samples": self.num_samples,
+            "shard_size": self.shard_size,
+            "shards": {},
+        }
 
     def _check_manifest(self, manifest: dict[str, Any]) -> None:
         if manifest.get("key") != self.key:
             raise CacheError(
                 f"teacher-map cache {self.directory} was built for another configuration "
                 f"({_diff(self.fingerprint, manifest.get('fingerprint', {}))}); "
-                "use the matching settings, another cache directory, or delete it")
+                "use the matching settings, another cache directory, or delete it"
+            )
         if manifest.get("num_samples") != self.num_samples:
-            raise CacheError(f"teacher-map cache {self.directory} holds "
-                             f"{manifest.get('num_samples')} samples, the dataset has "
-                             f"{self.num_samples}; delete it and precompute again")
+            raise CacheError(
+                f"teacher-map cache {self.directory} holds "
+                f"{manifest.get('num_samples')} samples, the dataset has "
+                f"{self.num_samples}; delete it and precompute again"
+            )
 
     def shard_ranges(self) -> list[tuple[int, int]]:
         """Half-open index ranges of all shards."""
-        return [(s, min(s + self.shard_size, self.num_samples))
-                for s in range(0, self.num_samples, self.shard_size)]
+        return [
+            (s, min(s + self.shard_size, self.num_samples))
+            for s in range(0, self.num_samples, self.shard_size)
+        ]
 
     @staticmethod
     def shard_name(start: int) -> str:
@@ -125,8 +141,11 @@ class MapCache:
             return self.shard_ranges()
         self._check_manifest(manifest)
         done = manifest["shards"]
-        return [(a, b) for a, b in self.shard_ranges()
-                if str(a) not in done or not (self.directory / done[str(a)]["file"]).exists()]
+        return [
+            (a, b)
+            for a, b in self.shard_ranges()
+            if str(a) not in done or not (self.directory / done[str(a)]["file"]).exists()
+        ]
 
     # ----------------------------------------------------------------- writing
     def build(
@@ -139,7 +158,9 @@ class MapCache:
     ) -> None:
         """Compute and store every missing shard; ``compute(images, labels) -> (n, h, w)``."""
         if len(images) != self.num_samples or len(labels) != self.num_samples:
-            raise CacheError(f"expected {self.num_samples} images/labels, got {len(images)}/{len(labels)}")
+            raise CacheError(
+                f"expected {self.num_samples} images/labels, got {len(images)}/{len(labels)}"
+            )
         self.directory.mkdir(parents=True, exist_ok=True)
         manifest = self._read_manifest() or self._new_manifest()
         self._check_manifest(manifest)
@@ -156,10 +177,15 @@ class MapCache:
             if not torch.isfinite(maps).all():
                 raise CacheError(f"non-finite teacher maps in samples {start}..{stop - 1}")
             name = self.shard_name(start)
-            _atomic_save({"maps": maps, "start": start, "stop": stop, "key": self.key},
-                         self.directory / name)
-            manifest["shards"][str(start)] = {"file": name, "start": start, "stop": stop,
-                                              "sha256": file_sha256(self.directory / name)}
+            _atomic_save(
+                {"maps": maps, "start": start, "stop": stop, "key": self.key}, self.directory / name
+            )
+            manifest["shards"][str(start)] = {
+                "file": name,
+                "start": start,
+                "stop": stop,
+                "sha256": file_sha256(self.directory / name),
+            }
             _atomic_write_json(manifest, self.directory / MANIFEST)
         bar.close()
 
@@ -172,25 +198,33 @@ class MapCache:
         self._check_manifest(manifest)
         missing = self.missing_shards()
         if missing:
-            raise CacheError(f"teacher-map cache {self.directory} is incomplete "
-                             f"({len(missing)} of {len(self.shard_ranges())} shards missing); "
-                             "run the precompute command again to finish it")
+            raise CacheError(
+                f"teacher-map cache {self.directory} is incomplete "
+                f"({len(missing)} of {len(self.shard_ranges())} shards missing); "
+                "run the precompute command again to finish it"
+            )
         parts = [self._load_shard(manifest["shards"][str(a)], a, b) for a, b in self.shard_ranges()]
         shapes = {tuple(p.shape[1:]) for p in parts}
         if len(shapes) != 1:
-            raise CacheError(f"teacher-map cache {self.directory} mixes map shapes {sorted(shapes)}")
+            raise CacheError(
+                f"teacher-map cache {self.directory} mixes map shapes {sorted(shapes)}"
+            )
         return torch.cat(parts)
 
     def _load_shard(self, entry: Mapping[str, Any], start: int, stop: int) -> Tensor:
         path = self.directory / entry["file"]
         if file_sha256(path) != entry["sha256"]:
-            raise CacheError(f"teacher-map shard {path} is corrupted (checksum mismatch); "
-                             "delete it and run the precompute command again")
+            raise CacheError(
+                f"teacher-map shard {path} is corrupted (checksum mismatch); "
+                "delete it and run the precompute command again"
+            )
         data = torch.load(path, map_location="cpu", weights_only=True)
         maps = data["maps"]
         if data.get("key") != self.key or maps.ndim != 3 or len(maps) != stop - start:
-            raise CacheError(f"teacher-map shard {path} does not match its manifest; "
-                             "delete it and run the precompute command again")
+            raise CacheError(
+                f"teacher-map shard {path} does not match its manifest; "
+                "delete it and run the precompute command again"
+            )
         return maps
 
 

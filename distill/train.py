@@ -22,6 +22,9 @@ import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from distill.data.sources import DataError
+from distill.explain import TeacherError
+from distill.losses import LossConfigError
+from distill.teacher_maps import CacheError
 from distill.modules.classifier import (
     CheckpointMismatchError,
     NonFiniteLossError,
@@ -30,7 +33,9 @@ from distill.modules.classifier import (
 
 __all__ = ["CONFIG_DIR", "USER_ERRORS", "main", "repo_root", "train"]
 
-USER_ERRORS: tuple[type[Exception], ...] = (DataError, CheckpointMismatchError, NonFiniteLossError)
+USER_ERRORS: tuple[type[Exception], ...] = (
+    DataError, CheckpointMismatchError, NonFiniteLossError, TeacherError, CacheError, LossConfigError,
+)
 
 
 def repo_root() -> str:
@@ -233,8 +238,13 @@ def main(cfg: DictConfig) -> float | None:
 
     with open_dict(cfg):
         cfg.paths.output_dir = HydraConfig.get().runtime.output_dir
+    from hydra.errors import InstantiationException
+
     try:
-        metrics = train(cfg)
+        try:
+            metrics = train(cfg)
+        except InstantiationException as err:  # Hydra wraps errors raised in constructors
+            raise (err.__cause__ if isinstance(err.__cause__, USER_ERRORS) else err) from None
     except USER_ERRORS as err:
         print(f"error: {err}", file=sys.stderr, flush=True)
         sys.exit(2)

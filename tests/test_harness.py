@@ -29,8 +29,9 @@ def write_run(profile: Profile, cell: str, seed: int, error: float | None) -> Pa
 def test_unknown_profile_and_cell_are_refused(tmp_path):
     with pytest.raises(HarnessError, match="unknown profile 'nope'.*smoke"):
         Profile.load("nope")
-    (tmp_path / "bad.yaml").write_text(yaml.safe_dump({"name": "bad", "seeds": [0],
-                                                       "cells": ["ce", "gradkam"]}))
+    (tmp_path / "bad.yaml").write_text(
+        yaml.safe_dump({"name": "bad", "seeds": [0], "cells": ["ce", "gradkam"]})
+    )
     with pytest.raises(HarnessError, match="unknown cells \\['gradkam'\\]"):
         Profile.load("bad", directory=tmp_path)
 
@@ -38,13 +39,18 @@ def test_unknown_profile_and_cell_are_refused(tmp_path):
 def test_report_values_and_missing_runs(tmp_path):
     profile = Profile.load("smoke", results_dir=str(tmp_path))
     profile.cells = ["ce", "gradcam", "ce_kd", "shapcam_kd"]
-    errors = {"ce": [10.0, 12.0], "gradcam": [9.0, 9.5], "ce_kd": [8.0, 8.5],
-              "shapcam_kd": [7.0, None]}
+    errors = {
+        "ce": [10.0, 12.0],
+        "gradcam": [9.0, 9.5],
+        "ce_kd": [8.0, 8.5],
+        "shapcam_kd": [7.0, None],
+    }
     for cell, values in errors.items():
-        for seed, err in zip(profile.seeds, values):
+        for seed, err in zip(profile.seeds, values, strict=True):
             write_run(profile, cell, seed, err)
     harness.report(profile)
-    rows = {r["cell"]: r for r in csv.DictReader(open(tmp_path / "smoke" / "table.csv"))}
+    with open(tmp_path / "smoke" / "table.csv") as handle:
+        rows = {r["cell"]: r for r in csv.DictReader(handle)}
     assert float(rows["ce"]["mean"]) == pytest.approx(11.0)
     assert float(rows["ce"]["std"]) == pytest.approx(statistics.stdev([10.0, 12.0]))
     assert float(rows["gradcam"]["diff_baseline"]) == pytest.approx(9.25 - 11.0)
@@ -78,19 +84,32 @@ def test_run_with_a_different_config_is_refused(tmp_path):
 
 
 def test_cli_reports_bad_profile_briefly():
-    proc = subprocess.run([sys.executable, "-m", "distill.harness", "report", "--profile", "x"],
-                          cwd=ROOT, capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "distill.harness", "report", "--profile", "x"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 2
     assert proc.stderr.startswith("error: unknown profile 'x'") and "Traceback" not in proc.stderr
 
 
 @pytest.mark.slow
 def test_smoke_profile_runs_the_whole_harness(tmp_path):
-    cmd = [sys.executable, "-m", "distill.harness", "run", "--profile", "smoke",
-           "--results-dir", str(tmp_path)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "distill.harness",
+        "run",
+        "--profile",
+        "smoke",
+        "--results-dir",
+        str(tmp_path),
+    ]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    rows = list(csv.DictReader(open(tmp_path / "smoke" / "table.csv")))
+    with open(tmp_path / "smoke" / "table.csv") as handle:
+        rows = list(csv.DictReader(handle))
     profile = Profile.load("smoke")
     assert [r["cell"] for r in rows] == profile.cells
     assert all(r["n_seeds"] == str(len(profile.seeds)) for r in rows)

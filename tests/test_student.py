@@ -18,12 +18,32 @@ from distill.precompute import precompute
 from distill.teacher_maps import CacheError
 from distill.train import CONFIG_DIR, train
 
-PRESETS = ["ce_kd", "gradcam", "gradcam_kd", "gradcampp", "gradcampp_kd", "scorecam",
-           "scorecam_kd", "shapcam", "shapcam_kd", "shapleycam", "shapleycam_kd"]
-TINY = ["data=synthetic", "data.synthetic_size=64", "data.synthetic_test_size=32",
-        "data.batch_size=32", "trainer=cpu", "trainer.max_epochs=1", "logger=csv",
-        "trainer.enable_progress_bar=false", "print_config=false", "teacher.model.depth=10",
-        "loss.agreement_batches=1"]
+PRESETS = [
+    "ce_kd",
+    "gradcam",
+    "gradcam_kd",
+    "gradcampp",
+    "gradcampp_kd",
+    "scorecam",
+    "scorecam_kd",
+    "shapcam",
+    "shapcam_kd",
+    "shapleycam",
+    "shapleycam_kd",
+]
+TINY = [
+    "data=synthetic",
+    "data.synthetic_size=64",
+    "data.synthetic_test_size=32",
+    "data.batch_size=32",
+    "trainer=cpu",
+    "trainer.max_epochs=1",
+    "logger=csv",
+    "trainer.enable_progress_bar=false",
+    "print_config=false",
+    "teacher.model.depth=10",
+    "loss.agreement_batches=1",
+]
 
 
 def compose_cfg(*overrides: str) -> DictConfig:
@@ -42,8 +62,13 @@ def teacher_ckpt(tmp_path_factory) -> Path:
 
 
 def tiny(tmp_path: Path, ckpt: Path, *extra: str) -> DictConfig:
-    return compose_cfg(*TINY, f"paths.log_dir={tmp_path}", f"teacher.checkpoint={ckpt}",
-                       f"module.cache_root={tmp_path}/cache", *extra)
+    return compose_cfg(
+        *TINY,
+        f"paths.log_dir={tmp_path}",
+        f"teacher.checkpoint={ckpt}",
+        f"module.cache_root={tmp_path}/cache",
+        *extra,
+    )
 
 
 def student(cfg: DictConfig) -> StudentModule:
@@ -67,18 +92,34 @@ def test_every_preset_composes_into_a_student(preset, tmp_path, teacher_ckpt):
     assert cfg.loss.teacher_maps == ("cache" if method == "shapcam" else "online")
 
 
-@pytest.mark.parametrize("preset", ["gradcam_kd", "gradcampp", "scorecam", "shapleycam_kd",
-                                    "shapcam"])
+@pytest.mark.parametrize(
+    "preset", ["gradcam_kd", "gradcampp", "scorecam", "shapleycam_kd", "shapcam"]
+)
 def test_one_training_step_uses_every_term(preset, tmp_path, teacher_ckpt):
-    cfg = tiny(tmp_path, teacher_ckpt, f"loss={preset}", "loss.student_cam.max_channels=4"
-               if preset == "scorecam" else "loss.alpha=1.0",
-               *(["loss.teacher_maps=online", "loss.teacher_cam.n_permutations=32",
-                  "loss.student_cam.n_permutations=8"] if preset == "shapcam" else []))
+    cfg = tiny(
+        tmp_path,
+        teacher_ckpt,
+        f"loss={preset}",
+        "loss.student_cam.max_channels=4" if preset == "scorecam" else "loss.alpha=1.0",
+        *(
+            [
+                "loss.teacher_maps=online",
+                "loss.teacher_cam.n_permutations=32",
+                "loss.student_cam.n_permutations=8",
+            ]
+            if preset == "shapcam"
+            else []
+        ),
+    )
     module = student(cfg).train()
     assert not module.teacher.training
     gen = torch.Generator().manual_seed(0)
-    batch = {"image": torch.randn(6, 3, 32, 32, generator=gen), "label": torch.arange(6),
-             "index": torch.arange(6), "aug": AugParams.sample(6, generator=gen)}
+    batch = {
+        "image": torch.randn(6, 3, 32, 32, generator=gen),
+        "label": torch.arange(6),
+        "index": torch.arange(6),
+        "aug": AugParams.sample(6, generator=gen),
+    }
     loss, logits, terms = module.compute_loss(batch)
     assert set(terms) == {"ce", "cam"} | ({"kd"} if preset.endswith("_kd") else set())
     assert logits.shape == (6, 10) and torch.isfinite(loss)
@@ -109,8 +150,12 @@ def test_cached_teacher_maps_equal_online_maps(tmp_path, teacher_ckpt):
     from distill.data.augment import normalize
 
     idx = torch.tensor([3, 0, 17, 42])
-    batch = {"image": normalize(dm.train_images[idx]), "label": dm.train_labels[idx],
-             "index": idx, "aug": AugParams.identity(4)}
+    batch = {
+        "image": normalize(dm.train_images[idx]),
+        "label": dm.train_labels[idx],
+        "index": idx,
+        "aug": AugParams.identity(4),
+    }
     _, from_cache = module.teacher_outputs(batch, need_logits=False)
     online = student(cfg)
     _, live = online.teacher_outputs(batch, need_logits=False)
@@ -166,8 +211,9 @@ def test_interrupted_run_resumes_with_the_same_losses(tmp_path, teacher_ckpt):
     common = ["loss=gradcam_kd", "trainer.deterministic=true", "module.scheduler.milestones=[1]"]
 
     def run(name: str, epochs: int) -> dict:
-        cfg = tiny(tmp_path, teacher_ckpt, *common, f"run_name={name}",
-                   f"trainer.max_epochs={epochs}")
+        cfg = tiny(
+            tmp_path, teacher_ckpt, *common, f"run_name={name}", f"trainer.max_epochs={epochs}"
+        )
         OmegaConf.set_struct(cfg, False)
         return train(cfg)
 
@@ -183,10 +229,12 @@ def test_interrupted_run_resumes_with_the_same_losses(tmp_path, teacher_ckpt):
     a = json.loads((tmp_path / "train" / "straight" / "metrics.json").read_text())
     b = json.loads((tmp_path / "train" / "resumed" / "metrics.json").read_text())
     assert a["test_error"] == b["test_error"]
-    sa = torch.load(tmp_path / "train" / "straight" / "checkpoints" / "last.ckpt",
-                    weights_only=False)["state_dict"]
-    sb = torch.load(tmp_path / "train" / "resumed" / "checkpoints" / "last.ckpt",
-                    weights_only=False)["state_dict"]
+    sa = torch.load(
+        tmp_path / "train" / "straight" / "checkpoints" / "last.ckpt", weights_only=False
+    )["state_dict"]
+    sb = torch.load(
+        tmp_path / "train" / "resumed" / "checkpoints" / "last.ckpt", weights_only=False
+    )["state_dict"]
     assert sa.keys() == sb.keys() and not any(k.startswith("teacher.") for k in sa)
     for key in sa:
         torch.testing.assert_close(sa[key], sb[key], rtol=1e-5, atol=1e-6)

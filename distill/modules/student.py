@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from distill.explain import build_cam, load_teacher, resolve_teacher_checkpoint
-from distill.losses import check_alpha, explanation_loss, kd_loss, map_agreement
+from distill.losses import LossConfigError, check_alpha, explanation_loss, kd_loss, map_agreement
 from distill.modules.classifier import ClassifierModule
 from distill.teacher_maps import CacheError, MapCache, align_maps, teacher_fingerprint
 
@@ -53,12 +53,14 @@ class LossConfig:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
-            raise ValueError(f"unknown loss options {unknown}; known: {sorted(known)}")
+            raise LossConfigError(f"unknown loss options {unknown}; known: {sorted(known)}")
         values = {k: (dict(v) if isinstance(v, Mapping) else v) for k, v in data.items()}
         cfg = cls(**values)
         cfg.alpha = check_alpha(cfg.alpha)
         if cfg.teacher_maps not in ("online", "cache"):
-            raise ValueError(f"loss.teacher_maps must be 'online' or 'cache', got {cfg.teacher_maps!r}")
+            raise LossConfigError(
+                f"loss.teacher_maps must be 'online' or 'cache', got {cfg.teacher_maps!r}"
+            )
         return cfg
 
     @property
@@ -68,6 +70,22 @@ class LossConfig:
     def options(self, side: str) -> dict[str, Any]:
         """CAM options for ``side`` ("student" or "teacher"): shared ``cam`` + side-specific."""
         return {**self.cam, **getattr(self, f"{side}_cam")}
+
+
+def _layer_output_shape(model: nn.Module, layer: str, probe: Tensor) -> tuple[int, ...]:
+    """Spatial shape of ``layer``'s output for ``probe`` (eval mode, no grad, mode restored)."""
+    captured: list[tuple[int, ...]] = []
+    handle = dict(model.named_modules())[layer].register_forward_hook(
+        lambda m, i, o: captured.append(tuple(o.shape))
+    )
+    was_training = model.training
+    try:
+        with torch.no_grad():
+            model.eval()(probe)
+    finally:
+        model.train(was_training)
+        handle.remove()
+    return captured[0][-2:]
 
 
 class StudentModule(ClassifierModule):
@@ -94,16 +112,24 @@ class StudentModule(ClassifierModule):
         super().__init__(net=net, **kwargs)
         self.loss_cfg = LossConfig.from_mapping(loss)
         self.teacher_checkpoint = resolve_teacher_checkpoint(
-            teacher_checkpoint, teacher_run_dir, teacher_command)
+            teacher_checkpoint, teacher_run_dir, teacher_command
+        )
         self.teacher = load_teacher(teacher_net, self.teacher_checkpoint)
-        self.hparams.update(loss=dict(vars(self.loss_cfg)), teacher_checkpoint=self.teacher_checkpoint,
-                            teacher_arch=type(teacher_net).__name__)
+        self.hparams.update(
+            loss=dict(vars(self.loss_cfg)),
+            teacher_checkpoint=self.teacher_checkpoint,
+            teacher_arch=type(teacher_net).__name__,
+        )
         self.cache_root = Path(cache_root)
         cfg = self.loss_cfg
         self.student_cam = self.teacher_cam = None
         if cfg.method is not None:
-            self.student_cam = build_cam(cfg.method, self.net, cfg.student_layer, cfg.options("student"))
-            self.teacher_cam = build_cam(cfg.method, self.teacher, cfg.teacher_layer, cfg.options("teacher"))
+            self.student_cam = build_cam(
+                cfg.method, self.net, cfg.student_layer, cfg.options("student")
+            )
+            self.teacher_cam = build_cam(
+                cfg.method, self.teacher, cfg.teacher_layer, cfg.options("teacher")
+            )
             self._check_map_shapes()
         self.register_buffer("cached_maps", torch.empty(0), persistent=False)
         self._grid_batch: dict[str, Tensor] | None = None
@@ -112,24 +138,16 @@ class StudentModule(ClassifierModule):
     def _check_map_shapes(self) -> None:
         """Stop before training when student and teacher maps differ in size."""
         probe = torch.zeros(2, 3, 32, 32)
-        shapes = []
-        for model, layer in ((self.net, self.loss_cfg.student_layer),
-                             (self.teacher, self.loss_cfg.teacher_layer)):
-            captured: list[tuple[int, ...]] = []
-            module = dict(model.named_modules())[layer]
-            handle = module.register_forward_hook(lambda m, i, o: captured.append(tuple(o.shape)))
-            was_training = model.training
-            model.eval()
-            with torch.no_grad():
-                model(probe)
-            model.train(was_training)
-            handle.remove()
-            shapes.append(captured[0][-2:])
+        shapes = [
+            _layer_output_shape(self.net, self.loss_cfg.student_layer, probe),
+            _layer_output_shape(self.teacher, self.loss_cfg.teacher_layer, probe),
+        ]
         if shapes[0] != shapes[1]:
-            raise ValueError(
+            raise LossConfigError(
                 f"student layer {self.loss_cfg.student_layer!r} gives {shapes[0]} maps but teacher "
                 f"layer {self.loss_cfg.teacher_layer!r} gives {shapes[1]}: choose layers of equal "
-                "resolution (loss.student_layer=..., loss.teacher_layer=...)")
+                "resolution (loss.student_layer=..., loss.teacher_layer=...)"
+            )
 
     def setup(self, stage: str) -> None:
         super().setup(stage)
@@ -137,18 +155,25 @@ class StudentModule(ClassifierModule):
             try:
                 maps = self.map_cache(self.trainer.datamodule).load()
             except CacheError as err:
-                raise CacheError(f"{err}\nPrecompute the teacher maps with:\n"
-                                 f"    {precompute_command()}") from None
+                raise CacheError(
+                    f"{err}\nPrecompute the teacher maps with:\n    {precompute_command()}"
+                ) from None
             self.cached_maps = maps.to(self.device)
 
     def map_cache(self, datamodule: Any) -> MapCache:
         """The cache of teacher maps this run needs (directory derived from its fingerprint)."""
         cfg = self.loss_cfg
         fingerprint = teacher_fingerprint(
-            self.teacher_checkpoint, cfg.method, cfg.teacher_layer, cfg.options("teacher"),
-            datamodule.dataset_id, datamodule.num_train_total)
-        cache = MapCache(Path(cfg.cache_dir or self.cache_root), fingerprint,
-                         datamodule.num_train_total)
+            self.teacher_checkpoint,
+            cfg.method,
+            cfg.teacher_layer,
+            cfg.options("teacher"),
+            datamodule.dataset_id,
+            datamodule.num_train_total,
+        )
+        cache = MapCache(
+            Path(cfg.cache_dir or self.cache_root), fingerprint, datamodule.num_train_total
+        )
         if cfg.cache_dir is None:
             cache.directory = cache.directory / cache.key[:16]
         return cache
@@ -159,7 +184,9 @@ class StudentModule(ClassifierModule):
         return self
 
     # ----------------------------------------------------------------- losses
-    def teacher_outputs(self, batch: Mapping[str, Any], need_logits: bool) -> tuple[Tensor | None, Tensor | None]:
+    def teacher_outputs(
+        self, batch: Mapping[str, Any], need_logits: bool
+    ) -> tuple[Tensor | None, Tensor | None]:
         """Teacher logits (if needed) and maps (if the loss has an explanation term)."""
         x, y = batch["image"], batch["label"]
         if self.teacher_cam is not None and self.loss_cfg.teacher_maps == "online":
@@ -167,8 +194,9 @@ class StudentModule(ClassifierModule):
             return out.logits.detach(), out.maps.detach()
         maps = None
         if self.teacher_cam is not None:
-            maps = align_maps(self.cached_maps[batch["index"]], batch.get("aug"),
-                              mode=self.loss_cfg.map_align)
+            maps = align_maps(
+                self.cached_maps[batch["index"]], batch.get("aug"), mode=self.loss_cfg.map_align
+            )
         logits = None
         if need_logits:
             with torch.no_grad():
@@ -208,14 +236,20 @@ class StudentModule(ClassifierModule):
             agreement = map_agreement(student_maps, teacher_maps).mean()
             self.log("val/map_agreement", agreement, on_epoch=True, batch_size=len(y))
             if batch_idx == 0:
-                self._grid_batch = {"image": x[:8].detach(), "student": student_maps[:8],
-                                    "teacher": teacher_maps[:8]}
+                self._grid_batch = {
+                    "image": x[:8].detach(),
+                    "student": student_maps[:8],
+                    "teacher": teacher_maps[:8],
+                }
         return result
 
     def on_validation_epoch_end(self) -> None:
         super().on_validation_epoch_end()
         every = self.loss_cfg.grid_every_n_epochs
-        last = self.trainer.max_epochs is not None and self.current_epoch + 1 >= self.trainer.max_epochs
+        last = (
+            self.trainer.max_epochs is not None
+            and self.current_epoch + 1 >= self.trainer.max_epochs
+        )
         if self._grid_batch is None or every <= 0 or self.trainer.sanity_checking:
             return
         if (self.current_epoch + 1) % every == 0 or last:

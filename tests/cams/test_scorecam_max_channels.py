@@ -20,14 +20,20 @@ def test_max_channels_equals_softmax_over_the_top_channels():
     handle.remove()
     acts = captured["a"]
     exact = cams.ScoreCAM(model, "block3")
-    torch.testing.assert_close(cams.ScoreCAM(model, "block3", max_channels=acts.shape[1])(x, targets),
-                               exact(x, targets))
+    torch.testing.assert_close(
+        cams.ScoreCAM(model, "block3", max_channels=acts.shape[1])(x, targets), exact(x, targets)
+    )
     k = 3
     scores = exact.scores(x, acts, targets)
     top = acts.mean((2, 3)).topk(k, 1).indices
-    ref = torch.stack([
-        torch.relu((torch.softmax(scores[b, top[b]], 0)[:, None, None] * acts[b, top[b]]).sum(0))
-        for b in range(2)])
+    ref = torch.stack(
+        [
+            torch.relu(
+                (torch.softmax(scores[b, top[b]], 0)[:, None, None] * acts[b, top[b]]).sum(0)
+            )
+            for b in range(2)
+        ]
+    )
     torch.testing.assert_close(cams.ScoreCAM(model, "block3", max_channels=k)(x, targets), ref)
 
 
