@@ -24,17 +24,22 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from distill.data.sources import DataError
 from distill.explain import TeacherError
 from distill.losses import LossConfigError
-from distill.teacher_maps import CacheError
 from distill.modules.classifier import (
     CheckpointMismatchError,
     NonFiniteLossError,
     check_checkpoint_compatible,
 )
+from distill.teacher_maps import CacheError
 
 __all__ = ["CONFIG_DIR", "USER_ERRORS", "main", "repo_root", "train"]
 
 USER_ERRORS: tuple[type[Exception], ...] = (
-    DataError, CheckpointMismatchError, NonFiniteLossError, TeacherError, CacheError, LossConfigError,
+    DataError,
+    CheckpointMismatchError,
+    NonFiniteLossError,
+    TeacherError,
+    CacheError,
+    LossConfigError,
 )
 
 

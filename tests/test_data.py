@@ -211,13 +211,17 @@ def test_train_order_seeded_per_epoch_and_unaugmented_option() -> None:
 
 
 def test_sampler_shards_across_ranks() -> None:
-    idx = torch.arange(50)
-    parts = [
-        torch.cat([b for b, _ in IndexBatchSampler(idx, 8, True, 0, rank=r, world_size=2)])
-        for r in (0, 1)
-    ]
-    assert len(parts[0]) == len(parts[1]) == 25
-    assert not set(parts[0].tolist()) & set(parts[1].tolist())
+    idx = torch.arange(51)
+
+    def shard(rank: int, shuffle: bool) -> list[int]:
+        sampler = IndexBatchSampler(idx, 8, shuffle, seed=0, rank=rank, world_size=2)
+        return torch.cat([b for b, _ in sampler]).tolist()
+
+    train = [shard(r, True) for r in (0, 1)]
+    assert len(train[0]) == len(train[1]) == 25  # equal shards for training
+    assert not set(train[0]) & set(train[1])
+    evals = [shard(r, False) for r in (0, 1)]
+    assert sorted(evals[0] + evals[1]) == list(range(51))  # evaluation sees every sample once
 
 
 def test_dataset_id_and_properties() -> None:

@@ -51,8 +51,9 @@ def mix_seed(*parts: int) -> int:
 class IndexBatchSampler:
     """Yields ``(indices, aug_seed | None)`` per batch over a fixed set of original indices.
 
-    Shuffles with a generator seeded from ``(seed, epoch)`` (``set_epoch`` is called by Lightning),
-    shards by rank for multi-process training (each rank gets ``len // world_size`` samples).
+    Shuffles with a generator seeded from ``(seed, epoch)`` (``set_epoch`` is called by Lightning)
+    and shards by rank for multi-process training: with shuffling (training) each rank gets
+    ``len // world_size`` samples; without (evaluation) every sample is seen by exactly one rank.
     """
 
     def __init__(
@@ -76,7 +77,11 @@ class IndexBatchSampler:
         self.epoch = epoch
 
     def _num_samples(self) -> int:
-        return len(self.indices) // self.world_size if self.world_size > 1 else len(self.indices)
+        n, w = len(self.indices), self.world_size
+        if w == 1:
+            return n
+        # training: equal shards (drop the remainder); evaluation: every sample exactly once
+        return n // w if self.shuffle else len(range(self.rank, n, w))
 
     def __len__(self) -> int:
         n = self._num_samples()
@@ -89,7 +94,7 @@ class IndexBatchSampler:
             g = torch.Generator().manual_seed(mix_seed(self.seed, self.epoch))
             idx = idx[torch.randperm(len(idx), generator=g)]
         if self.world_size > 1:
-            idx = idx[self.rank : self._num_samples() * self.world_size : self.world_size]
+            idx = idx[self.rank :: self.world_size][: self._num_samples()]
         return idx
 
     def __iter__(self) -> Iterator[tuple[Tensor, int | None]]:
@@ -169,12 +174,8 @@ class CIFAR10DataModule(pl.LightningDataModule):
         self.val_size, self.split_seed, self.train_subset = val_size, split_seed, train_subset
         self.synthetic = (synthetic_size, synthetic_test_size, synthetic_seed)
         self.cache_dir, self.device = cache_dir, device
-        self.augment, self.pad, self.shuffle_seed, self.drop_last = (
-            augment,
-            pad,
-            shuffle_seed,
-            drop_last,
-        )
+        self.augment, self.pad = augment, pad
+        self.shuffle_seed, self.drop_last = shuffle_seed, drop_last
         self.arrays: CIFARArrays | None = None
         self.train_indices = self.val_indices = torch.zeros(0, dtype=torch.long)
         self._resident: dict[str, ResidentDataset] = {}
@@ -248,6 +249,8 @@ class CIFAR10DataModule(pl.LightningDataModule):
             arrays.train_labels, self.train_subset, self.val_size, self.split_seed
         )
         dev = self._target_device()
+        if self._resident and self._resident["train"].images.device == dev:
+            return  # already resident there (setup runs again for "test")
         self._resident = {
             "train": ResidentDataset(
                 arrays.train_images.to(dev), arrays.train_labels.to(dev), self.pad

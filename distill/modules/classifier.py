@@ -161,7 +161,7 @@ class ClassifierModule(pl.LightningModule):
         self._check_finite(loss, terms)
         bs = batch["label"].shape[0]
         for name, value in terms.items():
-            self.log(f"train/{name}", value.detach(), on_step=True, on_epoch=True, batch_size=bs)
+            self.log(f"train/{name}", value.detach(), on_step=False, on_epoch=True, batch_size=bs)
         if "loss" not in terms:
             self.log("train/loss", loss.detach(), on_step=False, on_epoch=True, batch_size=bs)
         self.train_err(logits.detach(), batch["label"])
