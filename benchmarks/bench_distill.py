@@ -80,6 +80,7 @@ def run_one(preset: str, batch: int, steps: int) -> dict:
     module.train()
     if loss_cfg["method"] and loss_cfg["teacher_maps"] == "cache":
         module.cached_maps = torch.rand(50_000, 8, 8)
+        module.cache_position = torch.arange(50_000)
     opt = torch.optim.SGD(module.net.parameters(), lr=0.01, momentum=0.9)
     gen = torch.Generator().manual_seed(0)
     data = {

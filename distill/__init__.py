@@ -1,1 +1,1 @@
-"""Explanation-guided knowledge distillation: data, WRN models, Lightning modules, losses, harness."""
+"""Explanation-guided knowledge distillation: data, WRN models, Lightning modules, harness."""

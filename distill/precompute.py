@@ -38,14 +38,15 @@ def precompute(cfg: DictConfig) -> str:
         x = normalize(images.to(device))
         return teacher_cam(x, labels.to(device))
 
+    indices = module.cached_indices(datamodule)
     print(
         f"teacher maps: {cfg.loss.method} at {cfg.loss.teacher_layer}, "
-        f"{datamodule.num_train_total} images -> {cache.directory}"
+        f"{len(indices)} training images -> {cache.directory}"
     )
     cache.build(
         compute,
-        datamodule.train_images,
-        datamodule.train_labels,
+        datamodule.train_images[indices],
+        datamodule.train_labels[indices],
         batch_size=int(cfg.get("precompute_batch_size", 256)),
     )
     print(f"teacher maps ready: {cache.directory}")

@@ -260,9 +260,11 @@ def teacher_fingerprint(
     layer: str,
     options: Mapping[str, Any],
     dataset_id: str,
-    num_samples: int,
+    indices: Tensor,
 ) -> dict[str, Any]:
-    """Everything a cached map depends on: teacher weights, CAM settings, dataset identity."""
+    """Everything a cached map depends on: teacher weights, CAM settings, dataset identity and
+    the dataset indices covered (the training split)."""
+    index_bytes = indices.to(torch.int64).cpu().numpy().tobytes()
     return {
         "format": FORMAT_VERSION,
         "teacher_sha256": file_sha256(checkpoint),
@@ -270,5 +272,6 @@ def teacher_fingerprint(
         "layer": layer,
         "options": {k: options[k] for k in sorted(options)},
         "dataset": dataset_id,
-        "num_samples": int(num_samples),
+        "num_samples": len(indices),
+        "indices_sha256": hashlib.sha256(index_bytes).hexdigest(),
     }

@@ -136,8 +136,10 @@ def test_one_training_step_uses_every_term(preset, tmp_path, teacher_ckpt):
 
 def test_cached_teacher_maps_equal_online_maps(tmp_path, teacher_ckpt):
     """Precomputed maps, looked up by index with identity augmentation, match online maps."""
-    cfg = tiny(tmp_path, teacher_ckpt, "loss=gradcam", "data.augment=false")
-    cached = tiny(tmp_path, teacher_ckpt, "loss=gradcam", "loss.teacher_maps=cache")
+    cfg = tiny(tmp_path, teacher_ckpt, "loss=gradcam", "data.train_subset=40")
+    cached = tiny(
+        tmp_path, teacher_ckpt, "loss=gradcam", "loss.teacher_maps=cache", "data.train_subset=40"
+    )
     directory = precompute(cached)
     assert Path(directory).parent == tmp_path / "cache"
     module = student(cached)
@@ -146,10 +148,11 @@ def test_cached_teacher_maps_equal_online_maps(tmp_path, teacher_ckpt):
     dm = hydra.utils.instantiate(cfg.data)
     dm.prepare_data()
     dm.setup("fit")
-    module.cached_maps = module.map_cache(dm).load()
+    module.load_cache(dm)
     from distill.data.augment import normalize
 
-    idx = torch.tensor([3, 0, 17, 42])
+    assert len(module.cached_maps) == 40  # only the training split is precomputed
+    idx = dm.train_indices[torch.tensor([3, 0, 17, 39])]
     batch = {
         "image": normalize(dm.train_images[idx]),
         "label": dm.train_labels[idx],
@@ -160,6 +163,9 @@ def test_cached_teacher_maps_equal_online_maps(tmp_path, teacher_ckpt):
     online = student(cfg)
     _, live = online.teacher_outputs(batch, need_logits=False)
     torch.testing.assert_close(from_cache, live, rtol=1e-4, atol=1e-5)
+    outside = torch.tensor(sorted(set(range(64)) - set(dm.train_indices.tolist()))[:2])
+    with pytest.raises(CacheError, match="another training split"):
+        module.cached_teacher_maps(outside, None)
 
 
 def test_missing_cache_names_the_precompute_command(tmp_path, teacher_ckpt):

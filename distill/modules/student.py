@@ -132,6 +132,7 @@ class StudentModule(ClassifierModule):
             )
             self._check_map_shapes()
         self.register_buffer("cached_maps", torch.empty(0), persistent=False)
+        self.register_buffer("cache_position", torch.empty(0, dtype=torch.long), persistent=False)
         self._grid_batch: dict[str, Tensor] | None = None
 
     # ----------------------------------------------------------------- setup
@@ -153,30 +154,52 @@ class StudentModule(ClassifierModule):
         super().setup(stage)
         if stage == "fit" and self.loss_cfg.method and self.loss_cfg.teacher_maps == "cache":
             try:
-                maps = self.map_cache(self.trainer.datamodule).load()
+                self.load_cache(self.trainer.datamodule)
             except CacheError as err:
                 raise CacheError(
                     f"{err}\nPrecompute the teacher maps with:\n    {precompute_command()}"
                 ) from None
-            self.cached_maps = maps.to(self.device)
+
+    @staticmethod
+    def cached_indices(datamodule: Any) -> Tensor:
+        """Dataset indices whose teacher maps are cached: the training split (sorted)."""
+        return datamodule.train_indices.sort().values
 
     def map_cache(self, datamodule: Any) -> MapCache:
         """The cache of teacher maps this run needs (directory derived from its fingerprint)."""
         cfg = self.loss_cfg
+        indices = self.cached_indices(datamodule)
         fingerprint = teacher_fingerprint(
             self.teacher_checkpoint,
             cfg.method,
             cfg.teacher_layer,
             cfg.options("teacher"),
             datamodule.dataset_id,
-            datamodule.num_train_total,
+            indices,
         )
-        cache = MapCache(
-            Path(cfg.cache_dir or self.cache_root), fingerprint, datamodule.num_train_total
-        )
+        cache = MapCache(Path(cfg.cache_dir or self.cache_root), fingerprint, len(indices))
         if cfg.cache_dir is None:
             cache.directory = cache.directory / cache.key[:16]
         return cache
+
+    def load_cache(self, datamodule: Any) -> None:
+        """Load the verified cache and the dataset-index -> cache-row table."""
+        indices = self.cached_indices(datamodule)
+        position = torch.full((datamodule.num_train_total,), -1, dtype=torch.long)
+        position[indices] = torch.arange(len(indices))
+        self.cached_maps = self.map_cache(datamodule).load().to(self.device)
+        self.cache_position = position.to(self.device)
+
+    def cached_teacher_maps(self, index: Tensor, aug: Any) -> Tensor:
+        """Cached maps of dataset ``index`` pushed through the batch's crop/flip."""
+        rows = self.cache_position[index]
+        if bool((rows < 0).any()):
+            missing = index[rows < 0][:5].tolist()
+            raise CacheError(
+                f"no cached teacher map for dataset indices {missing}: the cache was "
+                "built for another training split; precompute it for this one"
+            )
+        return align_maps(self.cached_maps[rows], aug, mode=self.loss_cfg.map_align)
 
     def train(self, mode: bool = True) -> StudentModule:
         super().train(mode)
@@ -194,9 +217,7 @@ class StudentModule(ClassifierModule):
             return out.logits.detach(), out.maps.detach()
         maps = None
         if self.teacher_cam is not None:
-            maps = align_maps(
-                self.cached_maps[batch["index"]], batch.get("aug"), mode=self.loss_cfg.map_align
-            )
+            maps = self.cached_teacher_maps(batch["index"], batch.get("aug"))
         logits = None
         if need_logits:
             with torch.no_grad():
