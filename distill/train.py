@@ -19,6 +19,7 @@ from typing import Any
 import hydra
 import pytorch_lightning as pl
 import torch
+from hydra.errors import InstantiationException
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from distill.data.sources import DataError
@@ -71,15 +72,21 @@ def _quiet_warnings() -> None:
 # ----------------------------------------------------------------------------- building blocks
 
 
+def instantiate(config: Any, **kwargs: Any) -> Any:
+    """``hydra.utils.instantiate`` that re-raises user errors (bad data, ...) unwrapped."""
+    try:
+        return hydra.utils.instantiate(config, **kwargs)
+    except InstantiationException as err:  # Hydra wraps errors raised in constructors
+        if isinstance(err.__cause__, USER_ERRORS):
+            raise err.__cause__ from None
+        raise
+
+
 def _instantiate_group(group: DictConfig | None) -> list[Any]:
     """Instantiate every entry with a ``_target_`` of a group such as ``callbacks`` / ``logger``."""
     if not group:
         return []
-    return [
-        hydra.utils.instantiate(c)
-        for c in group.values()
-        if isinstance(c, DictConfig) and "_target_" in c
-    ]
+    return [instantiate(c) for c in group.values() if isinstance(c, DictConfig) and "_target_" in c]
 
 
 def build_callbacks(cfg: DictConfig, has_logger: bool) -> list[pl.Callback]:
@@ -99,7 +106,7 @@ def build_module(
     kwargs: dict[str, Any] = {"net": net}
     if "datamodule" in inspect.signature(cls).parameters:
         kwargs["datamodule"] = datamodule
-    return hydra.utils.instantiate(cfg.module, **kwargs)
+    return instantiate(cfg.module, **kwargs)
 
 
 def resolve_ckpt_path(cfg: DictConfig, output_dir: Path) -> str | None:
@@ -165,9 +172,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         OmegaConf.save(cfg, output_dir / "config_resolved.yaml")
     pl.seed_everything(cfg.seed, workers=True)
 
-    datamodule = hydra.utils.instantiate(cfg.data)
+    datamodule = instantiate(cfg.data)
     datamodule.load()  # decode now: bad data fails before anything else is built
-    net = hydra.utils.instantiate(cfg.model)
+    net = instantiate(cfg.model)
     module = build_module(cfg, net, datamodule)
     ckpt_path = resolve_ckpt_path(cfg, output_dir)
     if ckpt_path is not None:
@@ -179,7 +186,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     extra: dict[str, Any] = {}
     if not any(isinstance(c, pl.callbacks.ModelCheckpoint) for c in callbacks):
         extra["enable_checkpointing"] = False  # no hidden default checkpoint; see _last_checkpoint
-    trainer: pl.Trainer = hydra.utils.instantiate(
+    trainer: pl.Trainer = instantiate(
         cfg.trainer, callbacks=callbacks, logger=loggers or False, **extra
     )
     for lg in loggers:
@@ -243,13 +250,8 @@ def main(cfg: DictConfig) -> float | None:
 
     with open_dict(cfg):
         cfg.paths.output_dir = HydraConfig.get().runtime.output_dir
-    from hydra.errors import InstantiationException
-
     try:
-        try:
-            metrics = train(cfg)
-        except InstantiationException as err:  # Hydra wraps errors raised in constructors
-            raise (err.__cause__ if isinstance(err.__cause__, USER_ERRORS) else err) from None
+        metrics = train(cfg)
     except USER_ERRORS as err:
         print(f"error: {err}", file=sys.stderr, flush=True)
         sys.exit(2)

@@ -85,6 +85,14 @@ def test_module_instantiated_from_config_matches_defaults() -> None:
         assert dict(s.milestones) == {60: 1, 120: 1, 160: 1} and s.gamma == 0.2
 
 
+def test_train_api_raises_user_errors_unwrapped(tmp_path: Path) -> None:
+    from distill.data import DataError
+
+    cfg = compose_cfg("data.source=imagenet", f"paths.log_dir={tmp_path}", "print_config=false")
+    with pytest.raises(DataError, match="data.source must be one of"):
+        train(cfg)
+
+
 # ----------------------------------------------------------------------------- module
 
 
