@@ -62,6 +62,7 @@ def test_defaults_follow_the_recipe() -> None:
 def test_teacher_experiment() -> None:
     cfg = compose_cfg("experiment=teacher")
     assert cfg.task_name == "teacher" and cfg.model.depth == 40 and cfg.loss.name == "ce"
+    assert cfg.run_name == "wrn40_2-torchvision-subNone-e200-s0"  # deterministic: rerun = resume
 
 
 def test_unknown_option_lists_choices() -> None:
