@@ -373,6 +373,10 @@ def additive_game_shapley(
     order; a custom autograd Function recomputes each chunk in backward, so memory stays
     bounded by one chunk); double backward is not supported.
 
+    Cost: per ordering ``P - 1`` steps of a gather, a product and a sum over ``(chunk, K-1, B)``
+    tensors (memory-bound, many small ops).  On an oversubscribed shared CPU, OpenMP barriers
+    make two intra-op threads far slower than one; use ``torch.set_num_threads(1)`` there.
+
     Args:
         base_logits: ``(B, K)`` logits of the empty coalition :math:`y(0)`.
         contributions: ``(B, P, K)`` per-player logit contributions :math:`u_j`.
