@@ -103,7 +103,8 @@ class Profile:
         return [*self.common, *self.teacher, *self.location("runs", "teacher")]
 
     def method_extra(self, cell: str) -> list[str]:
-        """Overrides for this cell's CAM method only (e.g. reduced permutations)."""
+        """Overrides for this cell's CAM method only (e.g. reduced permutations); spell them
+        ``++key=value`` so a multirun's first composition (with the default loss) accepts them."""
         return list(self.method_overrides.get(cell.removesuffix("_kd"), []))
 
     def cell_overrides(self, cell: str, seed: int) -> list[str]:
@@ -191,7 +192,8 @@ def run_precompute(profile: Profile, dry_run: bool = False) -> None:
     for method in methods:
         overrides = profile.cell_overrides(method, profile.seeds[0])
         if compose(overrides)["loss"]["teacher_maps"] == "cache":
-            _python(["-m", "distill.precompute", *overrides, *profile.precompute], dry_run)
+            where = f"hydra.run.dir={profile.out / 'precompute' / method}"
+            _python(["-m", "distill.precompute", *overrides, *profile.precompute, where], dry_run)
 
 
 def pending_cells(profile: Profile) -> dict[int, list[str]]:
@@ -221,7 +223,8 @@ def run_cells(profile: Profile, n_jobs: int, dry_run: bool = False) -> None:
             sweep = [
                 f"loss={','.join(members)}",
                 "run_name=${loss.name}-s${seed}",
-                f"hydra.sweep.dir={profile.out / 'multirun' / f's{seed}'}",
+                f"hydra.sweep.dir={profile.out / 'runs'}",
+                "hydra.sweep.subdir=${run_name}",
             ]
             if n_jobs > 1:
                 sweep += ["hydra/launcher=joblib", f"hydra.launcher.n_jobs={n_jobs}"]

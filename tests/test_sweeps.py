@@ -1,0 +1,116 @@
+"""Hydra sweeps (basic multirun, joblib, submitit, Optuna configs) and Lightning DDP on CPU."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+from distill.models import WideResNet
+from distill.train import CONFIG_DIR
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = [
+    "data=synthetic",
+    "data.synthetic_size=64",
+    "data.synthetic_test_size=32",
+    "data.batch_size=16",
+    "trainer=cpu",
+    "trainer.max_epochs=1",
+    "logger=csv",
+    "trainer.enable_progress_bar=false",
+    "print_config=false",
+    "teacher.model.depth=10",
+]
+
+
+def compose_hydra(*overrides: str):
+    with initialize_config_dir(CONFIG_DIR, version_base="1.3"):
+        return compose("train", overrides=list(overrides), return_hydra_config=True)
+
+
+@pytest.fixture(scope="module")
+def teacher_ckpt(tmp_path_factory) -> Path:
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("teacher") / "teacher.ckpt"
+    state = {f"net.{k}": v for k, v in WideResNet(10, 2).state_dict().items()}
+    torch.save({"state_dict": state}, path)
+    return path
+
+
+def test_launcher_and_sweeper_configs_compose():
+    assert compose_hydra("hydra/launcher=joblib").hydra.launcher._target_.endswith("JoblibLauncher")
+    assert compose_hydra("hydra/launcher=submitit_slurm").hydra.launcher._target_.endswith(
+        "SlurmLauncher"
+    )
+    cfg = compose_hydra("hparams_search=alpha_optuna", "loss=shapleycam_kd")
+    assert cfg.hydra.sweeper._target_.endswith("OptunaSweeper")
+    assert cfg.optimized_metric == "val_error" and cfg.data.val_size > 0  # never the test set
+    assert "loss.alpha" in cfg.hydra.sweeper.params
+
+
+@pytest.mark.slow
+def test_alpha_multirun_writes_one_result_per_job(tmp_path, teacher_ckpt):
+    cmd = [
+        sys.executable,
+        "train.py",
+        "-m",
+        *TINY,
+        "loss=gradcam",
+        "loss.alpha=0.1,1",
+        f"teacher.checkpoint={teacher_ckpt}",
+        f"paths.log_dir={tmp_path}",
+        "run_name=sweep",
+    ]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = sorted((tmp_path / "train" / "multirun_sweep").glob("*/metrics.json"))
+    assert len(results) == 2
+    alphas = {
+        line.split("=")[1]
+        for p in results
+        for line in (p.parent / ".hydra" / "overrides.yaml").read_text().split()
+        if line.startswith("loss.alpha=")
+    }
+    assert alphas == {"0.1", "1"}
+    assert all(0 <= json.loads(p.read_text())["test_error"] <= 100 for p in results)
+
+
+@pytest.mark.slow
+def test_ddp_two_cpu_processes_with_cached_teacher_maps(tmp_path, teacher_ckpt):
+    common = [
+        *TINY,
+        "loss=shapcam",
+        "++loss.teacher_cam.n_permutations=16",
+        "++loss.student_cam.n_permutations=8",
+        f"teacher.checkpoint={teacher_ckpt}",
+        f"paths.log_dir={tmp_path}",
+        f"module.cache_root={tmp_path}/cache",
+    ]
+    pre = subprocess.run(
+        [sys.executable, "-m", "distill.precompute", *common, f"hydra.run.dir={tmp_path}/pre"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert pre.returncode == 0, pre.stderr[-3000:]
+    cmd = [
+        sys.executable,
+        "train.py",
+        *common,
+        "trainer=ddp",
+        "trainer.accelerator=cpu",
+        "trainer.devices=2",
+        "trainer.precision=32-true",
+        "run_name=ddp",
+    ]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    metrics = json.loads((tmp_path / "train" / "ddp" / "metrics.json").read_text())
+    assert 0 <= metrics["test_error"] <= 100
