@@ -219,19 +219,21 @@ def _end_counts(perms: Tensor, n_players: int) -> tuple[Tensor, Tensor]:
     return first, last
 
 
-def _scatter_interior(acc: Tensor, perms: Tensor, values: Tensor) -> Tensor:
+def _scatter_interior(acc: Tensor, perms: Tensor, values: Tensor, inplace: bool = False) -> Tensor:
     r"""Add interior prefix values to their players' marginal sums.
 
     ``values[t-1, c]`` is ``v(Pre_t)`` of ordering ``c`` for ``t = 1..P-1``; it enters the
-    marginal of ``pi_{t-1}`` with ``+`` and that of ``pi_t`` with ``-``.  ``acc``: ``(P, N)``,
-    ``perms``: ``(C, P)``, ``values``: ``(P-1, C, N)``.  Returns the updated ``acc``
-    (one chunk is summed in the values' dtype, chunks are accumulated in ``acc.dtype``).
+    marginal of ``pi_{t-1}`` with ``+`` and that of ``pi_t`` with ``-``.  ``acc``: ``(P, N)``
+    float64, ``perms``: ``(C, P)``, ``values``: ``(P-1, C, N)``.  Returns the updated ``acc``
+    (in place with ``inplace``, out of place for autograd otherwise).  Summing in float64
+    keeps the telescoping exact, so efficiency holds to the precision of the values.
     """
-    flat = values.reshape(-1, values.shape[-1])
+    flat = values.reshape(-1, values.shape[-1]).to(acc.dtype)
     plus = perms[:, :-1].t().reshape(-1)
     minus = perms[:, 1:].t().reshape(-1)
-    part = flat.new_zeros(acc.shape).index_add_(0, plus, flat).index_add_(0, minus, flat, alpha=-1)
-    return acc + part.to(acc.dtype)
+    if inplace:
+        return acc.index_add_(0, plus, flat).index_add_(0, minus, flat, alpha=-1)
+    return acc.index_add(0, plus, flat).index_add(0, minus, flat, alpha=-1)
 
 
 def _prefix_masks(perms: Tensor) -> Tensor:
@@ -558,13 +560,13 @@ class _InteriorShapley(torch.autograd.Function):
             for lo, hi in _chunks(perms.shape[0], chunk):
                 logits = _log_scan(base, contrib_t, perms[lo:hi])
                 values = utility(logits, targets.expand(*logits.shape[:-1]))
-                acc = _scatter_interior(acc, perms[lo:hi], values)
+                acc = _scatter_interior(acc, perms[lo:hi], values, inplace=True)
         else:
             e_base = base.exp().t().contiguous()
             e_contrib = contrib.exp().permute(1, 2, 0).contiguous()
             for lo, hi in _chunks(perms.shape[0], chunk):
                 s = _exp_scan(e_base, e_contrib, perms[lo:hi], keep=False)
-                acc = _scatter_interior(acc, perms[lo:hi], _named_value(s, utility))
+                _scatter_interior(acc, perms[lo:hi], _named_value(s, utility), inplace=True)
         return acc.t().to(contrib.dtype)
 
     @staticmethod

@@ -188,7 +188,7 @@ def test_additive_float32_efficiency(head_game: tuple[HeadGame, Tensor]) -> None
         base.float(), contrib.float(), game.targets, "prob", 20_000, generator=0
     )
     assert phi.dtype == torch.float32
-    assert efficiency_gap(phi.double(), game.value_fn, 9) < 1e-5
+    assert efficiency_gap(phi.double(), game.value_fn, 9) < 1e-6  # float64 accumulation
     assert rel_l2(phi.double(), exact) < 0.01
 
 
