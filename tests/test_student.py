@@ -244,3 +244,15 @@ def test_interrupted_run_resumes_with_the_same_losses(tmp_path, teacher_ckpt):
     assert sa.keys() == sb.keys() and not any(k.startswith("teacher.") for k in sa)
     for key in sa:
         torch.testing.assert_close(sa[key], sb[key], rtol=1e-5, atol=1e-6)
+
+
+def test_run_logs_terms_agreement_and_cam_grid(tmp_path, teacher_ckpt):
+    cfg = tiny(tmp_path, teacher_ckpt, "loss=gradcam_kd", "run_name=grid")
+    metrics = train(cfg)
+    run_dir = tmp_path / "train" / "grid"
+    assert metrics["test_error"] is not None
+    grid = run_dir / "cam_grids" / "epoch_000.png"
+    assert grid.exists() and grid.stat().st_size > 500
+    header = next(run_dir.rglob("metrics.csv")).read_text().splitlines()[0].split(",")
+    for key in ("train/ce", "train/kd", "train/cam", "train/map_agreement"):
+        assert key in header, header

@@ -244,39 +244,49 @@ class StudentModule(ClassifierModule):
             loss = (1 - beta) * ce + beta * terms["kd"]
         if student_maps is not None:
             terms["cam"] = explanation_loss(student_maps, teacher_maps, cfg.norm)
+            if self._trainer is not None:
+                agreement = map_agreement(student_maps.detach(), teacher_maps).mean()
+                self.log(
+                    "train/map_agreement",
+                    agreement,
+                    on_step=False,
+                    on_epoch=True,
+                    batch_size=len(y),
+                )
             loss = loss + cfg.alpha * terms["cam"]
         return loss, logits, terms
 
     # ----------------------------------------------------------------- validation extras
+    def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> Tensor:
+        if batch_idx == 0 and self.student_cam is not None and self._grid_due():
+            self._grid_batch = {"image": batch["image"][:8].detach(), "label": batch["label"][:8]}
+        return super().training_step(batch, batch_idx)
+
     def validation_step(self, batch: Mapping[str, Any], batch_idx: int) -> Any:
         result = super().validation_step(batch, batch_idx)
         if self.student_cam is not None and batch_idx < self.loss_cfg.agreement_batches:
             x, y = batch["image"], batch["label"]
-            student_maps = self.student_cam(x, y)
-            teacher_maps = self.teacher_cam(x, y)
-            agreement = map_agreement(student_maps, teacher_maps).mean()
+            agreement = map_agreement(self.student_cam(x, y), self.teacher_cam(x, y)).mean()
             self.log("val/map_agreement", agreement, on_epoch=True, batch_size=len(y))
-            if batch_idx == 0:
-                self._grid_batch = {
-                    "image": x[:8].detach(),
-                    "student": student_maps[:8],
-                    "teacher": teacher_maps[:8],
-                }
         return result
 
-    def on_validation_epoch_end(self) -> None:
-        super().on_validation_epoch_end()
+    def _grid_due(self) -> bool:
         every = self.loss_cfg.grid_every_n_epochs
         last = (
             self.trainer.max_epochs is not None
             and self.current_epoch + 1 >= self.trainer.max_epochs
         )
-        if self._grid_batch is None or every <= 0 or self.trainer.sanity_checking:
-            return
-        if (self.current_epoch + 1) % every == 0 or last:
-            from distill.visualize import log_cam_grid
+        return every > 0 and ((self.current_epoch + 1) % every == 0 or last)
 
-            log_cam_grid(self, **self._grid_batch)
+    def on_train_epoch_end(self) -> None:
+        """Overlay grid of the epoch's first training images: input, teacher map, student map."""
+        super().on_train_epoch_end()
+        if self._grid_batch is None:
+            return
+        from distill.visualize import log_cam_grid
+
+        x, y = self._grid_batch["image"], self._grid_batch["label"]
+        log_cam_grid(self, x, self.teacher_cam(x, y), self.student_cam(x, y))
         self._grid_batch = None
 
     # ----------------------------------------------------------------- checkpoints
