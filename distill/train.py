@@ -12,6 +12,7 @@ import inspect
 import json
 import os
 import sys
+import time
 import warnings
 from pathlib import Path
 from typing import Any
@@ -205,6 +206,7 @@ def _fit_and_test(
     ckpt_path: str | None,
     output_dir: Path,
 ) -> dict[str, Any]:
+    start = time.perf_counter()
     if cfg.get("train", True):
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     elif ckpt_path is not None:  # test only: evaluate the checkpoint's weights
@@ -231,6 +233,8 @@ def _fit_and_test(
         "model": getattr(module, "arch", type(module).__name__),
         "dataset_id": getattr(datamodule, "dataset_id", None),
         "seed": int(cfg.seed),
+        "wall_seconds": round(time.perf_counter() - start, 1),  # this process: fit + test
+        "resumed": ckpt_path is not None,
     }
     if trainer.is_global_zero:
         (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
