@@ -250,13 +250,14 @@ def collect(profile: Profile) -> list[dict[str, Any]]:
     """One row per cell: errors per seed, mean, std, missing seeds, paper value."""
     rows = []
     for cell in profile.cells:
-        errors, missing = [], []
+        errors, missing, wall = [], [], 0.0
         for seed in profile.seeds:
             metrics = read_metrics(profile.run_dir(cell, seed))
             if metrics is None or metrics.get("test_error") is None:
                 missing.append(seed)
             else:
                 errors.append(float(metrics["test_error"]))
+                wall += float(metrics.get("wall_seconds") or 0.0)
         mean, std = _mean_std(errors) if errors else (float("nan"), float("nan"))
         rows.append(
             {
@@ -266,6 +267,7 @@ def collect(profile: Profile) -> list[dict[str, Any]]:
                 "std": std,
                 "missing": missing,
                 "paper": PAPER_ERRORS.get(cell, float("nan")),
+                "wall_seconds": wall,
             }
         )
     return rows
@@ -353,6 +355,14 @@ def report(profile: Profile) -> Path:
                     " ".join(map(str, row["missing"])),
                 ]
             )
+    teacher = read_metrics(profile.teacher_dir) or {}
+    total = sum(r["wall_seconds"] for r in rows) + float(teacher.get("wall_seconds") or 0.0)
+    lines += [
+        "",
+        f"Teacher test error: {_fmt(teacher.get('test_error') or float('nan'))}%. "
+        f"Training wall time of the finished runs (teacher + cells, fit + test, "
+        f"without precompute): {total / 60:.1f} min.",
+    ]
     (profile.out / "table.md").write_text("\n".join(lines) + "\n")
     _chart(rows, profile.out / "chart.png", profile.name)
     return profile.out / "table.md"
