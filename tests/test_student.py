@@ -256,3 +256,10 @@ def test_run_logs_terms_agreement_and_cam_grid(tmp_path, teacher_ckpt):
     header = next(run_dir.rglob("metrics.csv")).read_text().splitlines()[0].split(",")
     for key in ("train/ce", "train/kd", "train/cam", "train/map_agreement"):
         assert key in header, header
+
+
+def test_unknown_loss_preset_lists_the_options():
+    from hydra.errors import MissingConfigException
+
+    with pytest.raises(MissingConfigException, match="shapleycam_kd"):
+        compose_cfg("loss=shapleycam_kdd")
