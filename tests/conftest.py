@@ -79,3 +79,17 @@ def run_python(
         timeout=timeout,
         check=False,
     )
+
+
+@pytest.fixture(scope="session")
+def teacher_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A random WRN-10-2 saved like a Lightning checkpoint (``net.*`` keys): a fast teacher."""
+    import torch
+
+    from distill.models import WideResNet
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("teacher") / "teacher.ckpt"
+    state = {f"net.{k}": v for k, v in WideResNet(10, 2).state_dict().items()}
+    torch.save({"state_dict": state, "hyper_parameters": {"arch": "wrn10_2"}}, path)
+    return path

@@ -12,7 +12,6 @@ from omegaconf import DictConfig, OmegaConf
 
 from distill.data.augment import AugParams
 from distill.explain import TeacherError
-from distill.models import WideResNet
 from distill.modules.student import StudentModule
 from distill.precompute import precompute
 from distill.teacher_maps import CacheError
@@ -49,16 +48,6 @@ TINY = [
 def compose_cfg(*overrides: str) -> DictConfig:
     with initialize_config_dir(CONFIG_DIR, version_base="1.3"):
         return compose("train", overrides=list(overrides))
-
-
-@pytest.fixture(scope="module")
-def teacher_ckpt(tmp_path_factory) -> Path:
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("teacher") / "teacher.ckpt"
-    net = WideResNet(10, 2)
-    state = {f"net.{k}": v for k, v in net.state_dict().items()}
-    torch.save({"state_dict": state, "hyper_parameters": {"arch": "wrn10_2"}}, path)
-    return path
 
 
 def tiny(tmp_path: Path, ckpt: Path, *extra: str) -> DictConfig:

@@ -8,10 +8,8 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 from hydra import compose, initialize_config_dir
 
-from distill.models import WideResNet
 from distill.train import CONFIG_DIR
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -32,15 +30,6 @@ TINY = [
 def compose_hydra(*overrides: str):
     with initialize_config_dir(CONFIG_DIR, version_base="1.3"):
         return compose("train", overrides=list(overrides), return_hydra_config=True)
-
-
-@pytest.fixture(scope="module")
-def teacher_ckpt(tmp_path_factory) -> Path:
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("teacher") / "teacher.ckpt"
-    state = {f"net.{k}": v for k, v in WideResNet(10, 2).state_dict().items()}
-    torch.save({"state_dict": state}, path)
-    return path
 
 
 def test_launcher_and_sweeper_configs_compose():
