@@ -47,6 +47,9 @@ _RESHAPE_METHODS = {"flatten", "view", "reshape", "squeeze", "contiguous"}
 _SPATIAL = ({2, 3}, {-2, -1})
 
 
+BNStats = dict[nn.Module, tuple[Tensor, Tensor]]  # module -> (batch mean, biased var)
+
+
 @dataclass(frozen=True)
 class _Op:
     kind: str
@@ -62,11 +65,16 @@ class Head:
     pool_kernel: tuple[int, int] | None
     linear: nn.Linear
 
-    def usable(self, activation: Tensor) -> bool:
-        """Run-time checks: modes of BN/dropout, pool covers the map, channel count fits."""
+    def usable(self, activation: Tensor, bn_stats: BNStats | None = None) -> bool:
+        """Run-time checks: modes of BN/dropout, pool covers the map, channel count fits.
+
+        A train-mode BatchNorm is per-position only with frozen statistics: it is accepted when
+        ``bn_stats`` holds the batch statistics recorded in the main forward for it."""
         for op in self.ops:
             m = op.module
-            if op.kind == "bn" and (m.training or m.running_mean is None):
+            if op.kind == "bn" and m.training and (bn_stats is None or m not in bn_stats):
+                return False
+            if op.kind == "bn" and not m.training and m.running_mean is None:
                 return False
             if op.kind == "dropout" and m.training and m.p > 0:
                 return False
@@ -75,9 +83,9 @@ class Head:
             return False
         return self.linear.in_features == activation.shape[1]
 
-    def features(self, activation: Tensor) -> Tensor:
-        """``f(A)`` (same shape as ``A``)."""
-        return chain(self.ops, activation, order=0)[0]
+    def features(self, activation: Tensor, bn_stats: BNStats | None = None) -> Tensor:
+        """``f(A)`` (same shape as ``A``); BN uses ``bn_stats`` where given, else running stats."""
+        return chain(self.ops, activation, order=0, bn_stats=bn_stats)[0]
 
 
 class _Tracer(fx.Tracer):
@@ -203,7 +211,7 @@ def detect_head(model: nn.Module, target_name: str) -> Head | None:
     return _walk(graph, target_name, modules)
 
 
-def chain(ops: tuple[_Op, ...], a: Tensor, order: int
+def chain(ops: tuple[_Op, ...], a: Tensor, order: int, bn_stats: BNStats | None = None
           ) -> tuple[Tensor, Tensor | None, Tensor | None]:
     """``(f(a), f'(a), f''(a))`` of the element-wise chain; ``None`` derivatives mean 1 and 0.
 
@@ -215,10 +223,12 @@ def chain(ops: tuple[_Op, ...], a: Tensor, order: int
             continue
         if op.kind == "bn":
             m = op.module
-            scale = torch.rsqrt(m.running_var + m.eps)
+            mean, var = (bn_stats[m] if bn_stats is not None and m in bn_stats
+                         else (m.running_mean, m.running_var))
+            scale = torch.rsqrt(var + m.eps)
             if m.weight is not None:
                 scale = scale * m.weight
-            shift = -m.running_mean * scale
+            shift = -mean * scale
             if m.bias is not None:
                 shift = shift + m.bias
             scale, shift = scale.view(-1, 1, 1), shift.view(-1, 1, 1)

@@ -117,15 +117,24 @@ class ShapCAM(BaseCAM):
             return a.mean((2, 3), keepdim=True)
         return torch.zeros_like(a[:, :, :1, :1])
 
-    @staticmethod
-    def _additive(head: Head, a: Tensor, base: Tensor) -> tuple[Tensor, Tensor]:
+    def _fast(self, fwd: Forward) -> Head | None:
+        """The additive fast path, also for train-mode BatchNorm in the head: coalitions are
+        evaluated with the batch statistics of the main forward (as the generic reruns are), so
+        the head stays per-position and the game stays additive."""
+        head = self.head()
+        stats = {m: v[0] for m, v in fwd.stats.items() if len(v) == 1}
+        self._bn_stats = stats or None
+        return head if head is not None and head.usable(fwd.activation, self._bn_stats) else None
+
+    def _additive(self, head: Head, a: Tensor, base: Tensor) -> tuple[Tensor, Tensor]:
         """``(y(∅) (B, K), u (B, P, K))`` of the additive game."""
         weight, bias = head.linear.weight, head.linear.bias
-        f_base = head.features(base)
+        stats = getattr(self, "_bn_stats", None)
+        f_base = head.features(base, stats)
         base_logits = f_base.flatten(1) @ weight.t()
         if bias is not None:
             base_logits = base_logits + bias
-        delta = (head.features(a) - f_base).flatten(2).transpose(1, 2)
+        delta = (head.features(a, stats) - f_base).flatten(2).transpose(1, 2)
         return base_logits, delta @ weight.t() / delta.shape[1]
 
     def _additive_values(self, base_logits: Tensor, contrib: Tensor, targets: Tensor,
