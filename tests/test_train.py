@@ -213,7 +213,7 @@ def test_synthetic_is_learnable_via_train_api(tmp_path: Path) -> None:
     cfg = compose_cfg(
         "data=synthetic", "trainer=cpu", "callbacks=none",
         "logger=wandb", "logger.wandb.offline=true",
-        "model.depth=10", "model.widen_factor=1", "data.synthetic_size=512",
+        "model.depth=10", "model.widen_factor=1", "data.synthetic_size=320",
         "data.synthetic_test_size=200", "data.batch_size=64", "trainer.max_epochs=4",
         "trainer.enable_progress_bar=false", "print_config=false", "module.optimizer.lr=0.05",
         f"paths.log_dir={tmp_path}", "run_name=learn",

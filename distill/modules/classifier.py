@@ -160,10 +160,11 @@ class ClassifierModule(pl.LightningModule):
         loss, logits, terms = self.compute_loss(batch)
         self._check_finite(loss, terms)
         bs = batch["label"].shape[0]
+        epoch_only = {"on_step": False, "on_epoch": True, "batch_size": bs, "sync_dist": True}
         for name, value in terms.items():
-            self.log(f"train/{name}", value.detach(), on_step=False, on_epoch=True, batch_size=bs)
+            self.log(f"train/{name}", value.detach(), **epoch_only)
         if "loss" not in terms:
-            self.log("train/loss", loss.detach(), on_step=False, on_epoch=True, batch_size=bs)
+            self.log("train/loss", loss.detach(), **epoch_only)
         self.train_err(logits.detach(), batch["label"])
         self.log(
             "train/err", self.train_err, on_step=False, on_epoch=True, prog_bar=True, batch_size=bs
@@ -192,7 +193,8 @@ class ClassifierModule(pl.LightningModule):
     def on_train_epoch_start(self) -> None:
         opt = self.optimizers()
         if isinstance(opt, torch.optim.Optimizer) or hasattr(opt, "param_groups"):
-            self.log("lr", float(opt.param_groups[0]["lr"]), on_step=False, on_epoch=True)
+            lr = float(opt.param_groups[0]["lr"])
+            self.log("lr", lr, on_step=False, on_epoch=True, sync_dist=True)
 
     # ------------------------------------------------------------------ optim
 
