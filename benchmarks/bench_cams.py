@@ -16,6 +16,8 @@ and Score-CAM, ReST for ShapleyCAM. Shap-CAM (10^4 permutations, utility prob) i
 
     python benchmarks/bench_cams.py                      # everything (~30 min on 2 cores)
     python benchmarks/bench_cams.py --skip-pgc-scorecam-resnet18 --only wrn
+    python benchmarks/bench_cams.py --paired   # ScoreCAM / bare K-forward, alternated
+    python benchmarks/bench_cams.py --alternated   # speed-ups of the gradient methods, alternated
 """
 
 from __future__ import annotations
@@ -95,6 +97,8 @@ def _runner(spec: dict[str, Any], model: torch.nn.Module) -> Any:
 def worker(spec: dict[str, Any]) -> dict[str, Any]:
     """Run one measurement in this (fresh) process."""
     setting = SETTINGS[spec["setting"]]
+    if spec.get("threads"):
+        torch.set_num_threads(spec["threads"])
     model = _model(spec["setting"])
     torch.manual_seed(1)
     batch = spec.get("batch") or setting["batch"]
@@ -102,6 +106,10 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
     with torch.no_grad():
         targets = model(x[:2]).argmax(1).repeat(batch)[:batch]
     base = _rss_mb()
+    if spec["impl"] == "paired":
+        return _paired(spec, model, x, targets)
+    if spec["impl"] == "alternated":
+        return _alternated(spec, model, x, targets)
     run = _runner(spec, model)
     if spec["impl"] != "bare" and spec["method"] not in ("ScoreCAM",):
         run(x[:2], targets[:2])  # warm-up (also traces the fast path once)
@@ -112,7 +120,47 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
         times.append(time.perf_counter() - start)
     best = min(times)
     return {**spec, "batch": batch, "seconds": best, "maps_per_s": batch / best,
-            "base_mb": base, "peak_mb": _rss_mb(), "extra_mb": _rss_mb() - base}
+            "base_mb": base, "peak_mb": _rss_mb(), "extra_mb": _rss_mb() - base,
+            "load": os.getloadavg()[0]}
+
+
+def _paired(spec: dict[str, Any], model: torch.nn.Module, x: torch.Tensor,
+            targets: torch.Tensor) -> dict[str, Any]:
+    """ScoreCAM vs its bare K-forward cost, alternated on slices of ``n`` samples so that a
+    changing machine load affects both alike; returns the ratio of the summed times."""
+    ours = _runner({**spec, "impl": "ours"}, model)
+    bare = _runner({**spec, "impl": "bare"}, model)
+    n, total = spec["n"], {"ours": 0.0, "bare": 0.0}
+    for r in range(spec["rounds"]):
+        sl = slice(r * n, (r + 1) * n)
+        for name, fn in (("ours", ours), ("bare", bare)) if r % 2 == 0 else \
+                (("bare", bare), ("ours", ours)):
+            start = time.perf_counter()
+            fn(x[sl], targets[sl])
+            total[name] += time.perf_counter() - start
+    return {**spec, "ours_s": total["ours"], "bare_s": total["bare"],
+            "ratio": total["ours"] / total["bare"], "load": os.getloadavg()[0]}
+
+
+def _alternated(spec: dict[str, Any], model: torch.nn.Module, x: torch.Tensor,
+                targets: torch.Tensor) -> dict[str, Any]:
+    """cams vs pytorch-grad-cam on the same batch, calls alternated for ``rounds`` rounds (a
+    changing machine load affects both alike); the ratio of the summed times."""
+    import copy
+
+    ours = _runner({**spec, "impl": "ours"}, model)
+    theirs = _runner({**spec, "impl": "pytorch-grad-cam"}, copy.deepcopy(model))
+    ours(x[:2], targets[:2])
+    theirs(x[:2], targets[:2])
+    total = {"ours": 0.0, "theirs": 0.0}
+    for r in range(spec["rounds"]):
+        order = (("ours", ours), ("theirs", theirs))
+        for name, fn in order if r % 2 == 0 else order[::-1]:
+            start = time.perf_counter()
+            fn(x, targets)
+            total[name] += time.perf_counter() - start
+    return {**spec, "ours_s": total["ours"], "theirs_s": total["theirs"],
+            "speedup": total["theirs"] / total["ours"], "load": os.getloadavg()[0]}
 
 
 def _measure(spec: dict[str, Any]) -> dict[str, Any]:
@@ -188,18 +236,48 @@ def main() -> None:
     parser.add_argument("--shapcam-maps", type=int, default=1024)
     parser.add_argument("--skip-pgc-scorecam-resnet18", action="store_true",
                         help="skip pytorch-grad-cam's ScoreCAM on resnet18 (~209 s, ~9 GB)")
+    parser.add_argument("--paired", action="store_true",
+                        help="only the alternated ScoreCAM vs bare K-forward comparison")
+    parser.add_argument("--alternated", action="store_true",
+                        help="only cams vs pytorch-grad-cam speed-ups, calls alternated")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch threads per measurement (0: torch's default)")
+    parser.add_argument("--methods", nargs="*", help="only these methods (e.g. ScoreCAM)")
     parser.add_argument("--json", type=Path, help="write all results here")
+    parser.add_argument("--table", type=Path, nargs="*",
+                        help="print the table of earlier --json files (no measurement)")
     args = parser.parse_args()
     if args.worker:
         print(json.dumps(worker(json.loads(args.worker))))
         return
+    if args.table:
+        print(_table([r for f in args.table for r in json.loads(f.read_text())]))
+        return
+    if args.paired:
+        for setting, n in (("wrn", 8), ("resnet18", 1)):
+            if args.only and setting not in args.only:
+                continue
+            spec = {"setting": setting, "impl": "paired", "method": "ScoreCAM", "n": n,
+                    "rounds": 4, "threads": args.threads, "repeats": 1}
+            print(json.dumps(_measure(spec)), flush=True)
+        return
+    if args.alternated:
+        for setting in args.only or list(SETTINGS):
+            for method in args.methods or ["GradCAM", "GradCAMPlusPlus", "ShapleyCAM"]:
+                spec = {"setting": setting, "impl": "alternated", "method": method,
+                        "rounds": 6, "threads": args.threads, "repeats": 1}
+                print(json.dumps(_measure(spec)), flush=True)
+        return
     results = []
     for spec in _plan(args):
+        if args.methods and spec["method"] not in args.methods:
+            continue
+        spec["threads"] = args.threads
         res = _measure(spec)
         print(json.dumps(res), flush=True)
         results.append(res)
     print(f"\nmachine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
-          f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
+          f"torch {torch.__version__}, {args.threads or torch.get_num_threads()} threads, "
           f"load average at end {os.getloadavg()[0]:.1f}\n")
     print(_table(results))
     if args.json:
