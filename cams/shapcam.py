@@ -16,7 +16,7 @@ from cams._base import (
     check_range,
     check_targets,
 )
-from cams._head import Head
+from cams._head import BNStats, Head
 from cams._shapley import additive_game_shapley, exact_shapley, permutation_shapley
 
 __all__ = ["BASELINES", "ShapCAM"]
@@ -100,9 +100,9 @@ class ShapCAM(BaseCAM):
             tgt = fwd.logits.argmax(1)
         check_range(tgt, fwd.logits.shape[1])
         a = fwd.activation.detach()
-        head = self._fast(fwd)
+        head, stats = self._fast_stats(fwd)
         if head is not None:
-            game = self._additive(head, a, self._base(a))
+            game = self._additive(head, a, self._base(a), stats)
             return lambda masks: self._additive_values(*game, tgt, masks)
         generic = self._generic_game(x, a, self._base(a), tgt)
 
@@ -117,19 +117,23 @@ class ShapCAM(BaseCAM):
             return a.mean((2, 3), keepdim=True)
         return torch.zeros_like(a[:, :, :1, :1])
 
-    def _fast(self, fwd: Forward) -> Head | None:
+    def _fast_stats(self, fwd: Forward) -> tuple[Head | None, BNStats | None]:
         """The additive fast path, also for train-mode BatchNorm in the head: coalitions are
         evaluated with the batch statistics of the main forward (as the generic reruns are), so
-        the head stays per-position and the game stays additive."""
+        the head stays per-position and the game stays additive. Nothing is kept on ``self``."""
         head = self.head()
-        stats = {m: v[0] for m, v in fwd.stats.items() if len(v) == 1}
-        self._bn_stats = stats or None
-        return head if head is not None and head.usable(fwd.activation, self._bn_stats) else None
+        stats = {m: v[0] for m, v in fwd.stats.items() if len(v) == 1} or None
+        usable = head is not None and head.usable(fwd.activation, stats)
+        return (head, stats) if usable else (None, None)
 
-    def _additive(self, head: Head, a: Tensor, base: Tensor) -> tuple[Tensor, Tensor]:
+    def _fast(self, fwd: Forward) -> Head | None:
+        return self._fast_stats(fwd)[0]
+
+    @staticmethod
+    def _additive(head: Head, a: Tensor, base: Tensor, stats: BNStats | None
+                  ) -> tuple[Tensor, Tensor]:
         """``(y(∅) (B, K), u (B, P, K))`` of the additive game."""
         weight, bias = head.linear.weight, head.linear.bias
-        stats = getattr(self, "_bn_stats", None)
         f_base = head.features(base, stats)
         base_logits = f_base.flatten(1) @ weight.t()
         if bias is not None:
@@ -182,12 +186,12 @@ class ShapCAM(BaseCAM):
     def _maps(self, x: Tensor, fwd: Forward, targets: Tensor, create_graph: bool) -> Tensor:
         a = self._activation(fwd, create_graph)
         b, _, h, w = a.shape
-        head = self._fast(fwd)
+        head, stats = self._fast_stats(fwd)
         with torch.set_grad_enabled(create_graph):
             base = self._base(a)
             if head is not None:
                 self.last_path = "fast"
-                base_logits, contrib = self._additive(head, a, base)
+                base_logits, contrib = self._additive(head, a, base, stats)
                 if self.exact:
                     phi = exact_shapley(lambda m: self._additive_values(
                         base_logits, contrib, targets, m), h * w)
