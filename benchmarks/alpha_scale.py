@@ -71,8 +71,8 @@ def main() -> None:
             out = build_cam(method, student, "block3", options).compute(x, y, create_graph=True)
             ce = F.cross_entropy(out.logits, y)
             cam = explanation_loss(out.maps, t_maps, "l2")
-            ce_vals.append(float(ce))
-            cam_vals.append(float(cam))
+            ce_vals.append(ce.item())
+            cam_vals.append(cam.item())
             ratios.append(grad_norm(cam, params) / grad_norm(ce, params))
         n = args.seeds
         print(
