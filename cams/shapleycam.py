@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-from torch import Tensor, nn
+from torch import Tensor
 
-from cams._base import BaseCAM, Forward, check_choice
-from cams.gradcam import VARIANTS, combine
+from cams._base import Forward
+from cams.gradcam import GradCAM, combine
 
 __all__ = ["ShapleyCAM"]
 
 
-class ShapleyCAM(BaseCAM):
+class ShapleyCAM(GradCAM):
     r"""ShapleyCAM (Algorithm 1 of Cai, 2025) and its -H / -E variants.
 
     .. math::
@@ -30,12 +30,6 @@ class ShapleyCAM(BaseCAM):
 
     default_utility = "rest"
     _third_order = True
-
-    def __init__(self, model: nn.Module, target_layer: nn.Module | str, *,
-                 utility: str | None = None, relu: bool = True, variant: str = "mean",
-                 fast_path: bool = True) -> None:
-        super().__init__(model, target_layer, utility=utility, relu=relu, fast_path=fast_path)
-        self.variant = check_choice("variant", variant, VARIANTS)
 
     def _maps(self, x: Tensor, fwd: Forward, targets: Tensor, create_graph: bool) -> Tensor:
         g, hvp = self._grads(fwd, targets, create_graph, hvp=True)
