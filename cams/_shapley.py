@@ -328,10 +328,15 @@ def _relative_logits(logits: Tensor, targets: Tensor) -> Tensor:
 
 
 def _exp_safe(base_rel: Tensor, contrib_rel: Tensor) -> Tensor:
-    """Per sample: all coalition relative logits lie in ``[-80, 80]`` (bound via |u| sums)."""
+    """Per sample: every coalition's relative logits and every contribution lie in [-80, 80].
+
+    Then each running product of the exp-space scans (a coalition's ``e^r``) and each factor
+    ``e^{±u}`` is a normal float32 number.
+    """
     hi = base_rel + contrib_rel.clamp(min=0).sum(1)
     lo = base_rel + contrib_rel.clamp(max=0).sum(1)
-    return (hi.amax(-1) <= _EXP_SAFE) & (lo.amin(-1) >= -_EXP_SAFE)
+    u_max = contrib_rel.abs().amax(dim=(1, 2)) if contrib_rel.shape[1] else hi.new_zeros(len(hi))
+    return (hi.amax(-1) <= _EXP_SAFE) & (lo.amin(-1) >= -_EXP_SAFE) & (u_max <= _EXP_SAFE)
 
 
 def _default_chunk(batch: int, n_classes: int) -> int:
@@ -470,27 +475,28 @@ def _end_value(logits: Tensor, targets: Tensor | None, utility: str | UtilityFn)
 # -------------------------------------------------------------- scan kernels (no autograd)
 
 
-def _exp_scan(e_base: Tensor, e_contrib: Tensor, perms: Tensor, keep: bool) -> Tensor:
-    r"""Running products :math:`e^{r(\mathrm{Pre}_t)}` along orderings, ``t = 1..P-1``.
+def _exp_inputs(base: Tensor, contrib: Tensor) -> tuple[Tensor, Tensor]:
+    """``e^base`` as ``(K', 1, B)`` and ``e^contrib`` as ``(K', P, B)`` for the exp-space scans."""
+    return base.exp().t().unsqueeze(1).contiguous(), contrib.exp().permute(2, 1, 0).contiguous()
 
-    ``e_base``: ``(K', B)``; ``e_contrib``: ``(P, K', B)``; ``perms``: ``(C, P)``.
-    Returns ``s_t = sum_k e^{r_k}`` as ``(P-1, C, B)``, or with ``keep`` all states
-    ``(P-1, C, K', B)``.  One step = one gather, one product and one sum over ``K'``.
+
+def _exp_scan(e_base: Tensor, e_contrib: Tensor, perms: Tensor) -> Tensor:
+    r"""Class sums :math:`s_t = \sum_k e^{r_k(\mathrm{Pre}_t)}` along orderings, ``t = 1..P-1``.
+
+    ``e_base``: ``(K', 1, B)``; ``e_contrib``: ``(K', P, B)``; ``perms``: ``(C, P)``.
+    Returns ``(P-1, C, B)``.  The running state ``e^{r(Pre_t)}`` is laid out ``(K', C, B)``:
+    one step gathers the added players' factors into a reused buffer, multiplies in place
+    and sums ``K'`` contiguous slabs (about 15 % faster than a ``(C, K', B)`` layout).
     """
     cols = perms.t().contiguous()  # cols[t]: player added at step t of every ordering
-    p = cols.shape[0]
-    state = e_contrib.index_select(0, cols[0]).mul_(e_base)
-    if keep:
-        states = state.new_empty((p - 1, *state.shape))
-        states[0] = state
-        for t in range(1, p - 1):
-            torch.mul(states[t - 1], e_contrib.index_select(0, cols[t]), out=states[t])
-        return states
-    sums = state.new_empty((p - 1, state.shape[0], state.shape[2]))
-    sums[0] = state.sum(1)  # faster than sum(out=...), which zero-fills first
+    p, c = cols.shape
+    state = e_contrib.index_select(1, cols[0]).mul_(e_base)
+    buf = torch.empty_like(state)
+    sums = state.new_empty((p - 1, c, state.shape[2]))
+    torch.sum(state, 0, out=sums[0])
     for t in range(1, p - 1):
-        state.mul_(e_contrib.index_select(0, cols[t]))
-        sums[t] = state.sum(1)
+        torch.index_select(e_contrib, 1, cols[t], out=buf)
+        torch.sum(state.mul_(buf), 0, out=sums[t])
     return sums
 
 
@@ -562,10 +568,9 @@ class _InteriorShapley(torch.autograd.Function):
                 values = utility(logits, targets.expand(*logits.shape[:-1]))
                 acc = _scatter_interior(acc, perms[lo:hi], values, inplace=True)
         else:
-            e_base = base.exp().t().contiguous()
-            e_contrib = contrib.exp().permute(1, 2, 0).contiguous()
+            e_base, e_contrib = _exp_inputs(base, contrib)
             for lo, hi in _chunks(perms.shape[0], chunk):
-                s = _exp_scan(e_base, e_contrib, perms[lo:hi], keep=False)
+                s = _exp_scan(e_base, e_contrib, perms[lo:hi])
                 _scatter_interior(acc, perms[lo:hi], _named_value(s, utility), inplace=True)
         return acc.t().to(contrib.dtype)
 
@@ -589,17 +594,32 @@ class _InteriorShapley(torch.autograd.Function):
 def _backward_named(
     base: Tensor, contrib: Tensor, perms: Tensor, kind: str, chunk: int, g_t: Tensor
 ) -> tuple[Tensor, Tensor]:
-    r"""Exp-space backward: :math:`\partial v/\partial r_k = v'(s)\, e^{r_k}`."""
-    e_base = base.exp().t().contiguous()
-    e_contrib = contrib.exp().permute(1, 2, 0).contiguous()
-    grad_contrib = torch.zeros_like(e_contrib)  # (P, K', B)
-    grad_base = torch.zeros_like(e_base)
+    r"""Exp-space backward: one reverse scan per chunk, no stored states.
+
+    With :math:`E_t = e^{r(\mathrm{Pre}_t)}` and :math:`w_t = \partial L/\partial
+    v(\mathrm{Pre}_t)\, v'(s_t)`, player :math:`\pi_i` gets
+    :math:`\partial L/\partial u_{\pi_i} = \sum_{t > i} w_t E_t` per ordering.  Each ordering
+    is walked from the grand coalition down (:math:`E_P` is the same for all orderings,
+    :math:`E_t = E_{t+1} e^{-u_{\pi_t}}`), so that sum is a running sum.  Every state is a
+    coalition's ``e^r`` and every factor ``e^{-u}`` is in range (see :func:`_exp_safe`).
+    """
+    e_inv = contrib.neg().exp().permute(2, 1, 0).contiguous()  # (K', P, B)
+    e_full = (base + contrib.sum(1)).exp().t().unsqueeze(1)  # (K', 1, B)
+    grad_contrib = torch.zeros_like(e_inv)
+    grad_base = e_full.new_zeros(e_full.shape)
     for lo, hi in _chunks(perms.shape[0], chunk):
-        states = _exp_scan(e_base, e_contrib, perms[lo:hi], keep=True)  # (P-1, C, K', B)
-        coef = _named_coef(states.sum(2), kind) * _grad_values(g_t, perms[lo:hi])
-        grad_prefix = states.mul_(coef.unsqueeze(2))
-        grad_base += _scatter_prefix_grads(grad_prefix, perms[lo:hi], grad_contrib)
-    return grad_base.t(), grad_contrib.permute(2, 0, 1)
+        cols = perms[lo:hi].t().contiguous()
+        grad_v = _grad_values(g_t, perms[lo:hi])  # (P-1, C, B)
+        state = e_full.expand(-1, hi - lo, -1).contiguous()
+        buf, acc = torch.empty_like(state), torch.zeros_like(state)
+        for t in range(cols.shape[0] - 1, 0, -1):
+            torch.index_select(e_inv, 1, cols[t], out=buf)
+            state.mul_(buf)  # E_t
+            weight = _named_coef(state.sum(0), kind).mul_(grad_v[t - 1])
+            acc.addcmul_(state, weight)  # sum_{t' >= t} w_t' E_t'
+            grad_contrib.index_add_(1, cols[t - 1], acc)
+        grad_base += acc.sum(1, keepdim=True)
+    return grad_base.squeeze(1).t(), grad_contrib.permute(2, 1, 0)
 
 
 def _backward_callable(

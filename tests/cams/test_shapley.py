@@ -211,6 +211,25 @@ def test_named_and_callable_utilities_agree() -> None:
         torch.testing.assert_close(named, call, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("utility", ["prob", "logprob"])
+def test_float32_gradients_of_64_players_match_float64_autograd(utility: str) -> None:
+    """The reverse exp-space scan (63 divisions per ordering) keeps float32 gradients accurate."""
+    g = torch.Generator().manual_seed(7)
+    base = torch.randn(4, 10, generator=g, dtype=F64) * 3
+    contrib = torch.randn(4, 64, 10, generator=g, dtype=F64) * 0.5
+    targets, upstream = torch.tensor([0, 3, 9, 5]), torch.randn(4, 64, generator=g, dtype=F64)
+
+    def grads(b: Tensor, c: Tensor, name: str | Callable[[Tensor, Tensor], Tensor]) -> Tensor:
+        b, c = b.clone().requires_grad_(True), c.clone().requires_grad_(True)
+        phi = additive_game_shapley(b, c, targets, name, 40, generator=2, chunk_size=16)
+        (phi * upstream.to(phi.dtype)).sum().backward()
+        assert b.grad is not None and c.grad is not None
+        return torch.cat([b.grad.flatten(), c.grad.flatten()]).double()
+
+    fast = grads(base.float(), contrib.float(), utility)
+    ref = grads(base, contrib, utility_fn(utility))  # log-space path, plain autograd
+    assert rel_l2(fast, ref) < 1e-5
+
 def test_logit_utility_is_exact() -> None:
     game = make_game(utility="logit", symmetric=False)
     base, contrib = game.additive()
@@ -230,6 +249,26 @@ def test_large_logits_route_to_the_log_space_path() -> None:
     assert torch.isfinite(phi).all()
     torch.testing.assert_close(phi.double(), ref, rtol=1e-4, atol=1e-6)
 
+
+
+def test_one_large_contribution_with_in_range_coalitions_is_exact() -> None:
+    """Every coalition's relative logit is in [-80, 80] but one factor e^{u} would overflow."""
+    base = torch.tensor([[0.0, -20.0]])  # target class 0: relative logit -20
+    contrib = torch.zeros(1, 3, 2)
+    contrib[0, 0, 1] = 100.0  # coalitions holding player 0: relative logit 80
+    contrib[0, 2, 1] = -30.0
+    all_orders = torch.tensor(list(itertools.permutations(range(3))))
+    base.requires_grad_(True)
+    phi = additive_game_shapley(base, contrib, torch.tensor([0]), "prob", permutations=all_orders)
+
+    def value(masks: Tensor) -> Tensor:
+        logits = base.double() + masks.double() @ contrib[0].double()
+        return logits.softmax(-1)[:, 0].unsqueeze(0)
+
+    assert torch.isfinite(phi).all()
+    torch.testing.assert_close(phi.double(), exact_shapley(value, 3), rtol=1e-5, atol=1e-7)
+    phi.sum().backward()  # efficiency: the sum is v(N) - v(0), a finite gradient
+    assert base.grad is not None and torch.isfinite(base.grad).all()
 
 # ------------------------------------------------------------------------- properties
 
