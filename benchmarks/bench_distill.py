@@ -1,49 +1,55 @@
-"""Student training step time per loss preset, relative to ce_kd, and peak memory.
+"""Training step time per loss preset (relative to ce_kd), peak memory, and the cost-model input.
 
-    python benchmarks/bench_distill.py [--batch 128] [--steps 5] [--presets ce_kd gradcam ...]
+    python benchmarks/bench_distill.py [--batch 64] [--steps 3] [--presets ce_kd gradcam_kd ...]
+                                       [--json benchmarks/results/step_times_cpu.json]
 
 Each preset runs in a fresh subprocess (so peak RSS is its own): WRN-16-2 student, WRN-40-2
 teacher (random weights), one training step = loss (student forward + CAMs + teacher) + backward +
-SGD step, on a fixed random batch with random crop/flip parameters. ``shapcam`` (cache) reads
-teacher maps from an in-memory cache exactly as training does (lookup + alignment); the online
-variants compute them from the teacher. Prints a Markdown table.
+SGD step, on a fixed random batch with random crop/flip parameters, median of ``--steps`` steps
+after one warm-up. The twelve cells use their presets' defaults (the ``paper`` profile's
+settings); ``shapcam`` (cache) reads teacher maps from an in-memory cache exactly as training does
+(lookup + alignment). Extra rows: ``teacher`` (a WRN-40-2 cross-entropy step), ``precompute``
+(offline Shap-CAM teacher maps for one batch, 10^4 permutations) and variants (online Shap-CAM
+teacher maps, Score-CAM ``max_channels``). Prints a Markdown table; ``--json`` also writes the
+step times that ``python -m distill.harness cost`` turns into a cost model.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import platform
 import resource
 import subprocess
 import sys
 import tempfile
 import time
+from datetime import date
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-
-# preset name -> (loss config name, extra loss options)
+CELLS = [
+    f"{m}{kd}"
+    for m in ("ce", "gradcam", "gradcampp", "scorecam", "shapcam", "shapleycam")
+    for kd in ("", "_kd")
+]
+ONLINE_1000 = {"teacher_maps": "online", "teacher_cam": {"n_permutations": 1000, "seed": 0}}
+# label -> (loss preset, extra loss options); cells use their defaults
 PRESETS: dict[str, tuple[str, dict]] = {
-    "ce": ("ce", {}),
-    "ce_kd": ("ce_kd", {}),
-    "gradcam_kd": ("gradcam_kd", {}),
-    "gradcampp_kd": ("gradcampp_kd", {}),
-    "shapleycam_kd": ("shapleycam_kd", {}),
-    "shapcam_kd (cache, student 256 perm.)": ("shapcam_kd", {}),
-    "shapcam_kd (online, 1000 perm.)": (
+    **{cell: (cell, {}) for cell in CELLS},
+    "shapcam_kd (online teacher 1000 perm., student 256 antithetic)": ("shapcam_kd", ONLINE_1000),
+    "shapcam_kd (online teacher 1000 perm., student 1000 perm.)": (
         "shapcam_kd",
-        {
-            "teacher_maps": "online",
-            "teacher_cam": {"n_permutations": 1000, "seed": 0},
-            "student_cam": {"n_permutations": 1000},
-        },
+        {**ONLINE_1000, "student_cam": {"n_permutations": 1000, "antithetic": False}},
     ),
-    "scorecam_kd (cache, all 128 channels)": ("scorecam_kd", {"teacher_maps": "cache"}),
     "scorecam_kd (cache, max_channels=8)": (
         "scorecam_kd",
         {"teacher_maps": "cache", "student_cam": {"max_channels": 8}},
     ),
 }
+SPECIAL = ("teacher", "precompute")
+DEFAULT_ORDER = ["ce_kd", *SPECIAL, *[p for p in PRESETS if p != "ce_kd"]]
 
 
 def load_loss(name: str, extra: dict) -> dict:
@@ -60,15 +66,26 @@ def load_loss(name: str, extra: dict) -> dict:
     return loss
 
 
-def run_one(preset: str, batch: int, steps: int) -> dict:
+def make_batch(batch: int) -> dict:
     import torch
 
     from distill.data.augment import AugParams
+
+    gen = torch.Generator().manual_seed(0)
+    return {
+        "image": torch.randn(batch, 3, 32, 32, generator=gen),
+        "label": torch.randint(0, 10, (batch,), generator=gen),
+        "index": torch.randint(0, 50_000, (batch,), generator=gen),
+        "aug": AugParams.sample(batch, generator=gen),
+    }
+
+
+def student_module(name: str, extra: dict):  # -> StudentModule
+    import torch
+
     from distill.models import WideResNet
     from distill.modules.student import StudentModule
 
-    torch.manual_seed(0)
-    name, extra = PRESETS[preset]
     loss_cfg = load_loss(name, extra)
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = Path(tmp) / "teacher.ckpt"
@@ -77,78 +94,149 @@ def run_one(preset: str, batch: int, steps: int) -> dict:
         module = StudentModule(
             WideResNet(16, 2), WideResNet(40, 2), loss_cfg, teacher_checkpoint=str(ckpt)
         )
-    module.train()
     if loss_cfg["method"] and loss_cfg["teacher_maps"] == "cache":
         module.cached_maps = torch.rand(50_000, 8, 8)
         module.cache_position = torch.arange(50_000)
+    return module
+
+
+def step_fn(preset: str, batch: int, device: str, bf16: bool):  # -> Callable[[], None]
+    import contextlib
+
+    import torch
+
+    torch.manual_seed(0)
+    data = {k: v.to(device) for k, v in make_batch(batch).items()}
+    autocast = (
+        torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
+        if bf16
+        else contextlib.nullcontext()
+    )
+    if preset == "precompute":  # the offline cache's teacher maps (un-augmented images)
+        module = student_module("shapcam_kd", {}).to(device)
+
+        def maps() -> None:
+            with autocast:
+                module.teacher_cam.compute(data["image"], data["label"])
+
+        return maps
+    if preset == "teacher":
+        from distill.models import WideResNet
+        from distill.modules.classifier import ClassifierModule
+
+        module = ClassifierModule(WideResNet(40, 2))
+    else:
+        module = student_module(*PRESETS[preset])
+    module.to(device).train()
     opt = torch.optim.SGD(module.net.parameters(), lr=0.01, momentum=0.9)
-    gen = torch.Generator().manual_seed(0)
-    data = {
-        "image": torch.randn(batch, 3, 32, 32, generator=gen),
-        "label": torch.randint(0, 10, (batch,), generator=gen),
-        "index": torch.randint(0, 50_000, (batch,), generator=gen),
-        "aug": AugParams.sample(batch, generator=gen),
-    }
 
     def step() -> None:
-        loss, _, _ = module.compute_loss(data)
+        with autocast:
+            loss, _, _ = module.compute_loss(data)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
 
+    return step
+
+
+def run_one(preset: str, batch: int, steps: int, device: str, bf16: bool) -> dict:
+    import torch
+
+    cuda = torch.device(device).type == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    step = step_fn(preset, batch, device, bf16)
     step()  # warm-up
     times = []
     for _ in range(steps):
+        sync()
         start = time.perf_counter()
         step()
+        sync()
         times.append(time.perf_counter() - start)
     times.sort()
+    peak = torch.cuda.max_memory_allocated() if cuda else 0
     return {
         "preset": preset,
         "step_s": times[len(times) // 2],
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_gpu_mb": peak / 2**20,
+    }
+
+
+def steps_for(preset: str, steps: int) -> int:
+    """Score-CAM with all channels and the 10^4-permutation precompute are slow: fewer steps."""
+    slow = preset in ("scorecam", "scorecam_kd", "precompute")
+    return max(1, steps // 3) if slow else steps
+
+
+def machine() -> dict:
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "load_avg_start": os.getloadavg()[0],
     }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--batch", type=int, default=128)
-    parser.add_argument("--steps", type=int, default=5)
-    parser.add_argument("--presets", nargs="*", default=list(PRESETS))
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--presets", nargs="*", default=DEFAULT_ORDER)
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    parser.add_argument("--bf16", action="store_true", help="bf16 autocast (precision=bf16-mixed)")
+    parser.add_argument("--json", default=None, help="write step times for `harness cost` here")
     parser.add_argument("--one", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
-        print(json.dumps(run_one(args.one, args.batch, args.steps)))
+        print(json.dumps(run_one(args.one, args.batch, args.steps, args.device, args.bf16)))
         return
+    unknown = [p for p in args.presets if p not in PRESETS and p not in SPECIAL]
+    if unknown:
+        parser.error(f"unknown presets {unknown}; choose from {[*SPECIAL, *PRESETS]}")
+    info = {**machine(), "device": args.device, "bf16": args.bf16}
     results = []
     for preset in args.presets:
-        steps = max(1, args.steps // 3) if "all 128" in preset else args.steps
-        out = subprocess.run(
-            [
-                sys.executable,
-                __file__,
-                "--one",
-                preset,
-                "--batch",
-                str(args.batch),
-                "--steps",
-                str(steps),
-            ],
-            capture_output=True,
-            text=True,
-            check=True,
-        )
+        cmd = [sys.executable, __file__, "--one", preset, "--batch", str(args.batch)]
+        cmd += ["--steps", str(steps_for(preset, args.steps)), "--device", args.device]
+        cmd += ["--bf16"] if args.bf16 else []
+        out = subprocess.run(cmd, capture_output=True, text=True, check=True)
         results.append(json.loads(out.stdout.strip().splitlines()[-1]))
         print(f"# {preset}: {results[-1]['step_s']:.3f} s", file=sys.stderr, flush=True)
+    info["load_avg_end"] = os.getloadavg()[0]
     base = next((r["step_s"] for r in results if r["preset"] == "ce_kd"), None)
     print(f"| preset (batch {args.batch}) | step (s) | x ce_kd | img/s | peak RSS (MB) |")
-    print("|---|---|---|---|---|")
+    print("|---|---|---|---|---|")  # peak GPU memory is in --json
     for r in results:
         ratio = f"{r['step_s'] / base:.2f}" if base else "—"
         print(
             f"| {r['preset']} | {r['step_s']:.3f} | {ratio} | {args.batch / r['step_s']:.0f} | "
             f"{r['peak_rss_mb']:.0f} |"
         )
+    print(f"machine: {info}", file=sys.stderr)
+    if args.json:
+        record = {
+            "date": date.today().isoformat(),
+            "command": " ".join(["python", "benchmarks/bench_distill.py", *sys.argv[1:]]),
+            "machine": info,
+            "batch": args.batch,
+            "step_s": {r["preset"]: r["step_s"] for r in results},
+            "peak_gpu_mb": {r["preset"]: r["peak_gpu_mb"] for r in results},
+        }
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(record, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -83,6 +83,28 @@ def test_run_with_a_different_config_is_refused(tmp_path):
     assert "gradcam" not in harness.pending_cells(profile)[0]
 
 
+def test_cost_model_arithmetic(tmp_path):
+    """Paper profile: 50k images x 200 epochs x 3 seeds; times scale per image from batch 64."""
+    times = {"teacher": 1.0, "precompute": 2.0, "ce": 0.5, "ce_kd": 0.8}
+    path = tmp_path / "steps.json"
+    path.write_text(json.dumps({"batch": 64, "step_s": times, "machine": {"cpu": "X"}}))
+    table = harness.cost(Profile.load("paper"), path)
+    rows = {line.split("|")[1].strip(): line.split("|") for line in table.splitlines()[4:-3]}
+    teacher_h = 1.0 / 64 * 50_000 * 200 / 3600
+    assert float(rows["teacher"][6]) == pytest.approx(teacher_h, abs=0.005)
+    assert float(rows["cached teacher maps (shapcam)"][6]) == pytest.approx(
+        2.0 / 64 * 50_000 / 3600, abs=0.005
+    )
+    assert float(rows["ce_kd"][7]) == pytest.approx(3 * 0.8 / 64 * 50_000 * 200 / 3600, abs=0.005)
+    assert "not measured" in rows["gradcam"][5]
+    expected = teacher_h * (1 + 3 * 0.5 + 3 * 0.8) + 2.0 / 64 * 50_000 / 3600
+    assert f"**Total: {expected:.1f} h**" in table
+    assert "gradcam, gradcam_kd" in table.splitlines()[-1]
+    path.write_text("{}")
+    with pytest.raises(HarnessError, match="bench_distill.py --json"):
+        harness.cost(Profile.load("paper"), path)
+
+
 def test_cli_reports_bad_profile_briefly():
     proc = subprocess.run(
         [sys.executable, "-m", "distill.harness", "report", "--profile", "x"],
