@@ -2,6 +2,7 @@
 
     python benchmarks/bench_distill.py [--batch 64] [--steps 3] [--presets ce_kd gradcam_kd ...]
                                        [--json benchmarks/results/step_times_cpu.json]
+    python benchmarks/bench_distill.py --alternated 6 --presets gradcam_kd shapleycam_kd ...
 
 Each preset runs in a fresh subprocess (so peak RSS is its own): WRN-16-2 student, WRN-40-2
 teacher (random weights), one training step = loss (student forward + CAMs + teacher) + backward +
@@ -12,6 +13,10 @@ settings); ``shapcam`` (cache) reads teacher maps from an in-memory cache exactl
 (offline Shap-CAM teacher maps for one batch, 10^4 permutations) and variants (online Shap-CAM
 teacher maps, Score-CAM ``max_channels``). Prints a Markdown table; ``--json`` also writes the
 step times that ``python -m distill.harness cost`` turns into a cost model.
+
+``--alternated R`` is the robust ratio on a noisy machine: one process per preset builds both the
+preset's and ``ce_kd``'s modules and alternates their steps for ``R`` rounds after a warm-up, so
+load drifts hit both sides alike; the ratio is the preset's summed time over ``ce_kd``'s.
 """
 
 from __future__ import annotations
@@ -164,6 +169,56 @@ def run_one(preset: str, batch: int, steps: int, device: str, bf16: bool) -> dic
     }
 
 
+def run_alternated(preset: str, batch: int, rounds: int, device: str, bf16: bool) -> dict:
+    """Steps of ``preset`` and ``ce_kd`` in turn, ``rounds`` times each after one warm-up."""
+    import torch
+
+    sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
+    steps = {
+        "ce_kd": step_fn("ce_kd", batch, device, bf16),
+        preset: step_fn(preset, batch, device, bf16),
+    }
+    totals = dict.fromkeys(steps, 0.0)
+    for step in steps.values():
+        step()
+    for _ in range(rounds):
+        for name, step in steps.items():
+            sync()
+            start = time.perf_counter()
+            step()
+            sync()
+            totals[name] += time.perf_counter() - start
+    return {
+        "preset": preset,
+        "rounds": rounds,
+        "step_s": totals[preset] / rounds,
+        "ce_kd_step_s": totals["ce_kd"] / rounds,
+        "ratio": totals[preset] / totals["ce_kd"],
+    }
+
+
+def alternated(args: argparse.Namespace) -> None:
+    """One subprocess per preset (fresh allocator), ratios printed as a Markdown table."""
+    print(
+        f"| preset (batch {args.batch}, {args.alternated} alternated rounds) "
+        "| step (s) | ce_kd step (s) | x ce_kd |"
+    )
+    print("|---|---|---|---|")
+    for preset in args.presets:
+        if preset in ("ce_kd", *SPECIAL):
+            continue
+        cmd = [sys.executable, __file__, "--pair", preset, "--batch", str(args.batch)]
+        cmd += ["--alternated", str(args.alternated), "--device", args.device]
+        cmd += ["--bf16"] if args.bf16 else []
+        out = subprocess.run(cmd, capture_output=True, text=True, check=True)
+        r = json.loads(out.stdout.strip().splitlines()[-1])
+        print(
+            f"| {preset} | {r['step_s']:.3f} | {r['ce_kd_step_s']:.3f} | {r['ratio']:.2f} |",
+            flush=True,
+        )
+    print(f"machine: {machine()}", file=sys.stderr)
+
+
 def steps_for(preset: str, steps: int) -> int:
     """Score-CAM with all channels and the 10^4-permutation precompute are slow: fewer steps."""
     slow = preset in ("scorecam", "scorecam_kd", "precompute")
@@ -198,14 +253,29 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast (precision=bf16-mixed)")
     parser.add_argument("--json", default=None, help="write step times for `harness cost` here")
+    parser.add_argument(
+        "--alternated",
+        type=int,
+        default=0,
+        metavar="R",
+        help="ratios to ce_kd from R rounds of alternated steps in one process per preset",
+    )
     parser.add_argument("--one", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--pair", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.pair:
+        result = run_alternated(args.pair, args.batch, args.alternated, args.device, args.bf16)
+        print(json.dumps(result))
+        return
     if args.one:
         print(json.dumps(run_one(args.one, args.batch, args.steps, args.device, args.bf16)))
         return
     unknown = [p for p in args.presets if p not in PRESETS and p not in SPECIAL]
     if unknown:
         parser.error(f"unknown presets {unknown}; choose from {[*SPECIAL, *PRESETS]}")
+    if args.alternated:
+        alternated(args)
+        return
     info = {**machine(), "device": args.device, "bf16": args.bf16}
     results = []
     for preset in args.presets:
