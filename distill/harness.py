@@ -277,19 +277,44 @@ def _baseline(cell: str) -> str:
     return "ce_kd" if cell.endswith("_kd") else "ce"
 
 
-def _noise_note(row: dict[str, Any], base: dict[str, Any]) -> str:
+def pooled_sd(rows: Sequence[dict[str, Any]]) -> tuple[float, int]:
+    """Seed-noise standard deviation pooled over every cell with two or more seeds, and its
+    degrees of freedom: ``sqrt(sum_cells sum_seeds (e - mean_cell)^2 / sum_cells (n - 1))``.
+
+    One protocol's cells share the same seed noise, so pooling gives a far steadier estimate
+    than each cell's own standard deviation from a handful of seeds. ``(nan, 0)`` without
+    repeated seeds.
+    """
+    squares = sum(sum((e - r["mean"]) ** 2 for e in r["errors"]) for r in rows)
+    dof = sum(max(len(r["errors"]) - 1, 0) for r in rows)
+    return (math.sqrt(squares / dof), dof) if dof else (float("nan"), 0)
+
+
+def _noise_note(row: dict[str, Any], base: dict[str, Any], sd: float) -> str:
+    """Whether ``row``'s difference to its baseline exceeds 2 standard errors of a difference
+    of means, ``2 sd sqrt(1/n_row + 1/n_base)`` with the pooled seed noise ``sd``."""
     if row["cell"] == base["cell"] or not row["errors"] or not base["errors"]:
         return ""
-    diff = row["mean"] - base["mean"]
-    se = math.sqrt(
-        sum(
-            (r["std"] if math.isfinite(r["std"]) else 0.0) ** 2 / max(len(r["errors"]), 1)
-            for r in (row, base)
-        )
+    if not math.isfinite(sd):
+        return "single seeds: noise unknown"
+    se = sd * math.sqrt(1 / len(row["errors"]) + 1 / len(base["errors"]))
+    return (
+        "within seed noise"
+        if abs(row["mean"] - base["mean"]) <= 2 * se
+        else ("beyond 2 standard errors")
     )
-    if not math.isfinite(se) or se == 0:
-        return "single seed: noise unknown"
-    return "within seed noise" if abs(diff) <= 2 * se else "beyond 2 standard errors"
+
+
+def _noise_footer(sd: float, dof: int, seeds: int) -> str:
+    if not dof:
+        return "Seed noise: unknown (no cell has two seeds)."
+    threshold = 2 * sd * math.sqrt(2 / seeds)
+    return (
+        f"Seed noise: standard deviation {sd:.2f} points, pooled over the cells ({dof} degrees "
+        f"of freedom). A difference to the baseline is noted as beyond noise when it exceeds 2 "
+        f"standard errors of a difference of means ({threshold:.2f} points for {seeds} vs "
+        f"{seeds} seeds); with many cells a few such notes arise by chance alone."
+    )
 
 
 def _fmt(x: float, sign: bool = False) -> str:
@@ -302,6 +327,7 @@ def report(profile: Profile) -> Path:
     """Write table.md, table.csv and chart.png under results/<profile>/."""
     rows = collect(profile)
     by_cell = {r["cell"]: r for r in rows}
+    sd, dof = pooled_sd(rows)
     profile.out.mkdir(parents=True, exist_ok=True)
     lines = [
         f"# Student test error (%), profile `{profile.name}`",
@@ -331,7 +357,7 @@ def report(profile: Profile) -> Path:
         for row in rows:
             base = by_cell.get(_baseline(row["cell"]))
             diff_base = row["mean"] - base["mean"] if base else float("nan")
-            note = _noise_note(row, base) if base else ""
+            note = _noise_note(row, base, sd) if base else ""
             if row["missing"]:
                 note = (note + "; " if note else "") + f"missing seeds {row['missing']}"
             cell_err = f"{_fmt(row['mean'])} ± {_fmt(row['std'])}"
@@ -362,6 +388,8 @@ def report(profile: Profile) -> Path:
         f"Teacher test error: {_fmt(teacher.get('test_error') or float('nan'))}%. "
         f"Training wall time of the finished runs (teacher + cells, fit + test, "
         f"without precompute): {total / 60:.1f} min.",
+        "",
+        _noise_footer(sd, dof, len(profile.seeds)),
     ]
     (profile.out / "table.md").write_text("\n".join(lines) + "\n")
     _chart(rows, profile.out / "chart.png", profile.name)

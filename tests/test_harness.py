@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import statistics
 import subprocess
 import sys
@@ -63,12 +64,22 @@ def test_report_values_and_missing_runs(tmp_path):
     assert (tmp_path / "smoke" / "chart.png").stat().st_size > 1000
 
 
-def test_noise_note_distinguishes_noise_from_effects(tmp_path):
-    base = {"cell": "ce", "errors": [10.0, 10.2, 9.8], "mean": 10.0, "std": 0.2}
-    close = {"cell": "gradcam", "errors": [9.9, 10.1, 9.9], "mean": 9.97, "std": 0.115}
-    far = {"cell": "gradcam", "errors": [5.0, 5.1, 4.9], "mean": 5.0, "std": 0.1}
-    assert harness._noise_note(close, base) == "within seed noise"
-    assert harness._noise_note(far, base) == "beyond 2 standard errors"
+def test_noise_is_pooled_over_cells(tmp_path):
+    rows = [
+        {"cell": "ce", "errors": [10.0, 10.2, 9.8], "mean": 10.0},
+        {"cell": "gradcam", "errors": [9.0, 9.6], "mean": 9.3},
+        {"cell": "scorecam", "errors": [7.0], "mean": 7.0},  # one seed: no noise information
+    ]
+    sd, dof = harness.pooled_sd(rows)
+    assert dof == 3
+    assert sd == pytest.approx(math.sqrt((0.04 + 0.0 + 0.04 + 0.09 + 0.09) / 3))
+    assert harness.pooled_sd([rows[2]])[1] == 0
+    # 2 sd sqrt(1/2 + 1/3) = 0.537: a 0.7 difference is beyond noise, 0.5 is not
+    base = rows[0]
+    assert harness._noise_note({**rows[1], "mean": 9.5}, base, sd) == "within seed noise"
+    assert harness._noise_note(rows[1], base, sd) == "beyond 2 standard errors"
+    assert harness._noise_note(rows[2], base, float("nan")) == "single seeds: noise unknown"
+    assert harness._noise_note(base, base, sd) == ""
 
 
 def test_run_with_a_different_config_is_refused(tmp_path):
