@@ -392,28 +392,61 @@ def report(profile: Profile) -> Path:
         _noise_footer(sd, dof, len(profile.seeds)),
     ]
     (profile.out / "table.md").write_text("\n".join(lines) + "\n")
-    _chart(rows, profile.out / "chart.png", profile.name)
+    _chart(rows, profile.out / "chart.png", profile.name, sd)
     return profile.out / "table.md"
 
 
-def _chart(rows: list[dict[str, Any]], path: Path, title: str) -> None:
+def _chart(rows: list[dict[str, Any]], path: Path, title: str, sd: float) -> None:
+    """Left: every seed's test error and the cell mean ± std. Right: each cell's difference to
+    its baseline (mean ± 2 standard errors from the pooled seed noise) beside the paper's."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(max(6, 0.7 * len(rows)), 4))
+    by_cell = {r["cell"]: r for r in rows}
+    names = [r["cell"] for r in rows]
     xs = range(len(rows))
-    means = [r["mean"] for r in rows]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(max(10, 1.2 * len(rows)), 4.5))
+    for x, r in zip(xs, rows, strict=True):
+        left.scatter([x] * len(r["errors"]), r["errors"], color="tab:gray", s=12, zorder=3)
     stds = [r["std"] if math.isfinite(r["std"]) else 0.0 for r in rows]
-    ax.bar(xs, means, yerr=stds, capsize=3, color="tab:blue", alpha=0.8, label="this run")
-    ax.scatter(
-        xs, [r["paper"] for r in rows], color="tab:red", marker="_", s=300, label="paper", zorder=3
+    left.errorbar(
+        xs,
+        [r["mean"] for r in rows],
+        yerr=stds,
+        fmt="o",
+        color="tab:blue",
+        capsize=4,
+        label="mean ± std over seeds",
     )
-    ax.set_xticks(list(xs), [r["cell"] for r in rows], rotation=45, ha="right")
-    ax.set_ylabel("test error (%)")
-    ax.set_title(f"WRN-40-2 → WRN-16-2 student, profile {title}")
-    ax.legend()
+    left.set_ylabel("test error (%)")
+    left.set_title("this run (grey: single seeds)")
+    left.legend(fontsize=8)
+    diffs = [
+        r for r in rows if _baseline(r["cell"]) in by_cell and r["cell"] != _baseline(r["cell"])
+    ]
+    dx = range(len(diffs))
+    ours, bars, paper = [], [], []
+    for r in diffs:
+        base = by_cell[_baseline(r["cell"])]
+        ours.append(r["mean"] - base["mean"])
+        n_r, n_b = max(len(r["errors"]), 1), max(len(base["errors"]), 1)
+        se = sd * math.sqrt(1 / n_r + 1 / n_b) if math.isfinite(sd) else 0.0
+        bars.append(2 * se)
+        paper.append(r["paper"] - base["paper"])
+    right.axhline(0.0, color="black", lw=0.8)
+    right.errorbar(
+        dx, ours, yerr=bars, fmt="o", color="tab:blue", capsize=4, label="this run: mean ± 2 SE"
+    )
+    right.scatter(dx, paper, color="tab:red", marker="_", s=300, zorder=3, label="paper")
+    right.set_ylabel("difference to CE / CE+KD baseline (points)")
+    right.set_title("effect of the explanation term")
+    right.legend(fontsize=8)
+    for ax, labels, pos in ((left, names, xs), (right, [r["cell"] for r in diffs], dx)):
+        ax.set_xticks(list(pos), labels, rotation=45, ha="right")
+        ax.grid(axis="y", alpha=0.3)
+    fig.suptitle(f"WRN-40-2 → WRN-16-2 student, profile {title}")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
