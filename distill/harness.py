@@ -186,9 +186,10 @@ def run_teacher(profile: Profile, dry_run: bool = False) -> None:
     _python(["train.py", *overrides], dry_run)
 
 
-def run_precompute(profile: Profile, dry_run: bool = False) -> None:
-    """Precompute teacher maps for every method whose cells read them from the cache."""
-    methods = sorted({c.removesuffix("_kd") for c in profile.cells} - {"ce"})
+def run_precompute(profile: Profile, pending: dict[int, list[str]], dry_run: bool = False) -> None:
+    """Precompute teacher maps for every method whose pending cells read them from the cache
+    (none once those cells are finished: a finished table needs no teacher checkpoint)."""
+    methods = sorted({c.removesuffix("_kd") for cells in pending.values() for c in cells} - {"ce"})
     for method in methods:
         overrides = profile.cell_overrides(method, profile.seeds[0])
         if compose(overrides)["loss"]["teacher_maps"] == "cache":
@@ -208,9 +209,11 @@ def pending_cells(profile: Profile) -> dict[int, list[str]]:
     return todo
 
 
-def run_cells(profile: Profile, n_jobs: int, dry_run: bool = False) -> None:
+def run_cells(
+    profile: Profile, pending: dict[int, list[str]], n_jobs: int, dry_run: bool = False
+) -> None:
     """One Hydra multirun per seed and group of cells sharing their method overrides."""
-    for seed, cells in pending_cells(profile).items():
+    for seed, cells in pending.items():
         groups: dict[tuple[str, ...], list[str]] = {}
         for cell in cells:
             groups.setdefault(tuple(profile.method_extra(cell)), []).append(cell)
@@ -233,9 +236,13 @@ def run_cells(profile: Profile, n_jobs: int, dry_run: bool = False) -> None:
 
 def run(profile: Profile, n_jobs: int | None = None, dry_run: bool = False) -> None:
     """The whole protocol, resumable: teacher, cached maps, every cell x seed."""
+    pending = pending_cells(profile)
+    if not pending:
+        print(f"every run of profile {profile.name!r} is finished")
+        return
     run_teacher(profile, dry_run)
-    run_precompute(profile, dry_run)
-    run_cells(profile, n_jobs or profile.n_jobs, dry_run)
+    run_precompute(profile, pending, dry_run)
+    run_cells(profile, pending, n_jobs or profile.n_jobs, dry_run)
 
 
 # --------------------------------------------------------------------------- report

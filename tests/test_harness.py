@@ -94,6 +94,23 @@ def test_run_with_a_different_config_is_refused(tmp_path):
     assert "gradcam" not in harness.pending_cells(profile)[0]
 
 
+def test_finished_table_needs_no_teacher_or_precompute(tmp_path, capsys):
+    """A committed table (no checkpoints, no cache) resumes to nothing; a pending cached cell
+    precomputes only its own method."""
+    profile = Profile.load("smoke", results_dir=str(tmp_path))
+    profile.seeds = [0]
+    for cell in profile.cells:
+        write_run(profile, cell, 0, 50.0)
+    harness.run(profile, dry_run=True)
+    assert "$" not in capsys.readouterr().out
+    (profile.run_dir("shapcam_kd", 0) / "metrics.json").unlink()
+    harness.run(profile, dry_run=True)
+    commands = [line for line in capsys.readouterr().out.splitlines() if line.startswith("$")]
+    assert len(commands) == 3  # teacher, Shap-CAM precompute, the one pending cell
+    assert "distill.precompute" in commands[1] and "loss=shapcam " in commands[1] + " "
+    assert "loss=shapcam_kd" in commands[2] and "scorecam" not in " ".join(commands)
+
+
 def test_cost_model_arithmetic(tmp_path):
     """Paper profile: 50k images x 200 epochs x 3 seeds; times scale per image from batch 64."""
     times = {"teacher": 1.0, "precompute": 2.0, "ce": 0.5, "ce_kd": 0.8}
