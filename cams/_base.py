@@ -165,6 +165,7 @@ class BaseCAM:
     _needs_grad: ClassVar[bool] = True  # maps need ∂U/∂A
     _third_order: ClassVar[bool] = False  # maps contain second derivatives (H·A)
     _reruns: ClassVar[bool] = False  # extra evaluations of the network
+    _reruns_from_target: ClassVar[bool] = False  # ... that replace the target layer's output
 
     def __init__(self, model: nn.Module, target_layer: nn.Module | str, *,
                  utility: str | None = None, relu: bool = True, fast_path: bool = True) -> None:
@@ -246,6 +247,7 @@ class BaseCAM:
             with batchnorm_patch(self.model, lambda: cap.count > 0,
                                  elementary=create_graph and self._third_order and has_train_bn,
                                  record=stats if self._reruns and has_train_bn else None,
+                                 record_after_target_only=self._reruns_from_target,
                                  detach=not create_graph):
                 torch.set_grad_enabled(body_graph)
                 logits = self.model(x)

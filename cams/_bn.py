@@ -92,20 +92,26 @@ def _patched(modules: list[_BatchNorm], make: Callable[[_BatchNorm, Callable], C
 
 @contextmanager
 def batchnorm_patch(model: nn.Module, after_target: Callable[[], bool], *, elementary: bool,
-                    record: Stats | None, detach: bool = True) -> Iterator[None]:
-    """Main CAM forward: elementary train-mode BN after the target; record batch statistics."""
+                    record: Stats | None, detach: bool = True,
+                    record_after_target_only: bool = False) -> Iterator[None]:
+    """Main CAM forward: elementary train-mode BN after the target; record batch statistics
+    (only of the calls after the target with ``record_after_target_only``: reruns that replace
+    the target's output never use the others, and their statistics cost a pass over the
+    largest feature maps)."""
     modules = train_batchnorms(model) if (elementary or record is not None) else []
 
     def make(m: _BatchNorm, orig: Callable) -> Callable:
         def forward(x: Tensor) -> Tensor:
-            if elementary and after_target():
+            after = after_target()
+            keep = record is not None and (after or not record_after_target_only)
+            if elementary and after:
                 y, mean, var = _elementary(m, x)
-            elif record is not None:
+            elif keep:
                 mean, var = _batch_stats(x)
                 y = orig(x)
             else:
                 return orig(x)
-            if record is not None:
+            if keep:
                 pair = (mean.detach(), var.detach()) if detach else (mean, var)
                 record.setdefault(m, []).append(pair)
             return y

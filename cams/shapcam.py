@@ -66,6 +66,7 @@ class ShapCAM(BaseCAM):
     default_utility = "prob"
     _needs_grad = False
     _reruns = True
+    _reruns_from_target = True
 
     def __init__(self, model: nn.Module, target_layer: nn.Module | str, *,
                  utility: str | None = None, relu: bool = True, n_permutations: int = 10_000,

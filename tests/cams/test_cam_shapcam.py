@@ -58,16 +58,24 @@ def test_exact_enumeration_and_sampling(model: nn.Module) -> None:
     h.remove()
     a = acts["a"]
     masks = torch.rand(5, 9) > 0.5
-    direct = torch.stack([_worth(model, x, targets, torch.where(
-        m.view(1, 1, 3, 3), a, a.mean((2, 3), keepdim=True))) for m in masks], 1)
+    direct = torch.stack(
+        [
+            _worth(
+                model, x, targets, torch.where(m.view(1, 1, 3, 3), a, a.mean((2, 3), keepdim=True))
+            )
+            for m in masks
+        ],
+        1,
+    )
     torch.testing.assert_close(game(masks), direct, rtol=1e-5, atol=1e-7)
     torch.testing.assert_close(exact.flatten(1), exact_shapley(game, 9), rtol=1e-5, atol=1e-8)
     # efficiency: Σ φ = v(N) - v(∅)
     gap = _worth(model, x, targets, a) - _worth(model, x, targets, a.mean((2, 3), keepdim=True))
     torch.testing.assert_close(exact.sum((1, 2)), gap, rtol=1e-5, atol=1e-7)
     for antithetic in (False, True):
-        est = cams.ShapCAM(model, "block3", n_permutations=20_000, antithetic=antithetic,
-                           relu=False)(x, targets)
+        est = cams.ShapCAM(
+            model, "block3", n_permutations=20_000, antithetic=antithetic, relu=False
+        )(x, targets)
         assert float((est - exact).norm() / exact.norm()) < 0.01
         torch.testing.assert_close(est.sum((1, 2)), gap, rtol=1e-5, atol=1e-7)
     generic = cams.ShapCAM(model, "block3", exact=True, relu=False, fast_path=False)
@@ -143,3 +151,29 @@ def test_generic_path_repeats_input_when_broadcasting_fails() -> None:
     additive = cams.ShapCAM(model, "conv", exact=True, relu=False, utility="logit")(x)
     assert phi.shape == additive.shape == (2, 2, 2)
     torch.testing.assert_close(additive.sum((1, 2)), torch.zeros(2), atol=1e-6, rtol=0)
+
+
+def test_train_mode_records_only_the_statistics_reruns_use():
+    """Reruns replace the target's output, so only BatchNorm calls after the target need their
+    batch statistics; the body's BatchNorm (before the target) is not recorded, yet the map
+    equals the generic rerun path's, which replays the recorded statistics."""
+    torch.manual_seed(0)
+    body_bn = nn.BatchNorm2d(4)
+    head_bn = nn.BatchNorm2d(4)
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1),
+        body_bn,
+        nn.ReLU(),
+        nn.Conv2d(4, 4, 3, padding=1),
+        head_bn,
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(4, 3),
+    ).train()
+    x, y = torch.randn(6, 3, 4, 4), torch.tensor([0, 1, 2, 0, 1, 2])
+    cam = cams.ShapCAM(model, "3", n_permutations=64, seed=1)
+    fwd = cam._forward(x, body_graph=False, create_graph=False)
+    assert set(fwd.stats) == {head_bn}
+    generic = cams.ShapCAM(model, "3", n_permutations=64, seed=1, fast_path=False)
+    torch.testing.assert_close(cam(x, y), generic(x, y), rtol=1e-5, atol=1e-6)
