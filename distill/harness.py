@@ -577,8 +577,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         elif args.command == "cost":
             print(cost(profile, Path(args.step_times)))
         else:
-            for seed, cells in pending_cells(profile).items():
+            pending = pending_cells(profile)
+            for seed, cells in pending.items():
                 print(f"seed {seed}: pending {cells}")
+            if not pending:
+                print(f"every run of profile {profile.name!r} is finished")
     except HarnessError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
