@@ -297,19 +297,20 @@ def pooled_sd(rows: Sequence[dict[str, Any]]) -> tuple[float, int]:
     return (math.sqrt(squares / dof), dof) if dof else (float("nan"), 0)
 
 
+def _diff_se(row: dict[str, Any], base: dict[str, Any], sd: float) -> float:
+    """Standard error of ``row``'s mean minus ``base``'s mean for seed noise ``sd``."""
+    return sd * math.sqrt(1 / max(len(row["errors"]), 1) + 1 / max(len(base["errors"]), 1))
+
+
 def _noise_note(row: dict[str, Any], base: dict[str, Any], sd: float) -> str:
     """Whether ``row``'s difference to its baseline exceeds 2 standard errors of a difference
-    of means, ``2 sd sqrt(1/n_row + 1/n_base)`` with the pooled seed noise ``sd``."""
+    of means (:func:`_diff_se` with the pooled seed noise ``sd``)."""
     if row["cell"] == base["cell"] or not row["errors"] or not base["errors"]:
         return ""
     if not math.isfinite(sd):
         return "single seeds: noise unknown"
-    se = sd * math.sqrt(1 / len(row["errors"]) + 1 / len(base["errors"]))
-    return (
-        "within seed noise"
-        if abs(row["mean"] - base["mean"]) <= 2 * se
-        else ("beyond 2 standard errors")
-    )
+    beyond = abs(row["mean"] - base["mean"]) > 2 * _diff_se(row, base, sd)
+    return "beyond 2 standard errors" if beyond else "within seed noise"
 
 
 def _noise_footer(sd: float, dof: int, seeds: int) -> str:
@@ -438,9 +439,7 @@ def _chart(rows: list[dict[str, Any]], path: Path, title: str, sd: float) -> Non
     for r in diffs:
         base = by_cell[_baseline(r["cell"])]
         ours.append(r["mean"] - base["mean"])
-        n_r, n_b = max(len(r["errors"]), 1), max(len(base["errors"]), 1)
-        se = sd * math.sqrt(1 / n_r + 1 / n_b) if math.isfinite(sd) else 0.0
-        bars.append(2 * se)
+        bars.append(2 * _diff_se(r, base, sd) if math.isfinite(sd) else 0.0)
         paper.append(r["paper"] - base["paper"])
     right.axhline(0.0, color="black", lw=0.8)
     right.errorbar(
