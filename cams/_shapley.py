@@ -340,8 +340,12 @@ def _exp_safe(base_rel: Tensor, contrib_rel: Tensor) -> Tensor:
 
 
 def _default_chunk(batch: int, n_classes: int) -> int:
-    """Orderings per chunk so that one scan state holds about 2^17 elements (L2-sized)."""
-    return max(1, min(1024, (1 << 17) // max(1, batch * n_classes)))
+    """Orderings per chunk so that one scan state holds about 2^19 elements (2 MB in float32).
+
+    Measured at 2 threads (B = 32..256, 1,000 orderings, forward + backward): 20-30 % faster
+    than 2^17-element states, whose per-op threading overhead dominates; equal at 1 thread.
+    """
+    return max(1, min(1024, (1 << 19) // max(1, batch * n_classes)))
 
 
 def additive_game_shapley(
@@ -392,7 +396,7 @@ def additive_game_shapley(
         n_permutations: number of sampled orderings ``n``.
         antithetic: pair every ordering with its reverse.
         generator: ``torch.Generator``, int seed or ``None`` (global RNG).
-        chunk_size: orderings per chunk (default: about ``2^17 / (B K)``, at most 1024).
+        chunk_size: orderings per chunk (default: about ``2^19 / (B K)``, at most 1024).
         permutations: explicit ``(n, P)`` orderings; overrides sampling.
 
     Returns:
