@@ -145,21 +145,30 @@ def step_fn(preset: str, batch: int, device: str, bf16: bool):  # -> Callable[[]
     return step
 
 
+def device_sync(device: str):  # -> Callable[[], None]
+    """`torch.cuda.synchronize` on a CUDA device (timings cover the kernels), else a no-op."""
+    import torch
+
+    return torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
+
+
+def timed(step, sync) -> float:  # step, sync: Callable[[], None]
+    """Wall seconds of one ``step()``, synchronized on both ends."""
+    sync()
+    start = time.perf_counter()
+    step()
+    sync()
+    return time.perf_counter() - start
+
+
 def run_one(preset: str, batch: int, steps: int, device: str, bf16: bool) -> dict:
     import torch
 
     cuda = torch.device(device).type == "cuda"
-    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    sync = device_sync(device)
     step = step_fn(preset, batch, device, bf16)
     step()  # warm-up
-    times = []
-    for _ in range(steps):
-        sync()
-        start = time.perf_counter()
-        step()
-        sync()
-        times.append(time.perf_counter() - start)
-    times.sort()
+    times = sorted(timed(step, sync) for _ in range(steps))
     peak = torch.cuda.max_memory_allocated() if cuda else 0
     return {
         "preset": preset,
@@ -171,9 +180,7 @@ def run_one(preset: str, batch: int, steps: int, device: str, bf16: bool) -> dic
 
 def run_alternated(preset: str, batch: int, rounds: int, device: str, bf16: bool) -> dict:
     """Steps of ``preset`` and ``ce_kd`` in turn, ``rounds`` times each after one warm-up."""
-    import torch
-
-    sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
+    sync = device_sync(device)
     steps = {
         "ce_kd": step_fn("ce_kd", batch, device, bf16),
         preset: step_fn(preset, batch, device, bf16),
@@ -183,11 +190,7 @@ def run_alternated(preset: str, batch: int, rounds: int, device: str, bf16: bool
         step()
     for _ in range(rounds):
         for name, step in steps.items():
-            sync()
-            start = time.perf_counter()
-            step()
-            sync()
-            totals[name] += time.perf_counter() - start
+            totals[name] += timed(step, sync)
     return {
         "preset": preset,
         "rounds": rounds,
@@ -195,6 +198,14 @@ def run_alternated(preset: str, batch: int, rounds: int, device: str, bf16: bool
         "ce_kd_step_s": totals["ce_kd"] / rounds,
         "ratio": totals[preset] / totals["ce_kd"],
     }
+
+
+def child(args: argparse.Namespace, *flags: str) -> dict:
+    """Run this script with ``flags`` (+ batch/device/bf16) in a fresh process; its JSON line."""
+    cmd = [sys.executable, __file__, *flags, "--batch", str(args.batch), "--device", args.device]
+    cmd += ["--bf16"] if args.bf16 else []
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def alternated(args: argparse.Namespace) -> None:
@@ -207,11 +218,7 @@ def alternated(args: argparse.Namespace) -> None:
     for preset in args.presets:
         if preset in ("ce_kd", *SPECIAL):
             continue
-        cmd = [sys.executable, __file__, "--pair", preset, "--batch", str(args.batch)]
-        cmd += ["--alternated", str(args.alternated), "--device", args.device]
-        cmd += ["--bf16"] if args.bf16 else []
-        out = subprocess.run(cmd, capture_output=True, text=True, check=True)
-        r = json.loads(out.stdout.strip().splitlines()[-1])
+        r = child(args, "--pair", preset, "--alternated", str(args.alternated))
         print(
             f"| {preset} | {r['step_s']:.3f} | {r['ce_kd_step_s']:.3f} | {r['ratio']:.2f} |",
             flush=True,
@@ -279,11 +286,7 @@ def main() -> None:
     info = {**machine(), "device": args.device, "bf16": args.bf16}
     results = []
     for preset in args.presets:
-        cmd = [sys.executable, __file__, "--one", preset, "--batch", str(args.batch)]
-        cmd += ["--steps", str(steps_for(preset, args.steps)), "--device", args.device]
-        cmd += ["--bf16"] if args.bf16 else []
-        out = subprocess.run(cmd, capture_output=True, text=True, check=True)
-        results.append(json.loads(out.stdout.strip().splitlines()[-1]))
+        results.append(child(args, "--one", preset, "--steps", str(steps_for(preset, args.steps))))
         print(f"# {preset}: {results[-1]['step_s']:.3f} s", file=sys.stderr, flush=True)
     info["load_avg_end"] = os.getloadavg()[0]
     base = next((r["step_s"] for r in results if r["preset"] == "ce_kd"), None)

@@ -64,7 +64,7 @@ def test_report_values_and_missing_runs(tmp_path):
     assert (tmp_path / "smoke" / "chart.png").stat().st_size > 1000
 
 
-def test_noise_is_pooled_over_cells(tmp_path):
+def test_noise_is_pooled_over_cells():
     rows = [
         {"cell": "ce", "errors": [10.0, 10.2, 9.8], "mean": 10.0},
         {"cell": "gradcam", "errors": [9.0, 9.6], "mean": 9.3},
