@@ -61,6 +61,8 @@ class ShapCAM(BaseCAM):
         exact: enumerate all ``2^P`` coalitions instead of sampling (``P <= 24``).
         batch_size: coalitions per network rerun on the generic path (default 256).
         chunk_size: orderings per estimator chunk (``None``: the estimator's default).
+        num_threads: CPU threads of the estimator's scans (default 1, see
+            :func:`cams._shapley.additive_game_shapley`; ``None``: torch's setting).
     """
 
     default_utility = "prob"
@@ -73,10 +75,11 @@ class ShapCAM(BaseCAM):
                  antithetic: bool = False, baseline: str = "mean",
                  seed: int | torch.Generator | None = 0, exact: bool = False,
                  batch_size: int = 256, chunk_size: int | None = None,
-                 fast_path: bool = True) -> None:
+                 num_threads: int | None = 1, fast_path: bool = True) -> None:
         super().__init__(model, target_layer, utility=utility, relu=relu, fast_path=fast_path)
         for name, value in (("n_permutations", n_permutations), ("batch_size", batch_size),
-                            ("chunk_size", 1 if chunk_size is None else chunk_size)):
+                            ("chunk_size", 1 if chunk_size is None else chunk_size),
+                            ("num_threads", 1 if num_threads is None else num_threads)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
         if seed is not None and not isinstance(seed, (int, torch.Generator)):
@@ -84,6 +87,7 @@ class ShapCAM(BaseCAM):
         self.baseline = check_choice("baseline", baseline, BASELINES)
         self.n_permutations, self.antithetic, self.seed = n_permutations, bool(antithetic), seed
         self.exact, self.batch_size, self.chunk_size = bool(exact), batch_size, chunk_size
+        self.num_threads = num_threads
         self._expand_input = False  # generic path: repeat the input instead of broadcasting
 
     # ------------------------------------------------------------------ public helper
@@ -200,7 +204,7 @@ class ShapCAM(BaseCAM):
                     phi = additive_game_shapley(
                         base_logits, contrib, targets, self.utility.name, self.n_permutations,
                         antithetic=self.antithetic, generator=self.seed,
-                        chunk_size=self.chunk_size)
+                        chunk_size=self.chunk_size, num_threads=self.num_threads)
             else:
                 with self._rerun(fwd):
                     game = self._generic_game(x, a, base, targets)
