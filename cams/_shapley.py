@@ -535,24 +535,30 @@ def _exp_inputs(base: Tensor, contrib: Tensor) -> tuple[Tensor, Tensor]:
     return base.exp().t().unsqueeze(1).contiguous(), contrib.exp().permute(2, 1, 0).contiguous()
 
 
-def _exp_scan(e_base: Tensor, e_contrib: Tensor, perms: Tensor) -> Tensor:
-    r"""Class sums :math:`s_t = \sum_k e^{r_k(\mathrm{Pre}_t)}` along orderings, ``t = 1..P-1``.
+def _exp_scan_marginals(
+    e_base: Tensor, e_contrib: Tensor, perms: Tensor, kind: str, part: Tensor
+) -> Tensor:
+    r"""Walk the orderings in exp space and add their interior marginals to ``part`` ``(P, B)``.
 
-    ``e_base``: ``(K', 1, B)``; ``e_contrib``: ``(K', P, B)``; ``perms``: ``(C, P)``.
-    Returns ``(P-1, C, B)``.  The running state ``e^{r(Pre_t)}`` is laid out ``(K', C, B)``:
-    one step gathers the added players' factors into a reused buffer, multiplies in place
-    and sums ``K'`` contiguous slabs (about 15 % faster than a ``(C, K', B)`` layout).
+    ``e_base``: ``(K', 1, B)``; ``e_contrib``: ``(K', P, B)``; ``perms``: ``(C, P)``.  The running
+    state :math:`e^{r(\mathrm{Pre}_t)}` is laid out ``(K', C, B)``: a step gathers the added
+    players' factors into a reused buffer, multiplies in place and sums ``K'`` contiguous slabs
+    to :math:`s_t = \sum_k e^{r_k}` (about 15 % faster than a ``(C, K', B)`` layout).  Player
+    ``pi_t`` gets ``v(Pre_{t+1}) - v(Pre_t)`` (end values taken as 0, see :func:`_sampled`),
+    added step by step so no ``(P, C, B)`` array is built (3x less memory traffic in a step).
     """
     cols = perms.t().contiguous()  # cols[t]: player added at step t of every ordering
-    p, c = cols.shape
     state = e_contrib.index_select(1, cols[0]).mul_(e_base)
     buf = torch.empty_like(state)
-    sums = state.new_empty((p - 1, c, state.shape[2]))
-    torch.sum(state, 0, out=sums[0])
-    for t in range(1, p - 1):
+    prev = _named_value(state.sum(0), kind)  # v(Pre_1), (C, B)
+    cur, marg = torch.empty_like(prev), torch.empty_like(prev)
+    part.index_add_(0, cols[0], prev)
+    for t in range(1, cols.shape[0] - 1):
         torch.index_select(e_contrib, 1, cols[t], out=buf)
-        torch.sum(state.mul_(buf), 0, out=sums[t])
-    return sums
+        _named_value(torch.sum(state.mul_(buf), 0, out=cur), kind)  # v(Pre_{t+1})
+        part.index_add_(0, cols[t], torch.sub(cur, prev, out=marg))
+        prev, cur = cur, prev
+    return part.index_add_(0, cols[-1], prev, alpha=-1)
 
 
 def _log_scan(base: Tensor, contrib: Tensor, perms: Tensor) -> Tensor:
@@ -624,9 +630,9 @@ class _InteriorShapley(torch.autograd.Function):
                     _add_chunk_marginals_(acc, perms, values)
             else:
                 e_base, e_contrib = _exp_inputs(base, contrib)
+                part = contrib.new_empty((p, b))
                 for perms in scan.parts():
-                    s = _exp_scan(e_base, e_contrib, perms)
-                    _add_chunk_marginals_(acc, perms, _named_value(s, utility))
+                    acc += _exp_scan_marginals(e_base, e_contrib, perms, utility, part.zero_())
         return acc.t().to(contrib.dtype)
 
     @staticmethod
@@ -663,15 +669,17 @@ def _backward_named(
     grad_base = e_full.new_zeros(e_full.shape)
     for perms in scan.parts():
         cols = perms.t().contiguous()
-        grad_v = _grad_values(g_t, perms)  # (P-1, C, B)
         state = e_full.expand(-1, perms.shape[0], -1).contiguous()
         buf, acc = torch.empty_like(state), torch.zeros_like(state)
+        g_next = g_t.index_select(0, cols[-1])
         for t in range(cols.shape[0] - 1, 0, -1):
             torch.index_select(e_inv, 1, cols[t], out=buf)
             state.mul_(buf)  # E_t
-            weight = _named_coef(state.sum(0), kind).mul_(grad_v[t - 1])
+            g_prev = g_t.index_select(0, cols[t - 1])
+            weight = _named_coef(state.sum(0), kind).mul_(g_prev - g_next)  # w_t
             acc.addcmul_(state, weight)  # sum_{t' >= t} w_t' E_t'
             grad_contrib.index_add_(1, cols[t - 1], acc)
+            g_next = g_prev
         grad_base += acc.sum(1, keepdim=True)
     return grad_base.squeeze(1).t(), grad_contrib.permute(2, 1, 0)
 
