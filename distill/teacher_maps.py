@@ -254,6 +254,10 @@ def align_maps(maps: Tensor, aug: Any, image_size: int = 32, mode: str = "neares
     return F.adaptive_avg_pool2d(moved, (h, w)).squeeze(1)
 
 
+EXECUTION_OPTIONS = ("batch_size", "chunk_size", "num_threads")
+"""CAM options that change how maps are computed (memory, threads), not what they are."""
+
+
 def teacher_fingerprint(
     checkpoint: str | Path,
     method: str,
@@ -263,14 +267,15 @@ def teacher_fingerprint(
     indices: Tensor,
 ) -> dict[str, Any]:
     """Everything a cached map depends on: teacher weights, CAM settings, dataset identity and
-    the dataset indices covered (the training split)."""
+    the dataset indices covered (the training split). :data:`EXECUTION_OPTIONS` are left out, so
+    e.g. a cache built with another ``chunk_size`` or ``num_threads`` stays valid."""
     index_bytes = indices.to(torch.int64).cpu().numpy().tobytes()
     return {
         "format": FORMAT_VERSION,
         "teacher_sha256": file_sha256(checkpoint),
         "method": method,
         "layer": layer,
-        "options": {k: options[k] for k in sorted(options)},
+        "options": {k: options[k] for k in sorted(options) if k not in EXECUTION_OPTIONS},
         "dataset": dataset_id,
         "num_samples": len(indices),
         "indices_sha256": hashlib.sha256(index_bytes).hexdigest(),

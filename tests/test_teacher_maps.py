@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from distill.data.augment import AugParams
-from distill.teacher_maps import CacheError, MapCache, align_maps
+from distill.teacher_maps import CacheError, MapCache, align_maps, teacher_fingerprint
 
 
 def pooled_map(images: torch.Tensor) -> torch.Tensor:
@@ -70,6 +70,18 @@ def test_refuses_other_fingerprint(tmp_path):
         make_cache(tmp_path, seed=1).load()
     with pytest.raises(CacheError, match="another configuration"):
         make_cache(tmp_path, seed=1).build(lambda x, y: pooled_map(x), images, labels)
+
+
+def test_fingerprint_ignores_execution_options(tmp_path):
+    ckpt = tmp_path / "teacher.ckpt"
+    ckpt.write_bytes(b"weights")
+
+    def fingerprint(**options):
+        return teacher_fingerprint(ckpt, "shapcam", "block3", options, "cifar10", torch.arange(4))
+
+    same = fingerprint(n_permutations=10, chunk_size=64, num_threads=None, batch_size=8)
+    assert same == fingerprint(n_permutations=10)
+    assert fingerprint(n_permutations=10) != fingerprint(n_permutations=11)
 
 
 def test_refuses_corrupted_or_truncated_shard(tmp_path):

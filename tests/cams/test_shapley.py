@@ -358,6 +358,40 @@ def test_backward_keeps_no_per_permutation_graph() -> None:
     assert torch.isfinite(contrib.grad).all() and contrib.grad.abs().sum() > 0
 
 
+def test_num_threads_runs_the_scans_single_threaded_and_restores_the_setting() -> None:
+    """``num_threads`` changes how the CPU scans run, not what they return."""
+    game = make_game(symmetric=False)
+    base, contrib = (t.float() for t in game.additive())
+    seen: list[int] = []
+
+    def rest(logits: Tensor, targets: Tensor) -> Tensor:  # records the scans' thread count
+        if logits.ndim > 2:  # prefix logits (P-1, C, B, K), not the end values (B, K)
+            seen.append(torch.get_num_threads())
+        return utility_fn("rest")(logits, targets)
+
+    def run(utility: str | Callable[[Tensor, Tensor], Tensor], threads: int | None) -> Tensor:
+        c = contrib.clone().requires_grad_(True)
+        phi = additive_game_shapley(
+            base, c, game.targets, utility, 60, generator=4, chunk_size=16, num_threads=threads
+        )
+        (phi * torch.arange(9.0)).sum().backward()
+        assert c.grad is not None
+        return torch.cat([phi.detach().flatten(), c.grad.flatten()])
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        for utility in ("prob", "logprob", rest):
+            single, default = run(utility, 1), run(utility, None)
+            assert torch.get_num_threads() == 2  # restored after forward and backward
+            torch.testing.assert_close(single, default, rtol=1e-6, atol=1e-7)
+        assert seen and set(seen[: len(seen) // 2]) == {1} and set(seen[len(seen) // 2 :]) == {2}
+    finally:
+        torch.set_num_threads(previous)
+    with pytest.raises(ValueError, match="num_threads"):
+        additive_game_shapley(base, contrib, game.targets, "prob", 10, num_threads=0)
+
+
 # --------------------------------------------------------------------------- errors
 
 
