@@ -142,6 +142,7 @@ def step_fn(preset: str, batch: int, device: str, bf16: bool):  # -> Callable[[]
         loss.backward()
         opt.step()
 
+    step.module = module  # type: ignore[attr-defined]  (for bench_scan_threads.py)
     return step
 
 
