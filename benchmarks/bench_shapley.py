@@ -5,6 +5,13 @@ Usage (results go to BENCHMARKS.md, section "Shap-CAM estimator")::
     python benchmarks/bench_shapley.py                       # both parts
     python benchmarks/bench_shapley.py --part throughput --maps 1024 --perms 10000
     python benchmarks/bench_shapley.py --part accuracy --reps 10
+    git show REV:cams/_shapley.py > /tmp/shapley_old.py
+    python benchmarks/bench_shapley.py --part kernel --baseline-module /tmp/shapley_old.py
+
+Kernel: the estimator alone on one WRN-40-2 game batch, in the training step's settings (teacher
+forward 1,000 orderings; student forward + backward, 256 antithetic or 1,000), with the scans at
+``num_threads=1`` (default) and at torch's thread count, optionally against another version of
+``cams/_shapley.py`` (``--baseline-module``, run with torch's threads); calls alternate, medians.
 
 Throughput: a WRN-40-2 (random weights unless ``--checkpoint``) on random 32x32 inputs;
 the game of each image has the 8x8 = 64 positions of ``block3`` (the last conv output) as
@@ -25,6 +32,7 @@ positions mean the same thing in both (captum's default baseline is 0).
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import platform
@@ -89,7 +97,8 @@ def run_throughput(args: argparse.Namespace) -> dict[str, float]:
         start, cpu = time.perf_counter(), time.process_time()
         with torch.no_grad():
             phi = additive_game_shapley(
-                base, contrib, targets, "prob", args.perms, generator=done, chunk_size=args.chunk
+                base, contrib, targets, "prob", args.perms, generator=done, chunk_size=args.chunk,
+                num_threads=None,  # --threads sets them
             )
         t_shap += time.perf_counter() - start
         cpu_shap += time.process_time() - cpu
@@ -111,6 +120,59 @@ def run_throughput(args: argparse.Namespace) -> dict[str, float]:
         "extrapolated_50k_estimator_s": 50_000 / rate,
         "extrapolated_50k_total_s": 50_000 * (t_shap + t_fwd) / done,
     }
+
+
+# ----------------------------------------------------------------------------- kernel
+
+KERNEL_CASES = {  # name -> (permutations, antithetic, backward)
+    "teacher forward, 1,000 perm.": (1000, False, False),
+    "student fwd+bwd, 256 antithetic": (256, True, True),
+    "student fwd+bwd, 1,000 perm.": (1000, False, True),
+    "forward, 10^4 perm. (precompute)": (10_000, False, False),
+}
+
+
+def load_estimator(path: str) -> Callable[..., Tensor]:
+    """``additive_game_shapley`` from another copy of ``cams/_shapley.py`` (imports torch only)."""
+    spec = importlib.util.spec_from_file_location("baseline_shapley", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.additive_game_shapley
+
+
+def run_kernel(args: argparse.Namespace) -> str:
+    from distill.models.wrn import wrn40_2
+
+    model = wrn40_2().eval()
+    x = torch.randn(args.batch, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        base, contrib, logits = wrn_block3_game(model, x)
+    targets = logits.argmax(1)
+    impls: dict[str, Callable[..., Tensor]] = {
+        "this checkout, 1 scan thread": additive_game_shapley,
+        "this checkout, torch's threads": lambda *a, **k: additive_game_shapley(
+            *a, **k, num_threads=None
+        ),
+    }
+    if args.baseline_module:
+        impls[f"baseline {args.baseline_module}"] = load_estimator(args.baseline_module)
+    lines = ["| case | " + " | ".join(impls) + " |", "|---" * (len(impls) + 1) + "|"]
+    for case, (perms, antithetic, backward) in KERNEL_CASES.items():
+        times: dict[str, list[float]] = {name: [] for name in impls}
+        for rep in range(args.reps + 1):
+            for name, impl in impls.items():
+                c = contrib.clone().requires_grad_(backward)
+                start = time.perf_counter()
+                phi = impl(base, c, targets, "prob", perms, antithetic=antithetic, generator=0)
+                if backward:
+                    phi.square().sum().backward()
+                if rep:  # the first round warms up
+                    times[name].append(time.perf_counter() - start)
+        cells = [f"{1000 * statistics.median(t):.1f}" for t in times.values()]
+        lines.append(f"| {case} | " + " | ".join(cells) + " |")
+        print(lines[-1], flush=True)
+    return "\n".join(lines)
 
 
 # --------------------------------------------------------------------------- accuracy
@@ -231,7 +293,10 @@ def markdown_table(rows: list[dict[str, float]]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--part", choices=["all", "throughput", "accuracy"], default="all")
+    parser.add_argument(
+        "--part", choices=["all", "throughput", "accuracy", "kernel"], default="all"
+    )
+    parser.add_argument("--baseline-module", default=None, help="another cams/_shapley.py")
     parser.add_argument("--maps", type=int, default=1024)
     parser.add_argument("--perms", type=int, default=10_000)
     parser.add_argument("--batch", type=int, default=128)
@@ -249,6 +314,8 @@ def main() -> None:
         print(json.dumps(run_throughput(args), indent=1), flush=True)
     if args.part in ("all", "accuracy"):
         print(markdown_table(run_accuracy(args)))
+    if args.part == "kernel":
+        print(run_kernel(args))
     print(f"load after: {os.getloadavg()}")
 
 
