@@ -54,10 +54,9 @@ def one_process(batch: int, rounds: int) -> dict[str, dict[str, float]]:
             for cam in cams_:
                 cam.num_threads = threads
             estimator.clear()
-            start = time.perf_counter()
-            step()
+            seconds = bench_distill.timed(step, bench_distill.device_sync("cpu"))
             if round_:
-                sums[label]["step"] += time.perf_counter() - start
+                sums[label]["step"] += seconds
                 for key in ("fwd", "bwd"):
                     sums[label][key] += estimator[key]
     return {k: {m: v / rounds for m, v in d.items()} for k, d in sums.items()}
