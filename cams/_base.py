@@ -1,5 +1,13 @@
 """Shared machinery of every CAM method: layer resolution, validation, the single hooked forward,
-gradients w.r.t. the hooked activation (fast closed form or autograd) and the side-effect guard."""
+gradients w.r.t. the hooked activation (fast closed form or autograd) and the side-effect guard.
+
+**Per-sample maps.** Every map of sample ``i`` is defined from ``U_i`` and ``∂U_i/∂A_i`` alone.
+A train-mode BatchNorm after the target couples the samples through its batch statistics, so
+``∂(Σ_j U_j)/∂A_i`` is not ``∂U_i/∂A_i``; the batch statistics are then held as constants for
+the derivative w.r.t. ``A`` (they stay those of the current batch, and a loss on the maps still
+differentiates through them into the parameters). The closed-form head uses the recorded
+statistics directly; the generic path reruns the network from the target with them frozen.
+"""
 
 from __future__ import annotations
 
@@ -13,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from cams._bn import Stats, batchnorm_patch, frozen_batchnorm, train_batchnorms
-from cams._head import Head, detect_head, grad_hvp
+from cams._head import BNStats, Head, detect_head, grad_hvp
 from cams.utility import Utility, get_utility
 
 __all__ = ["BaseCAM", "CAMOutput", "preserve_state", "resolve_target_layer"]
@@ -118,14 +126,43 @@ def rerun_context(model: nn.Module, stats: Stats) -> Iterator[None]:
         yield
 
 
+RNGState = tuple[Tensor, Tensor | None]
+
+
+def _rng_state(device: torch.device) -> RNGState:
+    cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+    return torch.get_rng_state(), cuda
+
+
+@contextmanager
+def _replayed_rng(state: RNGState, device: torch.device) -> Iterator[None]:
+    """Inside: the RNG state of the main forward (same dropout masks); outside: untouched."""
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.set_rng_state(state[0])
+        if state[1] is not None:
+            torch.cuda.set_rng_state(state[1], device)
+        yield
+
+
 @dataclass
 class Forward:
-    """Result of the hooked forward (kept only for the duration of one call)."""
+    """Result of the hooked forward (kept only for the duration of one call).
+
+    ``stats``: recorded train-mode BatchNorm batch statistics; ``coupled``: a train-mode
+    BatchNorm ran after the target (samples coupled); ``rng``: RNG state at the forward's start.
+    """
 
     logits: Tensor
     activation: Tensor
     synthetic: bool
     stats: Stats
+    coupled: bool = False
+    rng: RNGState | None = None
+
+    def head_stats(self) -> BNStats | None:
+        """The statistics of BatchNorm modules called once (the closed-form head's)."""
+        return {m: v[0] for m, v in self.stats.items() if len(v) == 1} or None
 
 
 class _Capture:
@@ -163,9 +200,7 @@ class BaseCAM:
 
     default_utility: ClassVar[str] = "logit"
     _needs_grad: ClassVar[bool] = True  # maps need ∂U/∂A
-    _third_order: ClassVar[bool] = False  # maps contain second derivatives (H·A)
     _reruns: ClassVar[bool] = False  # extra evaluations of the network
-    _reruns_from_target: ClassVar[bool] = False  # ... that replace the target layer's output
 
     def __init__(self, model: nn.Module, target_layer: nn.Module | str, *,
                  utility: str | None = None, relu: bool = True, fast_path: bool = True) -> None:
@@ -206,9 +241,15 @@ class BaseCAM:
             self._head = detect_head(self.model, self.target_name) if self.fast_path else None
         return self._head  # type: ignore[return-value]
 
-    def _fast(self, fwd: Forward) -> Head | None:
+    def _fast(self, fwd: Forward) -> tuple[Head | None, BNStats | None]:
+        """The closed-form head and the BN statistics it runs with, or ``(None, None)``.
+
+        A train-mode BatchNorm in the head is evaluated with the main forward's batch
+        statistics (held constant), which keeps the head per-position."""
         head = self.head()
-        return head if head is not None and head.usable(fwd.activation) else None
+        stats = fwd.head_stats()
+        usable = head is not None and head.usable(fwd.activation, stats, self.model)
+        return (head, stats) if usable else (None, None)
 
     def _run(self, x: Tensor, targets: TargetsLike, *, create_graph: bool,
              keep_logits: bool) -> CAMOutput:
@@ -241,14 +282,16 @@ class BaseCAM:
         cap = _Capture(self.target_name, self._needs_grad)
         has_train_bn = bool(train_batchnorms(self.model))
         stats: Stats = {}
+        after: set[nn.Module] = set()
+        # gradient reruns recompute the body in train mode; Shap-CAM's fast path needs only the
+        # head's statistics; reruns of the whole network (generic Shap-CAM, ScoreCAM) need all
+        after_only = self._needs_grad or self.head() is not None
+        rng = _rng_state(x.device) if has_train_bn else None
         handle = self.target_layer.register_forward_hook(cap.hook)
         prev = torch.is_grad_enabled()
         try:
-            with batchnorm_patch(self.model, lambda: cap.count > 0,
-                                 elementary=create_graph and self._third_order and has_train_bn,
-                                 record=stats if self._reruns and has_train_bn else None,
-                                 record_after_target_only=self._reruns_from_target,
-                                 detach=not create_graph):
+            with batchnorm_patch(self.model, lambda: cap.count > 0, stats, after,
+                                 detach=not create_graph, after_target_only=after_only):
                 torch.set_grad_enabled(body_graph)
                 logits = self.model(x)
         finally:
@@ -260,34 +303,71 @@ class BaseCAM:
                              "choose a layer that runs exactly once")
         if not isinstance(logits, Tensor):
             raise ValueError(f"the model must return a logits tensor, got {type(logits).__name__}")
-        return Forward(logits, cap.activation, cap.synthetic, stats)
+        return Forward(logits, cap.activation, cap.synthetic, stats, bool(after), rng)
 
-    def _grads(self, fwd: Forward, targets: Tensor, create_graph: bool, hvp: bool
+    def _held_stats_rerun(self, x: Tensor, fwd: Forward, create_graph: bool
+                          ) -> tuple[Tensor, Tensor]:
+        """``(logits, leaf)``: the network rerun with the target's output replaced by ``leaf``
+        (the value of ``A``) and the after-target BatchNorm layers frozen to the main forward's
+        batch statistics, in the same modes and with the same RNG state (dropout masks).
+
+        ``∂U/∂leaf`` is then the per-sample derivative. With ``create_graph`` the replacement is
+        ``leaf + (A - A.detach())``: the same value, and a loss on the maps still reaches ``A``
+        (and, through the recorded statistics, the parameters) as in the main forward."""
+        a = fwd.activation
+        leaf = a.detach().requires_grad_()
+        value = leaf + (a - a.detach()) if create_graph else leaf
+        fired = False
+
+        def replace(module: nn.Module, inputs: Any, output: Any) -> Tensor:
+            nonlocal fired
+            fired = True
+            torch.set_grad_enabled(True)
+            return value.clone()  # in-place ops after the target must not touch ``value``
+
+        after = {m: fwd.stats[m] for m in fwd.stats}
+        prev = torch.is_grad_enabled()
+        handle = self.target_layer.register_forward_hook(replace)
+        try:
+            with (preserve_state(self.model), _replayed_rng(fwd.rng, x.device),
+                  frozen_batchnorm(self.model, after, active=lambda: fired)):
+                torch.set_grad_enabled(create_graph)
+                logits = self.model(x)
+        finally:
+            torch.set_grad_enabled(prev)
+            handle.remove()
+        return logits, leaf
+
+    def _grads(self, x: Tensor, fwd: Forward, targets: Tensor, create_graph: bool, hvp: bool
                ) -> tuple[Tensor, Tensor | None]:
-        """``g = ∂U/∂A`` and, if ``hvp``, ``H·A = ∂(g·A)/∂A`` (A held fixed as the vector)."""
-        head = self._fast(fwd)
+        """Per-sample ``g = ∂U/∂A`` and, if ``hvp``, ``H·A = ∂(g·A)/∂A`` (A held fixed as the
+        vector); train-mode BatchNorm statistics after the target are held constant."""
+        head, stats = self._fast(fwd)
         if head is not None:
             self.last_path = "fast"
             a, logits = fwd.activation, fwd.logits
             if not create_graph:
                 a, logits = a.detach(), logits.detach()
             with torch.set_grad_enabled(create_graph):
-                return grad_hvp(head, a, logits, targets, self.utility, hvp)
-        a = fwd.activation
+                return grad_hvp(head, a, logits, targets, self.utility, hvp, stats)
+        logits, wrt = fwd.logits, fwd.activation
+        if fwd.coupled:
+            logits, wrt = self._held_stats_rerun(x, fwd, create_graph)
         with torch.enable_grad():
-            u = self.utility.value(fwd.logits, targets).sum()
-            (g,) = torch.autograd.grad(u, a, create_graph=create_graph or hvp, retain_graph=True,
-                                       allow_unused=True)
+            u = self.utility.value(logits, targets).sum()
+            (g,) = torch.autograd.grad(u, wrt, create_graph=create_graph or hvp,
+                                       retain_graph=True, allow_unused=True)
             if g is None:
                 raise ValueError("the model output does not depend on target layer "
                                  f"{self.target_name!r}")
             if not hvp:
                 return g, None
             if not g.requires_grad:
-                return g, torch.zeros_like(a)
-            (h,) = torch.autograd.grad(g, a, grad_outputs=a, create_graph=create_graph,
-                                       retain_graph=True, allow_unused=True)
-        return (g if create_graph else g.detach()), (torch.zeros_like(a) if h is None else h)
+                return g, torch.zeros_like(wrt)
+            (h,) = torch.autograd.grad(g, wrt, grad_outputs=fwd.activation,
+                                       create_graph=create_graph, retain_graph=True,
+                                       allow_unused=True)
+        return (g if create_graph else g.detach()), (torch.zeros_like(wrt) if h is None else h)
 
     def _maps(self, x: Tensor, fwd: Forward, targets: Tensor, create_graph: bool) -> Tensor:
         raise NotImplementedError

@@ -1,17 +1,13 @@
 """BatchNorm re-routing used during a CAM computation.
 
-Two problems of train-mode BatchNorm are solved here by temporarily replacing the ``forward`` of
-BatchNorm modules (an instance attribute, removed afterwards):
-
-* PyTorch's fused ``batch_norm`` has no 3rd-order derivative, which ShapleyCAM's ``H·A`` inside a
-  loss needs. :func:`batchnorm_patch` runs train-mode BatchNorm modules that execute *after* the
-  target layer through elementary ops with the same math as ``F.batch_norm``, running-statistics
-  update included (``r ← (1 - m) r + m · stat``, unbiased variance, ``momentum=None`` = cumulative
-  average), so a forward still updates the statistics exactly once.
-* Extra evaluations (ScoreCAM's masked inputs, Shap-CAM's coalitions) must see the same function
-  the model applied to the batch: :func:`batchnorm_patch` records every train-mode BatchNorm's
-  batch statistics and :func:`frozen_batchnorm` replays them (in eval mode the running statistics
-  are used as usual).
+Train-mode BatchNorm couples the samples of a batch through its batch statistics. A CAM is a
+per-sample quantity, so every evaluation beyond the main forward must see the *same function of
+one sample* that the model applied to the batch: the batch statistics held as constants.
+:func:`batchnorm_patch` records the batch statistics of train-mode BatchNorm calls during the
+main forward (all of them, or only those after the target layer), and :func:`frozen_batchnorm`
+replays them in later evaluations (gradient reruns, ScoreCAM's masked inputs, Shap-CAM's
+coalitions) through elementary ops, which also have derivatives of every order. BN modules are
+re-routed by temporarily replacing their ``forward`` (an instance attribute, removed afterwards).
 """
 
 from __future__ import annotations
@@ -51,25 +47,6 @@ def _batch_stats(x: Tensor) -> tuple[Tensor, Tensor]:
     return x.mean(dims), x.var(dims, unbiased=False)
 
 
-def _elementary(m: _BatchNorm, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Train-mode BatchNorm from elementary ops; updates running statistics like the module."""
-    n = x.numel() // x.size(1)
-    if n <= 1:
-        raise ValueError("Expected more than 1 value per channel when training, "
-                         f"got input {list(x.shape)}")
-    mean, var = _batch_stats(x)
-    if m.training and m.track_running_stats and m.running_mean is not None:
-        factor = 0.0 if m.momentum is None else m.momentum
-        if m.num_batches_tracked is not None:
-            m.num_batches_tracked.add_(1)
-            if m.momentum is None:
-                factor = 1.0 / float(m.num_batches_tracked)
-        with torch.no_grad():
-            m.running_mean.mul_(1 - factor).add_(mean.detach(), alpha=factor)
-            m.running_var.mul_(1 - factor).add_(var.detach() * (n / (n - 1)), alpha=factor)
-    return _normalize(m, x, mean, var), mean, var
-
-
 @contextmanager
 def _patched(modules: list[_BatchNorm], make: Callable[[_BatchNorm, Callable], Callable]
              ) -> Iterator[None]:
@@ -91,44 +68,44 @@ def _patched(modules: list[_BatchNorm], make: Callable[[_BatchNorm, Callable], C
 
 
 @contextmanager
-def batchnorm_patch(model: nn.Module, after_target: Callable[[], bool], *, elementary: bool,
-                    record: Stats | None, detach: bool = True,
-                    record_after_target_only: bool = False) -> Iterator[None]:
-    """Main CAM forward: elementary train-mode BN after the target; record batch statistics
-    (only of the calls after the target with ``record_after_target_only``: reruns that replace
-    the target's output never use the others, and their statistics cost a pass over the
-    largest feature maps)."""
-    modules = train_batchnorms(model) if (elementary or record is not None) else []
+def batchnorm_patch(model: nn.Module, after_target: Callable[[], bool], record: Stats,
+                    after: set[nn.Module], *, detach: bool = True,
+                    after_target_only: bool = False) -> Iterator[None]:
+    """Main CAM forward: record the batch statistics ``(mean, biased var)`` of every train-mode
+    BatchNorm call into ``record`` (only the calls after the target with ``after_target_only``:
+    reruns that replace the target's output recompute the rest, and recording costs a pass over
+    the largest feature maps); modules called after the target are added to ``after``. The
+    module's own forward runs unchanged (running statistics updated once)."""
 
     def make(m: _BatchNorm, orig: Callable) -> Callable:
         def forward(x: Tensor) -> Tensor:
-            after = after_target()
-            keep = record is not None and (after or not record_after_target_only)
-            if elementary and after:
-                y, mean, var = _elementary(m, x)
-            elif keep:
-                mean, var = _batch_stats(x)
-                y = orig(x)
-            else:
+            is_after = after_target()
+            if is_after:
+                after.add(m)
+            elif after_target_only:
                 return orig(x)
-            if keep:
-                pair = (mean.detach(), var.detach()) if detach else (mean, var)
-                record.setdefault(m, []).append(pair)
-            return y
+            mean, var = _batch_stats(x)
+            record.setdefault(m, []).append((mean.detach(), var.detach()) if detach
+                                            else (mean, var))
+            return orig(x)
         return forward
 
-    with _patched(modules, make):
+    with _patched(train_batchnorms(model), make):
         yield
 
 
 @contextmanager
-def frozen_batchnorm(model: nn.Module, stats: Stats) -> Iterator[None]:
-    """Every model call inside uses the recorded statistics for the recorded modules."""
+def frozen_batchnorm(model: nn.Module, stats: Stats,
+                     active: Callable[[], bool] | None = None) -> Iterator[None]:
+    """Every model call inside uses the recorded statistics for the recorded modules (for the
+    calls where ``active()`` is true, if given; the others run unchanged and are not counted)."""
     calls: dict[nn.Module, int] = {}
     reset = model.register_forward_pre_hook(lambda *_: calls.clear())
 
     def make(m: _BatchNorm, orig: Callable) -> Callable:
         def forward(x: Tensor) -> Tensor:
+            if active is not None and not active():
+                return orig(x)
             i = calls.get(m, 0)
             calls[m] = i + 1
             mean, var = stats[m][i % len(stats[m])]

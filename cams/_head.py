@@ -3,9 +3,10 @@
 The model is traced once with :mod:`torch.fx` (the target layer kept as a leaf). The fast path
 applies when the target node's only consumer is a chain of
 
-* per-position element-wise ops ``f`` (eval-mode ``BatchNorm2d``, ``ReLU``, ``ReLU6``,
-  ``LeakyReLU``, ``ELU``, ``Sigmoid``, ``Tanh``, ``SiLU``, ``Identity``, eval-mode dropout, and
-  the functional ``relu``/``sigmoid``/``tanh``/``silu``),
+* per-position element-wise ops ``f`` (``BatchNorm2d`` with running statistics, or with the
+  batch's statistics held constant in train mode, ``ReLU``, ``ReLU6``, ``LeakyReLU``, ``ELU``,
+  ``Sigmoid``, ``Tanh``, ``SiLU``, ``Identity``, eval-mode dropout, and the
+  functional ``relu``/``sigmoid``/``tanh``/``silu``),
 * a global average pool (``AdaptiveAvgPool2d(1)``, ``adaptive_avg_pool2d(·, 1)``, an
   ``AvgPool2d``/``avg_pool2d`` whose kernel covers the map, ``mean`` over the two spatial dims),
 * flatten (also ``nn.Flatten``) / view / reshape / squeeze, and
@@ -64,17 +65,23 @@ class Head:
     ops: tuple[_Op, ...]
     pool_kernel: tuple[int, int] | None
     linear: nn.Linear
+    modules: tuple[nn.Module, ...] = ()  # every module called after the target
 
-    def usable(self, activation: Tensor, bn_stats: BNStats | None = None) -> bool:
-        """Run-time checks: modes of BN/dropout, pool covers the map, channel count fits.
+    def usable(self, activation: Tensor, bn_stats: BNStats | None = None,
+               model: nn.Module | None = None) -> bool:
+        """Run-time checks: no hooks, modes of BN/dropout, pool covers the map, channel count.
 
-        A train-mode BatchNorm is per-position only with frozen statistics: it is accepted when
-        ``bn_stats`` holds the batch statistics recorded in the main forward for it."""
+        A BatchNorm that uses batch statistics is per-position only with frozen statistics: it
+        is accepted when ``bn_stats`` holds the statistics recorded in the main forward for it.
+        Forward/backward hooks on a head module or on ``model``, and global module hooks, can
+        change what the head computes and are invisible to the trace: they disable the fast
+        path."""
+        if hooked(*self.modules, self.linear, *([model] if model is not None else [])):
+            return False
         for op in self.ops:
             m = op.module
-            if op.kind == "bn" and m.training and (bn_stats is None or m not in bn_stats):
-                return False
-            if op.kind == "bn" and not m.training and m.running_mean is None:
+            if op.kind == "bn" and (m.training or m.running_mean is None) and (
+                    bn_stats is None or m not in bn_stats):
                 return False
             if op.kind == "dropout" and m.training and m.p > 0:
                 return False
@@ -86,6 +93,18 @@ class Head:
     def features(self, activation: Tensor, bn_stats: BNStats | None = None) -> Tensor:
         """``f(A)`` (same shape as ``A``); BN uses ``bn_stats`` where given, else running stats."""
         return chain(self.ops, activation, order=0, bn_stats=bn_stats)[0]
+
+
+_HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+
+
+def hooked(*modules: nn.Module) -> bool:
+    """Whether any of ``modules`` has forward/backward (pre-)hooks, or global module hooks are
+    registered (``torch.nn.modules.module.register_module_forward_hook`` and friends)."""
+    glob = torch.nn.modules.module
+    if any(getattr(glob, f"_global{name}", None) for name in _HOOK_DICTS):
+        return True
+    return any(getattr(m, name, None) for m in modules for name in _HOOK_DICTS)
 
 
 class _Tracer(fx.Tracer):
@@ -179,24 +198,28 @@ def _walk(graph: fx.Graph, target: str, modules: dict[str, nn.Module]) -> Head |
     starts = [n for n in graph.nodes if n.op == "call_module" and n.target == target]
     if len(starts) != 1:
         return None
-    node, ops = _next(starts[0]), []
+    node, ops, seen = _next(starts[0]), [], []
     while node is not None and (op := _pointwise(node, modules)) is not None:
         ops.append(op)
+        seen.append(node)
         node = _next(node)
     if node is None:
         return None
     is_pool, kernel = _pool(node, modules)
     if not is_pool:
         return None
+    seen.append(node)
     node = _next(node)
     while node is not None and _is_reshape(node, modules):
+        seen.append(node)
         node = _next(node)
     if node is None or node.op != "call_module" or not isinstance(modules[node.target], nn.Linear):
         return None
     out = list(node.users)
     if len(out) != 1 or out[0].op != "output" or out[0].args[0] is not node:
         return None
-    return Head(tuple(ops), kernel, modules[node.target])
+    called = tuple(modules[n.target] for n in seen if n.op == "call_module")
+    return Head(tuple(ops), kernel, modules[node.target], called)
 
 
 def detect_head(model: nn.Module, target_name: str) -> Head | None:
@@ -271,7 +294,7 @@ def _activation(op: _Op, v: Tensor, order: int) -> tuple[Tensor, Tensor | None, 
 
 
 def grad_hvp(head: Head, a: Tensor, logits: Tensor, targets: Tensor, utility: Utility,
-             hvp: bool) -> tuple[Tensor, Tensor | None]:
+             hvp: bool, bn_stats: BNStats | None = None) -> tuple[Tensor, Tensor | None]:
     """Closed-form ``g = ∂U/∂A`` and (if ``hvp``) ``H·A`` for ``y = W · mean_hw f(A) + b``.
 
     With ``q = ∂U/∂y``, ``G = Wᵀq`` and ``n = h·w``::
@@ -281,7 +304,7 @@ def grad_hvp(head: Head, a: Tensor, logits: Tensor, targets: Tensor, utility: Ut
     """
     n = a.shape[-1] * a.shape[-2]
     weight = head.linear.weight
-    _, d1, d2 = chain(head.ops, a, order=2 if hvp else 1)
+    _, d1, d2 = chain(head.ops, a, order=2 if hvp else 1, bn_stats=bn_stats)
     big_g = (utility.grad(logits, targets) @ weight)[:, :, None, None] / n
     g = (big_g if d1 is None else d1 * big_g).expand_as(a)
     if not hvp:

@@ -49,5 +49,5 @@ class GradCAM(BaseCAM):
         self.variant = check_choice("variant", variant, VARIANTS)
 
     def _maps(self, x: Tensor, fwd: Forward, targets: Tensor, create_graph: bool) -> Tensor:
-        g, _ = self._grads(fwd, targets, create_graph, hvp=False)
+        g, _ = self._grads(x, fwd, targets, create_graph, hvp=False)
         return combine(g, self._activation(fwd, create_graph), self.variant)

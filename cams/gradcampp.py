@@ -29,7 +29,7 @@ class GradCAMPlusPlus(BaseCAM):
     """
 
     def _maps(self, x: Tensor, fwd: Forward, targets: Tensor, create_graph: bool) -> Tensor:
-        g, _ = self._grads(fwd, targets, create_graph, hvp=False)
+        g, _ = self._grads(x, fwd, targets, create_graph, hvp=False)
         a = self._activation(fwd, create_graph)
         g2 = g * g
         denom = 2 * g2 + a.sum((2, 3), keepdim=True) * g2 * g + 1e-6

@@ -68,7 +68,6 @@ class ShapCAM(BaseCAM):
     default_utility = "prob"
     _needs_grad = False
     _reruns = True
-    _reruns_from_target = True
 
     def __init__(self, model: nn.Module, target_layer: nn.Module | str, *,
                  utility: str | None = None, relu: bool = True, n_permutations: int = 10_000,
@@ -105,7 +104,7 @@ class ShapCAM(BaseCAM):
             tgt = fwd.logits.argmax(1)
         check_range(tgt, fwd.logits.shape[1])
         a = fwd.activation.detach()
-        head, stats = self._fast_stats(fwd)
+        head, stats = self._fast(fwd)
         if head is not None:
             game = self._additive(head, a, self._base(a), stats)
             return lambda masks: self._additive_values(*game, tgt, masks)
@@ -121,18 +120,6 @@ class ShapCAM(BaseCAM):
         if self.baseline == "mean":
             return a.mean((2, 3), keepdim=True)
         return torch.zeros_like(a[:, :, :1, :1])
-
-    def _fast_stats(self, fwd: Forward) -> tuple[Head | None, BNStats | None]:
-        """The additive fast path, also for train-mode BatchNorm in the head: coalitions are
-        evaluated with the batch statistics of the main forward (as the generic reruns are), so
-        the head stays per-position and the game stays additive. Nothing is kept on ``self``."""
-        head = self.head()
-        stats = {m: v[0] for m, v in fwd.stats.items() if len(v) == 1} or None
-        usable = head is not None and head.usable(fwd.activation, stats)
-        return (head, stats) if usable else (None, None)
-
-    def _fast(self, fwd: Forward) -> Head | None:
-        return self._fast_stats(fwd)[0]
 
     @staticmethod
     def _additive(head: Head, a: Tensor, base: Tensor, stats: BNStats | None
@@ -191,7 +178,7 @@ class ShapCAM(BaseCAM):
     def _maps(self, x: Tensor, fwd: Forward, targets: Tensor, create_graph: bool) -> Tensor:
         a = self._activation(fwd, create_graph)
         b, _, h, w = a.shape
-        head, stats = self._fast_stats(fwd)
+        head, stats = self._fast(fwd)
         with torch.set_grad_enabled(create_graph):
             base = self._base(a)
             if head is not None:

@@ -24,13 +24,13 @@ class ShapleyCAM(GradCAM):
     Default utility ``"rest"`` (``y_c + log softmax(y)_c`` per sample). With ``"logit"`` and only
     piecewise-linear ops, average pooling and a linear layer after ``A``, ``H·A = 0`` and the map
     equals Grad-CAM's. ``H·A`` comes from double backward w.r.t. ``A`` only, or in closed form on
-    the fast path. With ``create_graph=True`` train-mode BatchNorm after the target runs through
-    elementary ops during the forward, so a loss on the map can take the 3rd-order derivative.
+    the fast path. Train-mode BatchNorm after the target is held at the batch's statistics (see
+    :mod:`cams._base`); the rerun that does this runs BatchNorm through elementary ops, so a loss
+    on the map can take the 3rd-order derivative.
     """
 
     default_utility = "rest"
-    _third_order = True
 
     def _maps(self, x: Tensor, fwd: Forward, targets: Tensor, create_graph: bool) -> Tensor:
-        g, hvp = self._grads(fwd, targets, create_graph, hvp=True)
+        g, hvp = self._grads(x, fwd, targets, create_graph, hvp=True)
         return combine(g - 0.5 * hvp, self._activation(fwd, create_graph), self.variant)
