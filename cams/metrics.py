@@ -57,6 +57,7 @@ __all__ = [
     "IncreaseInConfidence",
     "adcc_from_terms",
     "explanation_scores",
+    "scale_maps",
 ]
 
 CamFn = Callable[[Tensor, Tensor], Tensor]
@@ -84,21 +85,37 @@ class ExplanationScores:
         return value
 
 
-def minmax_upsample(maps: Tensor, size: tuple[int, int]) -> Tensor:
-    """Per-sample ``(m - min) / (max - min)`` (constant maps -> 0), then bilinear resize
-    (``align_corners=False``) of ``(B, h, w)`` maps to ``size``."""
+SCALE_EPS = 1e-7
+"""The ``eps`` of pytorch-grad-cam's ``scale_cam_image``: ``(m - min) / (max(m - min) + eps)``."""
+
+
+def _scale(flat: Tensor) -> Tensor:
+    """``scale_cam_image`` on ``(B, N)`` rows: subtract the row minimum, divide by max + eps."""
+    flat = flat - flat.amin(1, keepdim=True)
+    return flat / (flat.amax(1, keepdim=True) + SCALE_EPS)
+
+
+def scale_maps(maps: Tensor, size: tuple[int, int]) -> Tensor:
+    """pytorch-grad-cam's post-processing of ``(B, h, w)`` maps, per sample, in torch.
+
+    ``(m - min) / (max + 1e-7)`` (after subtracting ``min``), bilinear resize to ``size``
+    (``align_corners=False``, cv2's ``INTER_LINEAR``), then ``(m - min) / (max + 1e-7)`` again:
+    ``scale_cam_image(cam, (W, H))`` in ``BaseCAM.compute_cam_per_layer`` followed by
+    ``scale_cam_image(result)`` in ``aggregate_multi_layers`` (pytorch-grad-cam 1.5.7, one target
+    layer). The second pass matters: bilinear upsampling with half-pixel centers usually does not
+    reach the low-res extremes, so without it the map's maximum is below 1. A constant map gives
+    zeros. Computed in at least float32 (the eps underflows in half precision); the result has
+    that dtype. Agrees with ``scale_cam_image`` to ~1e-6 (cv2 resizes in float32).
+    """
     if maps.ndim != 3:
         raise ValueError(f"cam_fn must return maps of shape (B, h, w), got {tuple(maps.shape)}")
     if not torch.isfinite(maps).all():
         raise ValueError("cam_fn returned non-finite values")
-    flat = maps.flatten(1)
-    lo, hi = flat.amin(1, keepdim=True), flat.amax(1, keepdim=True)
-    span = hi - lo
-    norm = torch.where(span > 0, (flat - lo) / span.clamp_min(torch.finfo(flat.dtype).tiny), 0.0)
-    norm = norm.view_as(maps)
-    if tuple(maps.shape[1:]) == tuple(size):
-        return norm
-    return F.interpolate(norm[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
+    maps = maps.to(torch.promote_types(maps.dtype, torch.float32))
+    out = _scale(maps.flatten(1)).view_as(maps)
+    if tuple(maps.shape[1:]) != tuple(size):
+        out = F.interpolate(out[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
+    return _scale(out.flatten(1)).view_as(out)
 
 
 def _class_prob(model: nn.Module, x: Tensor, targets: Tensor) -> Tensor:
@@ -150,7 +167,7 @@ def explanation_scores(
         targets = logits.argmax(1)
     targets = targets.to(x.device).long()
     base = torch.softmax(logits.float(), dim=1).gather(1, targets[:, None])[:, 0]
-    cam = minmax_upsample(cam_fn(x, targets).detach(), tuple(x.shape[-2:])).to(x.dtype)
+    cam = scale_maps(cam_fn(x, targets).detach(), tuple(x.shape[-2:])).to(x.dtype)
     scores = ExplanationScores(base=base)
     if "drop" in fields:
         scores.masked = _class_prob(model, x * cam[:, None], targets)
@@ -159,7 +176,7 @@ def explanation_scores(
     if "complexity" in fields:
         scores.complexity = cam.abs().flatten(1).mean(1).float()
     if "coherency" in fields:
-        again = minmax_upsample(cam_fn(x * cam[:, None], targets).detach(), tuple(x.shape[-2:]))
+        again = scale_maps(cam_fn(x * cam[:, None], targets).detach(), tuple(x.shape[-2:]))
         scores.coherency = coherency_score(cam.float(), again.float())
     return scores
 
