@@ -6,8 +6,15 @@ Import explicitly (``import cams`` never imports torchmetrics)::
 
 For an input ``x`` (normalized, as the model sees it), the class ``c`` (the model's
 predicted class by default, as in the author's ``metrics/ADCC.py``, or given targets) and
-the explanation ``cam = cam_fn(x, c)``, min-max normalized per sample to ``[0, 1]`` and
-bilinearly upsampled to the input size:
+the explanation ``cam = cam_fn(x, c)`` post-processed as pytorch-grad-cam does it (the
+pipeline of the ShapleyCAM paper's evaluation scripts; :func:`scale_maps`): per sample
+``(m - min) / (max + 1e-7)``, bilinear resize to the input size (``align_corners=False``,
+cv2's ``INTER_LINEAR``), then ``(m - min) / (max + 1e-7)`` again (min-max -> resize ->
+min-max; ``BaseCAM.compute_cam_per_layer`` then ``aggregate_multi_layers``, the same in
+pytorch-grad-cam 1.5.7 and the author's fork). The second min-max matters whenever bilinear
+upsampling misses the low-res extremes (e.g. an interior peak) and changes every metric:
+ShapleyCAM at ``block3`` of a random-weight WRN-10-1 on 32 random 32x32 inputs gives AD
+0.130 -> 0.109, Com 0.433 -> 0.457, ADCC 0.753 -> 0.744 without -> with it:
 
 * :math:`Y = \mathrm{softmax}(f(x))_c`, :math:`O = \mathrm{softmax}(f(x \odot cam))_c`,
   :math:`D = \mathrm{softmax}(f(x \odot (1 - cam)))_c`;
@@ -15,14 +22,31 @@ bilinearly upsampled to the input size:
 * Increase in Confidence :math:`IC = \mathbb{1}[O > Y]`;
 * Average Drop in Deletion :math:`ADD = \max(0, Y - D) / Y`;
 * Complexity :math:`Com = \mathrm{mean}_{pixels} |cam|`;
-* Coherency :math:`Coh = (\rho(cam, cam') + 1) / 2` with :math:`cam'` the (normalized,
-  upsampled) explanation of :math:`x \odot cam` for the same class and :math:`\rho` the
-  Pearson correlation over pixels; :math:`Coh = 0` if either map is constant;
+* Coherency :math:`Coh = (\rho(cam, cam') + 1) / 2` with :math:`cam'` the (scaled)
+  explanation of :math:`x \odot cam` for the same class and :math:`\rho` the Pearson
+  correlation over pixels; :math:`Coh = 0` if either map is constant;
 * :math:`ADCC = 3 / (1/\overline{Coh} + 1/(1 - \overline{Com}) + 1/(1 - \overline{AD}))`
   from the dataset-averaged terms (0 when a term is 0).
 
 Every metric reports a fraction in ``[0, 1]`` averaged over samples (multiply by 100 for the
-percentages of the papers).  A constant map normalizes to all zeros.
+percentages of the papers).  A constant map scales to all zeros.  As in the reference, the
+``1e-7`` makes a map whose range is not much larger than ``1e-7`` peak below 1.
+
+Where these definitions follow the author's code (``pytorch-shapley-cam``:
+``metrics/ADCC.py``, ``metrics/cam_mult_image.py``, pytorch-grad-cam's ``scale_cam_image``)
+rather than the papers' text:
+
+* Complexity is the **mean** of :math:`|cam|` over pixels (``complexity`` divides the sum by
+  ``H * W``), not the L1 norm :math:`\lVert cam \rVert_1` of the ADCC definition; only the
+  mean lies in ``[0, 1]`` so that ``1 - Com`` is a valid ADCC term.
+* The map multiplies the **normalized** input tensor (``multiply_tensor_with_cam``), not the
+  ``[0, 1]`` image: a masked-out pixel becomes 0 after normalization, i.e. the normalization's
+  mean colour, not black. The same holds for the deletion input :math:`x \odot (1 - cam)`.
+
+Where this module departs from the author's code: no ReLU is applied before scaling
+(pytorch-grad-cam applies one; ``cams`` maps with ``relu=True`` are non-negative anyway, a
+signed map is scaled as it is), and ADCC combines the dataset means of AD, Coh and Com
+(the author's ``ADCC`` returns per-sample ADCC values).
 
 Two ways to update (every metric accepts both)::
 
@@ -69,7 +93,8 @@ class ExplanationScores:
     """Per-sample quantities ``(B,)``; a field is ``None`` when it was not requested.
 
     ``base`` = Y, ``masked`` = O, ``deleted`` = D (target-class probabilities),
-    ``coherency`` and ``complexity`` as in the module docstring.
+    ``coherency`` and ``complexity`` as in the module docstring (maps scaled by
+    :func:`scale_maps`).
     """
 
     base: Tensor
@@ -250,7 +275,8 @@ class _ExplanationMetric(Metric):
 
 
 class AverageDrop(_ExplanationMetric):
-    """Mean of ``max(0, Y - O) / Y`` (lower is better)."""
+    """Mean of ``max(0, Y - O) / Y`` with ``O`` on the normalized input times the map (lower
+    is better)."""
 
     higher_is_better = False
     fields, terms = ("drop",), ("ad",)
@@ -290,7 +316,8 @@ class Coherency(_ExplanationMetric):
 
 
 class Complexity(_ExplanationMetric):
-    """Mean absolute value of the normalized, upsampled map (lower is better)."""
+    """Mean ``|cam|`` of the scaled map (lower is better): the author's code's mean, not the
+    L1 norm of the papers' text (see the module docstring)."""
 
     higher_is_better = False
     fields, terms = ("complexity",), ("com",)
