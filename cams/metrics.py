@@ -6,8 +6,15 @@ Import explicitly (``import cams`` never imports torchmetrics)::
 
 For an input ``x`` (normalized, as the model sees it), the class ``c`` (the model's
 predicted class by default, as in the author's ``metrics/ADCC.py``, or given targets) and
-the explanation ``cam = cam_fn(x, c)``, min-max normalized per sample to ``[0, 1]`` and
-bilinearly upsampled to the input size:
+the explanation ``cam = cam_fn(x, c)`` post-processed as pytorch-grad-cam does it (the
+pipeline of the ShapleyCAM paper's evaluation scripts; :func:`scale_maps`): per sample
+``(m - min) / (max + 1e-7)``, bilinear resize to the input size (``align_corners=False``,
+cv2's ``INTER_LINEAR``), then ``(m - min) / (max + 1e-7)`` again (min-max -> resize ->
+min-max; ``BaseCAM.compute_cam_per_layer`` then ``aggregate_multi_layers``, the same in
+pytorch-grad-cam 1.5.7 and the author's fork). The second min-max matters whenever bilinear
+upsampling misses the low-res extremes (e.g. an interior peak) and changes every metric:
+ShapleyCAM at ``block3`` of a random-weight WRN-10-1 on 32 random 32x32 inputs gives AD
+0.130 -> 0.109, Com 0.433 -> 0.457, ADCC 0.753 -> 0.744 without -> with it:
 
 * :math:`Y = \mathrm{softmax}(f(x))_c`, :math:`O = \mathrm{softmax}(f(x \odot cam))_c`,
   :math:`D = \mathrm{softmax}(f(x \odot (1 - cam)))_c`;
@@ -15,14 +22,31 @@ bilinearly upsampled to the input size:
 * Increase in Confidence :math:`IC = \mathbb{1}[O > Y]`;
 * Average Drop in Deletion :math:`ADD = \max(0, Y - D) / Y`;
 * Complexity :math:`Com = \mathrm{mean}_{pixels} |cam|`;
-* Coherency :math:`Coh = (\rho(cam, cam') + 1) / 2` with :math:`cam'` the (normalized,
-  upsampled) explanation of :math:`x \odot cam` for the same class and :math:`\rho` the
-  Pearson correlation over pixels; :math:`Coh = 0` if either map is constant;
+* Coherency :math:`Coh = (\rho(cam, cam') + 1) / 2` with :math:`cam'` the (scaled)
+  explanation of :math:`x \odot cam` for the same class and :math:`\rho` the Pearson
+  correlation over pixels; :math:`Coh = 0` if either map is constant;
 * :math:`ADCC = 3 / (1/\overline{Coh} + 1/(1 - \overline{Com}) + 1/(1 - \overline{AD}))`
   from the dataset-averaged terms (0 when a term is 0).
 
 Every metric reports a fraction in ``[0, 1]`` averaged over samples (multiply by 100 for the
-percentages of the papers).  A constant map normalizes to all zeros.
+percentages of the papers).  A constant map scales to all zeros.  As in the reference, the
+``1e-7`` makes a map whose range is not much larger than ``1e-7`` peak below 1.
+
+Where these definitions follow the author's code (``pytorch-shapley-cam``:
+``metrics/ADCC.py``, ``metrics/cam_mult_image.py``, pytorch-grad-cam's ``scale_cam_image``)
+rather than the papers' text:
+
+* Complexity is the **mean** of :math:`|cam|` over pixels (``complexity`` divides the sum by
+  ``H * W``), not the L1 norm :math:`\lVert cam \rVert_1` of the ADCC definition; only the
+  mean lies in ``[0, 1]`` so that ``1 - Com`` is a valid ADCC term.
+* The map multiplies the **normalized** input tensor (``multiply_tensor_with_cam``), not the
+  ``[0, 1]`` image: a masked-out pixel becomes 0 after normalization, i.e. the normalization's
+  mean colour, not black. The same holds for the deletion input :math:`x \odot (1 - cam)`.
+
+Where this module departs from the author's code: no ReLU is applied before scaling
+(pytorch-grad-cam applies one; ``cams`` maps with ``relu=True`` are non-negative anyway, a
+signed map is scaled as it is), and ADCC combines the dataset means of AD, Coh and Com
+(the author's ``ADCC`` returns per-sample ADCC values).
 
 Two ways to update (every metric accepts both)::
 
@@ -57,6 +81,7 @@ __all__ = [
     "IncreaseInConfidence",
     "adcc_from_terms",
     "explanation_scores",
+    "scale_maps",
 ]
 
 CamFn = Callable[[Tensor, Tensor], Tensor]
@@ -68,7 +93,8 @@ class ExplanationScores:
     """Per-sample quantities ``(B,)``; a field is ``None`` when it was not requested.
 
     ``base`` = Y, ``masked`` = O, ``deleted`` = D (target-class probabilities),
-    ``coherency`` and ``complexity`` as in the module docstring.
+    ``coherency`` and ``complexity`` as in the module docstring (maps scaled by
+    :func:`scale_maps`).
     """
 
     base: Tensor
@@ -84,21 +110,37 @@ class ExplanationScores:
         return value
 
 
-def minmax_upsample(maps: Tensor, size: tuple[int, int]) -> Tensor:
-    """Per-sample ``(m - min) / (max - min)`` (constant maps -> 0), then bilinear resize
-    (``align_corners=False``) of ``(B, h, w)`` maps to ``size``."""
+SCALE_EPS = 1e-7
+"""The ``eps`` of pytorch-grad-cam's ``scale_cam_image``: ``(m - min) / (max(m - min) + eps)``."""
+
+
+def _scale(flat: Tensor) -> Tensor:
+    """``scale_cam_image`` on ``(B, N)`` rows: subtract the row minimum, divide by max + eps."""
+    flat = flat - flat.amin(1, keepdim=True)
+    return flat / (flat.amax(1, keepdim=True) + SCALE_EPS)
+
+
+def scale_maps(maps: Tensor, size: tuple[int, int]) -> Tensor:
+    """pytorch-grad-cam's post-processing of ``(B, h, w)`` maps, per sample, in torch.
+
+    ``(m - min) / (max + 1e-7)`` (after subtracting ``min``), bilinear resize to ``size``
+    (``align_corners=False``, cv2's ``INTER_LINEAR``), then ``(m - min) / (max + 1e-7)`` again:
+    ``scale_cam_image(cam, (W, H))`` in ``BaseCAM.compute_cam_per_layer`` followed by
+    ``scale_cam_image(result)`` in ``aggregate_multi_layers`` (pytorch-grad-cam 1.5.7, one target
+    layer). The second pass matters: bilinear upsampling with half-pixel centers usually does not
+    reach the low-res extremes, so without it the map's maximum is below 1. A constant map gives
+    zeros. Computed in at least float32 (the eps underflows in half precision); the result has
+    that dtype. Agrees with ``scale_cam_image`` to ~1e-6 (cv2 resizes in float32).
+    """
     if maps.ndim != 3:
         raise ValueError(f"cam_fn must return maps of shape (B, h, w), got {tuple(maps.shape)}")
     if not torch.isfinite(maps).all():
         raise ValueError("cam_fn returned non-finite values")
-    flat = maps.flatten(1)
-    lo, hi = flat.amin(1, keepdim=True), flat.amax(1, keepdim=True)
-    span = hi - lo
-    norm = torch.where(span > 0, (flat - lo) / span.clamp_min(torch.finfo(flat.dtype).tiny), 0.0)
-    norm = norm.view_as(maps)
-    if tuple(maps.shape[1:]) == tuple(size):
-        return norm
-    return F.interpolate(norm[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
+    maps = maps.to(torch.promote_types(maps.dtype, torch.float32))
+    out = _scale(maps.flatten(1)).view_as(maps)
+    if tuple(maps.shape[1:]) != tuple(size):
+        out = F.interpolate(out[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
+    return _scale(out.flatten(1)).view_as(out)
 
 
 def _class_prob(model: nn.Module, x: Tensor, targets: Tensor) -> Tensor:
@@ -150,7 +192,7 @@ def explanation_scores(
         targets = logits.argmax(1)
     targets = targets.to(x.device).long()
     base = torch.softmax(logits.float(), dim=1).gather(1, targets[:, None])[:, 0]
-    cam = minmax_upsample(cam_fn(x, targets).detach(), tuple(x.shape[-2:])).to(x.dtype)
+    cam = scale_maps(cam_fn(x, targets).detach(), tuple(x.shape[-2:])).to(x.dtype)
     scores = ExplanationScores(base=base)
     if "drop" in fields:
         scores.masked = _class_prob(model, x * cam[:, None], targets)
@@ -159,7 +201,7 @@ def explanation_scores(
     if "complexity" in fields:
         scores.complexity = cam.abs().flatten(1).mean(1).float()
     if "coherency" in fields:
-        again = minmax_upsample(cam_fn(x * cam[:, None], targets).detach(), tuple(x.shape[-2:]))
+        again = scale_maps(cam_fn(x * cam[:, None], targets).detach(), tuple(x.shape[-2:]))
         scores.coherency = coherency_score(cam.float(), again.float())
     return scores
 
@@ -233,7 +275,8 @@ class _ExplanationMetric(Metric):
 
 
 class AverageDrop(_ExplanationMetric):
-    """Mean of ``max(0, Y - O) / Y`` (lower is better)."""
+    """Mean of ``max(0, Y - O) / Y`` with ``O`` on the normalized input times the map (lower
+    is better)."""
 
     higher_is_better = False
     fields, terms = ("drop",), ("ad",)
@@ -273,7 +316,8 @@ class Coherency(_ExplanationMetric):
 
 
 class Complexity(_ExplanationMetric):
-    """Mean absolute value of the normalized, upsampled map (lower is better)."""
+    """Mean ``|cam|`` of the scaled map (lower is better): the author's code's mean, not the
+    L1 norm of the papers' text (see the module docstring)."""
 
     higher_is_better = False
     fields, terms = ("complexity",), ("com",)

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
+import cams
 from cams.metrics import (
     ADCC,
     AverageDrop,
@@ -16,7 +19,9 @@ from cams.metrics import (
     IncreaseInConfidence,
     adcc_from_terms,
     explanation_scores,
+    scale_maps,
 )
+from tests.cams._models import wrn
 
 LN3, LN9 = float(torch.tensor(3.0).log()), float(torch.tensor(9.0).log())
 
@@ -106,13 +111,26 @@ def test_coherency_is_pearson_of_the_two_maps() -> None:
     assert float(com.compute()) == pytest.approx(float(a.mean()), abs=1e-6)
 
 
-def test_upsampling_is_bilinear_to_the_input_size() -> None:
-    x = torch.randn(2, 1, 4, 4, dtype=torch.float64)
-    low = torch.tensor([[[0.0, 1.0], [2.0, 4.0]], [[1.0, 0.0], [0.0, 0.0]]], dtype=torch.float64)
+def test_maps_are_scaled_resized_and_scaled_again() -> None:
+    """min-max (eps 1e-7) -> bilinear resize -> min-max: the second pass restores max 1 when
+    the upsampled map misses the low-res peak (map 3), and is ~the identity when the extremes
+    sit in the corners, which bilinear upsampling keeps (maps 1 and 2)."""
+    x = torch.randn(3, 1, 6, 6, dtype=torch.float64)
+    low = torch.tensor(
+        [
+            [[0.0, 1.0, 1.0], [2.0, 4.0, 2.0], [2.0, 2.0, 4.0]],
+            [[1.0, 0.0, 0.0], [0.0, 0.0, 0.0], [0.0, 0.0, 0.0]],
+            [[0.0, 0.0, 0.0], [0.0, 3.0, 0.0], [0.0, 0.0, 0.0]],
+        ],
+        dtype=torch.float64,
+    )
     cam = lambda x, t: low  # noqa: E731
-    scores = explanation_scores(PixelSum([1.0] * 16), cam, x, fields=("complexity",))
-    norm = low / low.flatten(1).amax(1).view(2, 1, 1)
-    up = torch.nn.functional.interpolate(norm[:, None], size=(4, 4), mode="bilinear")
+    scores = explanation_scores(PixelSum([1.0] * 36), cam, x, fields=("complexity",))
+    norm = low / (low.flatten(1).amax(1).view(3, 1, 1) + 1e-7)
+    up = F.interpolate(norm[:, None], size=(6, 6), mode="bilinear")[:, 0]
+    assert float(up[2].max()) == pytest.approx(0.5625)  # (3/4)^2 of the peak
+    up = up / (up.flatten(1).amax(1).view(3, 1, 1) + 1e-7)
+    torch.testing.assert_close(scale_maps(low, (6, 6)), up)
     torch.testing.assert_close(scores.complexity, up.flatten(1).mean(1).float())
     assert scores.masked is None
 
@@ -185,3 +203,108 @@ def test_bad_inputs() -> None:
         explanation_scores(model, identity_cam, x, fields=("speed",))
     with pytest.raises(ValueError, match="without"):
         AverageDrop().update(explanation_scores(model, identity_cam, x, fields=("complexity",)))
+
+
+# --- agreement with the reference pipeline --------------------------------------------------
+
+
+def _reference_maps(raw: Tensor, size: tuple[int, int]) -> np.ndarray:
+    """pytorch-grad-cam 1.5.7 for one target layer: ``BaseCAM.compute_cam_per_layer`` (ReLU,
+    ``scale_cam_image(cam, (W, H))``) then ``aggregate_multi_layers`` (ReLU, mean over the one
+    layer, ``scale_cam_image``). float32 numpy, cv2 resize."""
+    image = pytest.importorskip("pytorch_grad_cam.utils.image")
+    per_layer = image.scale_cam_image(np.maximum(raw.double().numpy(), 0), (size[1], size[0]))
+    return image.scale_cam_image(np.maximum(per_layer[:, None], 0).mean(1))
+
+
+def _reference_metrics(model: nn.Module, cam_fn, x: Tensor) -> dict[str, float]:
+    """The six metrics evaluated directly from their formulas on reference-pipeline maps."""
+    size = tuple(x.shape[-2:])
+    with torch.no_grad():
+        c = model(x).argmax(1)  # the predicted class, as in the author's ADCC script
+
+        def prob(inputs: Tensor) -> np.ndarray:
+            p = torch.softmax(model(inputs).double(), 1)
+            return p[torch.arange(len(c)), c].numpy()
+
+        cam = _reference_maps(cam_fn(x, c).detach(), size)  # (B, H, W) float32
+        masks = torch.from_numpy(cam)[:, None].to(x.dtype)
+        y, o, d = prob(x), prob(x * masks), prob(x * (1 - masks))  # normalized input masked
+        again = _reference_maps(cam_fn(x * masks, c).detach(), size)
+    coh = []
+    for a, b in zip(cam.reshape(len(c), -1), again.reshape(len(c), -1), strict=True):
+        a, b = a.astype(np.float64), b.astype(np.float64)
+        constant = a.std() == 0 or b.std() == 0
+        coh.append(0.0 if constant else (np.corrcoef(a, b)[0, 1] + 1) / 2)
+    ad = float(np.mean(np.maximum(0, y - o) / y))
+    coherency, complexity = float(np.mean(coh)), float(np.abs(cam).mean())
+    return {
+        "average_drop": ad,
+        "increase_in_confidence": float(np.mean(o > y)),
+        "average_drop_in_deletion": float(np.mean(np.maximum(0, y - d) / y)),
+        "coherency": coherency,
+        "complexity": complexity,
+        "adcc": 3 / (1 / coherency + 1 / (1 - complexity) + 1 / (1 - ad)),
+    }
+
+
+class _SmallCNN(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 6, 3, padding=1)
+        self.fc = nn.Linear(6 * 4, 5)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc(F.adaptive_avg_pool2d(torch.relu(self.conv(x)), 2).flatten(1))
+
+
+def _shapleycam_wrn() -> tuple[nn.Module, object, Tensor]:
+    """ShapleyCAM at block3 of the WRN-10-1: 8x8 maps upsampled to 32x32."""
+    torch.manual_seed(0)
+    model = wrn().eval()
+    x = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    return model, cams.ShapleyCAM(model, "block3"), x
+
+
+def _pooled_maps() -> tuple[nn.Module, object, Tensor]:
+    """5x7 maps (pooled x^2 plus a class-scaled central bump the resize misses) for a 19x26
+    input: non-integer scales, odd sizes."""
+    torch.manual_seed(0)
+    model = _SmallCNN().eval()
+    x = torch.randn(6, 3, 19, 26, generator=torch.Generator().manual_seed(2))
+    i, j = torch.meshgrid(torch.arange(5.0), torch.arange(7.0), indexing="ij")
+    bump = torch.exp(-((i - 2) ** 2 + (j - 3) ** 2) / 2)
+
+    def cam_fn(x: Tensor, t: Tensor) -> Tensor:
+        pooled = F.adaptive_avg_pool2d(x.square().sum(1, keepdim=True), (5, 7))[:, 0]
+        return pooled + 3.0 * (1 + t.view(-1, 1, 1)) * bump
+
+    return model, cam_fn, x
+
+
+@pytest.mark.parametrize("setup", [_shapleycam_wrn, _pooled_maps], ids=["wrn", "pooled"])
+def test_metrics_match_reference_pipeline(setup) -> None:
+    """Every metric within 1e-5 (the issue asks 1e-3; measured ~1e-7) of a reference built on
+    pytorch-grad-cam's ``scale_cam_image`` (min-max -> cv2 resize -> min-max) and a direct
+    evaluation of the formulas. Fails with the former min-max -> resize pipeline."""
+    model, cam_fn, x = setup()
+    expected = _reference_metrics(model, cam_fn, x)
+    metrics = ExplanationMetrics()
+    metrics.update(model, cam_fn, x)
+    out = metrics.compute()
+    for key, value in expected.items():
+        assert float(out[key]) == pytest.approx(value, abs=1e-5), key
+
+
+def test_scale_maps_matches_scale_cam_image() -> None:
+    """Maps themselves: up- and down-sampling, float32 and float64, a constant map."""
+    g = torch.Generator().manual_seed(3)
+    for low, size in [((8, 8), (32, 32)), ((5, 7), (19, 26)), ((12, 10), (7, 5))]:
+        raw = torch.rand(3, *low, generator=g, dtype=torch.float64)
+        raw[1] = 0.25
+        ref = _reference_maps(raw, size)
+        for dtype in (torch.float32, torch.float64):
+            ours = scale_maps(raw.to(dtype), size)
+            assert ours.dtype == dtype
+            np.testing.assert_allclose(ours.double().numpy(), ref, atol=2e-6, rtol=0)
+        assert float(scale_maps(raw, size)[1].abs().max()) == 0.0
