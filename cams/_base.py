@@ -74,17 +74,23 @@ def check_input(x: Any) -> None:
 
 
 def check_targets(targets: TargetsLike, batch: int, device: torch.device) -> Tensor | None:
-    """Targets as a long tensor (B,) on ``device`` (range is checked after the forward)."""
+    """Targets as a long tensor (B,) on ``device`` (range is checked after the forward).
+
+    One class for the whole batch may be a Python or numpy integer or a 0-d integer tensor."""
     if targets is None:
         return None
     if isinstance(targets, bool):
         raise TypeError("targets must be class indices, got a bool")
-    if isinstance(targets, int):
-        return torch.full((batch,), targets, dtype=torch.long, device=device)
     if not isinstance(targets, Tensor):
-        targets = torch.as_tensor(list(targets))
+        try:
+            targets = torch.as_tensor(targets)
+        except (TypeError, ValueError, RuntimeError):
+            raise TypeError("targets must be class indices (an int, a sequence of ints or an "
+                            f"integer tensor), got {type(targets).__name__}") from None
     if targets.dtype == torch.bool or targets.is_floating_point() or targets.is_complex():
         raise TypeError(f"targets must be an integer tensor, got {targets.dtype}")
+    if targets.dim() == 0:
+        return torch.full((batch,), int(targets), dtype=torch.long, device=device)
     if tuple(targets.shape) != (batch,):
         raise ValueError(f"targets must have shape ({batch},), got {tuple(targets.shape)}")
     return targets.to(device=device, dtype=torch.long)

@@ -21,7 +21,7 @@ from cams._shapley import additive_game_shapley, exact_shapley, permutation_shap
 
 __all__ = ["BASELINES", "ShapCAM"]
 
-BASELINES: tuple[str, ...] = ("mean", "zero")
+BASELINES: tuple[str, ...] = ("mean", "global_mean", "zero")
 ValueFn = Callable[[Tensor], Tensor]
 
 
@@ -29,8 +29,11 @@ class ShapCAM(BaseCAM):
     r"""Shap-CAM: the map is the Shapley value of every spatial position of ``A``.
 
     Players are the ``P = h·w`` positions (all channels of a position move together). A
-    coalition ``S`` keeps ``A_j`` for ``j ∈ S`` and replaces the others by the baseline
-    ``b`` (``"mean"``: the per-channel spatial mean of ``A``, as in the paper; ``"zero"``)::
+    coalition ``S`` keeps ``A_j`` for ``j ∈ S`` and replaces the others by the baseline ``b``.
+    The paper says absent positions take "the average value of the whole feature map", which
+    reads two ways: ``"mean"`` (default) is the per-image, per-channel spatial mean of ``A``
+    (our interpretation: it keeps every channel's level); ``"global_mean"`` is one scalar per
+    image, the mean of ``A`` over channels and positions; ``"zero"`` is a zero baseline::
 
         v(S) = U(f_head(A_S), c),   φ_j = E_π[v(Pre_π(j) ∪ {j}) - v(Pre_π(j))]
 
@@ -47,6 +50,9 @@ class ShapCAM(BaseCAM):
     it), ``batch_size`` coalitions per call — expensive, lower ``n_permutations`` there.
     Reruns happen in eval mode with the main forward's BatchNorm statistics.
 
+    The map is the Shapley values themselves, signed, as in the paper's Eq. 4 (``relu=False``
+    by default; ``relu=True`` clips negative contributions like the gradient CAMs).
+
     Default utility ``"prob"`` (the paper's class probability). The same orderings serve every
     sample; with an int ``seed`` every call draws the same orderings, so a sample's map does not
     depend on the batch it is in (a ``torch.Generator`` advances between calls; ``None`` uses
@@ -56,7 +62,8 @@ class ShapCAM(BaseCAM):
     Args:
         n_permutations: sampled orderings (default 10_000, the paper's value).
         antithetic: pair every ordering with its reverse.
-        baseline: "mean" (default) or "zero".
+        baseline: "mean" (default), "global_mean" or "zero".
+        relu: final ReLU (default ``False``: the signed Shapley values of the paper).
         seed: int (default 0), ``torch.Generator`` or ``None``.
         exact: enumerate all ``2^P`` coalitions instead of sampling (``P <= 24``).
         batch_size: coalitions per network rerun on the generic path (default 256).
@@ -70,7 +77,7 @@ class ShapCAM(BaseCAM):
     _reruns = True
 
     def __init__(self, model: nn.Module, target_layer: nn.Module | str, *,
-                 utility: str | None = None, relu: bool = True, n_permutations: int = 10_000,
+                 utility: str | None = None, relu: bool = False, n_permutations: int = 10_000,
                  antithetic: bool = False, baseline: str = "mean",
                  seed: int | torch.Generator | None = 0, exact: bool = False,
                  batch_size: int = 256, chunk_size: int | None = None,
@@ -117,8 +124,11 @@ class ShapCAM(BaseCAM):
 
     # ------------------------------------------------------------------ internals
     def _base(self, a: Tensor) -> Tensor:
+        """The absent positions' value, (B, C, 1, 1)."""
         if self.baseline == "mean":
             return a.mean((2, 3), keepdim=True)
+        if self.baseline == "global_mean":
+            return a.mean((1, 2, 3), keepdim=True).expand(-1, a.shape[1], 1, 1)
         return torch.zeros_like(a[:, :, :1, :1])
 
     @staticmethod

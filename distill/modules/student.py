@@ -47,6 +47,7 @@ class LossConfig:
     agreement_batches: int = 2
     grid_every_n_epochs: int = 10
     cache_dir: str | None = None
+    fresh_orderings: bool = True
 
     @classmethod
     def from_mapping(cls, data: Mapping[str, Any]) -> LossConfig:
@@ -70,6 +71,12 @@ class LossConfig:
     def options(self, side: str) -> dict[str, Any]:
         """CAM options for ``side`` ("student" or "teacher"): shared ``cam`` + side-specific."""
         return {**self.cam, **getattr(self, f"{side}_cam")}
+
+
+def step_seed(seed: int, run_seed: int, step: int) -> int:
+    """A 63-bit seed for training step ``step`` (distinct streams per seed, run and step)."""
+    mixed = (seed * 0x9E3779B97F4A7C15 + run_seed * 0xBF58476D1CE4E5B9 + step) % (1 << 64)
+    return (mixed ^ (mixed >> 31)) & ((1 << 63) - 1)
 
 
 def _layer_output_shape(model: nn.Module, layer: str, probe: Tensor) -> tuple[int, ...]:
@@ -131,6 +138,8 @@ class StudentModule(ClassifierModule):
                 cfg.method, self.teacher, cfg.teacher_layer, cfg.options("teacher")
             )
             self._check_map_shapes()
+        self.run_seed = torch.initial_seed()  # seed_everything's seed: per-run ordering streams
+        self.ordering_seed = getattr(self.student_cam, "seed", None)
         self.register_buffer("cached_maps", torch.empty(0), persistent=False)
         self.register_buffer("cache_position", torch.empty(0, dtype=torch.long), persistent=False)
         self._grid_batch: dict[str, Tensor] | None = None
@@ -230,6 +239,7 @@ class StudentModule(ClassifierModule):
         if self.use_channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         if self.student_cam is not None:
+            self._seed_student_cam()
             out = self.student_cam.compute(x, y, create_graph=True)
             logits, student_maps = out.logits, out.maps
         else:
@@ -255,6 +265,16 @@ class StudentModule(ClassifierModule):
                 )
             loss = loss + cfg.alpha * terms["cam"]
         return loss, logits, terms
+
+    def _seed_student_cam(self) -> None:
+        """Sampled CAMs (Shap-CAM's orderings) draw fresh samples every training step: the seed
+        is derived from the configured seed, the run seed and the global step, so a resumed run
+        draws the same ones. Validation and ``fresh_orderings=false`` use the configured seed."""
+        base = self.ordering_seed
+        if not isinstance(base, int) or isinstance(base, bool):
+            return
+        fresh = self.loss_cfg.fresh_orderings and self.training
+        self.student_cam.seed = step_seed(base, self.run_seed, self.global_step) if fresh else base
 
     # ----------------------------------------------------------------- validation extras
     def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> Tensor:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -25,7 +26,10 @@ def test_shapes_targets_and_compute(cls: type, model: nn.Module) -> None:
     cam = cls(model, "block3", **FAST_OPTS.get(cls, {}))
     maps = cam(x)
     assert maps.shape == (3, 4, 4) and maps.dtype == x.dtype and not maps.requires_grad
-    assert (maps >= 0).all()
+    clipped = cls is not cams.ShapCAM  # Shap-CAM's map is the signed Shapley values (paper)
+    assert cam.relu == clipped
+    if clipped:
+        assert (maps >= 0).all()
     with torch.no_grad():
         logits = model(x)
     assert torch.equal(maps, cam(x, logits.argmax(1)))  # None = predicted class
@@ -34,8 +38,11 @@ def test_shapes_targets_and_compute(cls: type, model: nn.Module) -> None:
     torch.testing.assert_close(out.logits, logits, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(out.maps, cam(x, torch.tensor([1, 2, 3])))
     signed = cls(model, "block3", relu=False, **FAST_OPTS.get(cls, {}))(x, [1, 2, 3])
-    torch.testing.assert_close(torch.relu(signed), out.maps)
-    assert cam(x, 4).shape == (3, 4, 4)  # an int target applies to every sample
+    torch.testing.assert_close(torch.relu(signed) if clipped else signed, out.maps)
+    one = cam(x, 4)  # an int target applies to every sample; so do numpy and 0-d tensor ints
+    assert one.shape == (3, 4, 4)
+    for same in (np.int64(4), torch.tensor(4), np.array([4, 4, 4])):
+        torch.testing.assert_close(cam(x, same), one)
 
 
 def test_module_target_and_utilities(model: nn.Module) -> None:
@@ -128,6 +135,10 @@ def test_bad_inputs(cls: type, model: nn.Module) -> None:
         cam(x, torch.tensor([1.0, 2.0]))
     with pytest.raises(TypeError, match="integer"):
         cam(x, torch.tensor([True, False]))
+    with pytest.raises(TypeError, match="integer"):
+        cam(x, np.float32(1))
+    with pytest.raises(TypeError, match="class indices"):
+        cam(x, "cat")
     with pytest.raises(ValueError, match=r"\[0, 10\)"):
         cam(x, torch.tensor([1, 10]))
     with pytest.raises(ValueError, match=r"\[0, 10\)"):

@@ -126,7 +126,34 @@ def test_baselines_and_relu(model: nn.Module) -> None:
     logit = cams.ShapCAM(model, "relu", baseline="zero", utility="logit", **opts)(x)
     grad = cams.GradCAM(model, "relu", relu=False)(x)
     torch.testing.assert_close(logit, grad, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(cams.ShapCAM(model, "relu", n_permutations=20)(x), torch.relu(mean))
+    clipped = cams.ShapCAM(model, "relu", n_permutations=20, relu=True)(x)
+    torch.testing.assert_close(clipped, torch.relu(mean))
+    # the default map is the signed Shapley values (the paper's Eq. 4)
+    assert (mean < 0).any()
+    torch.testing.assert_close(cams.ShapCAM(model, "relu", n_permutations=20)(x), mean)
+
+
+@pytest.mark.parametrize("baseline", ["mean", "global_mean", "zero"])
+def test_baseline_readings_match_exact_enumeration(model: nn.Module, baseline: str) -> None:
+    """Each baseline is the value absent positions take: per-channel spatial mean, one scalar
+    per image (mean over channels and positions), or zero; checked by direct enumeration."""
+    torch.manual_seed(4)
+    x, targets = torch.randn(2, 3, 8, 8) * 3, torch.tensor([1, 6])
+    acts = {}
+    h = model.block3.register_forward_hook(lambda m, i, o: acts.setdefault("a", o.detach()))
+    with torch.no_grad():
+        model(x)
+    h.remove()
+    a = acts["a"]  # (2, C, 2, 2): 4 players
+    fill = {"mean": a.mean((2, 3), keepdim=True), "global_mean": a.mean((1, 2, 3), keepdim=True),
+            "zero": torch.zeros_like(a[:, :, :1, :1])}[baseline]
+
+    def game(masks: Tensor) -> Tensor:
+        return torch.stack([_worth(model, x, targets, torch.where(m.view(1, 1, 2, 2), a, fill))
+                            for m in masks], 1)
+
+    phi = cams.ShapCAM(model, "block3", exact=True, baseline=baseline)(x, targets)
+    torch.testing.assert_close(phi.flatten(1), exact_shapley(game, 4), rtol=1e-5, atol=1e-7)
 
 
 def test_generic_path_repeats_input_when_broadcasting_fails() -> None:
