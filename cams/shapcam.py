@@ -9,6 +9,7 @@ from torch import Tensor, nn
 
 from cams._base import (
     BaseCAM,
+    CAMOutput,
     Forward,
     TargetsLike,
     check_choice,
@@ -16,6 +17,7 @@ from cams._base import (
     check_range,
     check_targets,
 )
+from cams._bn import train_batchnorms
 from cams._head import BNStats, Head
 from cams._shapley import additive_game_shapley, exact_shapley, permutation_shapley
 
@@ -48,7 +50,9 @@ class ShapCAM(BaseCAM):
     rerun with the target layer's output replaced by the coalition activations (a forward hook;
     a sample's input is fed once per model call and broadcast, or repeated if the model needs
     it), ``batch_size`` coalitions per call — expensive, lower ``n_permutations`` there.
-    Reruns happen in eval mode with the main forward's BatchNorm statistics.
+    Reruns happen in eval mode with the main forward's BatchNorm statistics. On a model without
+    batch statistics the generic path processes ``batch_size`` samples at a time, so memory does
+    not grow with the batch (with an int ``seed`` the maps equal the whole-batch ones).
 
     The map is the Shapley values themselves, signed, as in the paper's Eq. 4 (``relu=False``
     by default; ``relu=True`` clips negative contributions like the gradient CAMs).
@@ -123,6 +127,21 @@ class ShapCAM(BaseCAM):
         return value_fn
 
     # ------------------------------------------------------------------ internals
+    def _run(self, x: Tensor, targets: TargetsLike, *, create_graph: bool,
+             keep_logits: bool) -> CAMOutput:
+        """The generic path on a model without batch statistics runs the batch in chunks of
+        ``batch_size`` samples: each sample's map is independent of the others then, and peak
+        memory does not grow with the batch (one full-batch forward would)."""
+        if (create_graph or self.head() is not None or train_batchnorms(self.model)
+                or not isinstance(x, Tensor) or x.dim() != 4 or x.shape[0] <= self.batch_size):
+            return super()._run(x, targets, create_graph=create_graph, keep_logits=keep_logits)
+        tgt = check_targets(targets, x.shape[0], x.device)
+        parts = [super(ShapCAM, self)._run(
+            x[s:s + self.batch_size], None if tgt is None else tgt[s:s + self.batch_size],
+            create_graph=False, keep_logits=keep_logits)
+            for s in range(0, x.shape[0], self.batch_size)]
+        return CAMOutput(torch.cat([p.maps for p in parts]), torch.cat([p.logits for p in parts]))
+
     def _base(self, a: Tensor) -> Tensor:
         """The absent positions' value, (B, C, 1, 1)."""
         if self.baseline == "mean":

@@ -204,3 +204,23 @@ def test_train_mode_records_only_the_statistics_reruns_use():
     assert set(fwd.stats) == {head_bn}
     generic = cams.ShapCAM(model, "3", n_permutations=64, seed=1, fast_path=False)
     torch.testing.assert_close(cam(x, y), generic(x, y), rtol=1e-5, atol=1e-6)
+
+
+def test_generic_path_runs_large_batches_in_chunks(model: nn.Module) -> None:
+    """Eval mode, generic path: no model call sees more than ``batch_size`` samples (peak memory
+    does not grow with the batch), and the maps equal the unchunked computation's."""
+    torch.manual_seed(5)
+    x, targets = torch.randn(7, 3, 8, 8), torch.tensor([0, 1, 2, 3, 4, 5, 6])
+    seen: list[int] = []
+    handle = model.conv1.register_forward_pre_hook(lambda m, inp: seen.append(inp[0].shape[0]))
+    try:
+        chunked = cams.ShapCAM(model, "block3", fast_path=False, n_permutations=4, batch_size=3)
+        maps = chunked(x, targets)
+    finally:
+        handle.remove()
+    assert max(seen) <= 3 and chunked.last_path == "generic"
+    whole = cams.ShapCAM(model, "block3", fast_path=False, n_permutations=4, batch_size=64)
+    torch.testing.assert_close(maps, whole(x, targets), rtol=1e-5, atol=1e-7)
+    out = chunked.compute(x, 2)
+    with torch.no_grad():
+        torch.testing.assert_close(out.logits, model(x), rtol=1e-5, atol=1e-6)
