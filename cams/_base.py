@@ -204,6 +204,8 @@ class BaseCAM:
         fast_path: use the closed-form head when detected (``False`` forces the generic path).
     """
 
+    method_name: ClassVar[str] = ""  # set by cams.registry.register
+    quick_options: ClassVar[dict[str, Any]] = {}  # cheap settings for tests, docs, smoke runs
     default_utility: ClassVar[str] = "logit"
     _needs_grad: ClassVar[bool] = True  # maps need ∂U/∂A
     _reruns: ClassVar[bool] = False  # extra evaluations of the network

@@ -6,6 +6,7 @@ import torch
 from torch import Tensor, nn
 
 from cams._base import BaseCAM, Forward, check_choice, weighted_sum
+from cams.registry import register
 
 __all__ = ["VARIANTS", "GradCAM", "combine"]
 
@@ -26,6 +27,7 @@ def combine(weights: Tensor, a: Tensor, variant: str) -> Tensor:
     return torch.relu(weights * a).sum(1)
 
 
+@register("gradcam")
 class GradCAM(BaseCAM):
     r"""Grad-CAM: channel weights are the spatially averaged gradients of the utility.
 

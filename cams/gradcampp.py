@@ -6,10 +6,12 @@ import torch
 from torch import Tensor
 
 from cams._base import BaseCAM, Forward, weighted_sum
+from cams.registry import register
 
 __all__ = ["GradCAMPlusPlus"]
 
 
+@register("gradcampp")
 class GradCAMPlusPlus(BaseCAM):
     r"""Grad-CAM++ with the closed-form coefficients used by pytorch-grad-cam 1.5.7.
 

@@ -7,10 +7,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from cams._base import BaseCAM, Forward, weighted_sum
+from cams.registry import register
 
 __all__ = ["ScoreCAM"]
 
 
+@register("scorecam")
 class ScoreCAM(BaseCAM):
     r"""Score-CAM, batched over (sample, channel) pairs in chunks of ``batch_size``.
 
@@ -42,6 +44,7 @@ class ScoreCAM(BaseCAM):
     """
 
     default_utility = "prob"
+    quick_options = {"batch_size": 16}
     _needs_grad = False
     _reruns = True
 

@@ -20,6 +20,7 @@ from cams._base import (
 from cams._bn import train_batchnorms
 from cams._head import BNStats, Head
 from cams._shapley import additive_game_shapley, exact_shapley, permutation_shapley
+from cams.registry import register
 
 __all__ = ["BASELINES", "ShapCAM"]
 
@@ -27,6 +28,7 @@ BASELINES: tuple[str, ...] = ("mean", "global_mean", "zero")
 ValueFn = Callable[[Tensor], Tensor]
 
 
+@register("shapcam")
 class ShapCAM(BaseCAM):
     r"""Shap-CAM: the map is the Shapley value of every spatial position of ``A``.
 
@@ -77,6 +79,7 @@ class ShapCAM(BaseCAM):
     """
 
     default_utility = "prob"
+    quick_options = {"n_permutations": 8}
     _needs_grad = False
     _reruns = True
 

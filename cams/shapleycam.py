@@ -6,10 +6,12 @@ from torch import Tensor
 
 from cams._base import Forward
 from cams.gradcam import GradCAM, combine
+from cams.registry import register
 
 __all__ = ["ShapleyCAM"]
 
 
+@register("shapleycam")
 class ShapleyCAM(GradCAM):
     r"""ShapleyCAM (Algorithm 1 of Cai, 2025) and its -H / -E variants.
 

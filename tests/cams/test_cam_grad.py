@@ -13,10 +13,9 @@ import cams
 from tests.cams._models import Tiny, randomize_bn, swap_parameter, wrn
 
 TARGETS = torch.tensor([0, 1, 3])
-METHODS = [
-    (cams.GradCAM, {}), (cams.GradCAM, {"variant": "hires"}), (cams.GradCAMPlusPlus, {}),
-    (cams.ShapleyCAM, {}), (cams.ShapleyCAM, {"variant": "elementwise", "utility": "prob"}),
-    (cams.ScoreCAM, {}), (cams.ShapCAM, {"n_permutations": 3}),
+METHODS = [(cls, cls.quick_options) for cls in cams.METHODS.values()] + [
+    (cams.GradCAM, {"variant": "hires"}),
+    (cams.ShapleyCAM, {"variant": "elementwise", "utility": "prob"}),
 ]
 IDS = [f"{c.__name__}-{'-'.join(map(str, o.values()))}" for c, o in METHODS]
 

@@ -28,6 +28,7 @@ PAIRS = [
     (cams.ShapleyCAM, "ShapleyCAM", "rest", "ClassifierOutputReST"),
     (cams.GradCAM, "HiResCAM", "logit", "ClassifierOutputTarget"),
     (cams.GradCAM, "GradCAMElementWise", "logit", "ClassifierOutputTarget"),
+    (cams.LayerCAM, "LayerCAM", "logit", "ClassifierOutputTarget"),
 ]
 VARIANT = {"HiResCAM": "hires", "GradCAMElementWise": "elementwise"}
 

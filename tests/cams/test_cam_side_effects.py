@@ -9,9 +9,8 @@ from torch import nn
 import cams
 from tests.cams._models import wrn
 
-METHODS = [(cams.GradCAM, {}), (cams.GradCAMPlusPlus, {}), (cams.ScoreCAM, {"batch_size": 48}),
-           (cams.ShapleyCAM, {}), (cams.ShapCAM, {"n_permutations": 4}),
-           (cams.ShapCAM, {"n_permutations": 4, "fast_path": False})]
+METHODS = [(cls, cls.quick_options) for cls in cams.METHODS.values()] + [
+    (cams.ShapCAM, {**cams.ShapCAM.quick_options, "fast_path": False})]
 IDS = [f"{c.__name__}{'-generic' if 'fast_path' in o else ''}" for c, o in METHODS]
 
 

@@ -240,3 +240,35 @@ def test_generic_rerun_replays_the_forward_dropout_masks() -> None:
     assert torch.equal(torch.rand(3), after_cam)
     maps = cams.GradCAM(model, "conv")(x, torch.tensor([0, 1, 2, 0]))
     assert torch.isfinite(maps).all()
+
+
+def _eval_copy_with_batch_statistics(model: nn.Module, x: Tensor) -> nn.Module:
+    """An eval-mode copy whose every BatchNorm uses this batch's statistics as its running
+    statistics: the train-mode function of the batch, evaluated one sample at a time."""
+    other = copy.deepcopy(model).train()
+    seen = {}
+
+    def record(m: nn.Module, inp: tuple) -> None:
+        seen[m] = _stats(inp[0])
+
+    hooks = [m.register_forward_pre_hook(record)
+             for m in other.modules() if isinstance(m, nn.BatchNorm2d)]
+    with torch.no_grad():
+        other(x)
+    for h in hooks:
+        h.remove()
+    for m, (mean, var) in seen.items():
+        m.running_mean.copy_(mean)
+        m.running_var.copy_(var)
+    return other.eval()
+
+
+@pytest.mark.parametrize("cls", list(cams.METHODS.values()), ids=list(cams.METHODS))
+def test_every_registered_method_is_per_sample_in_train_mode(cls: type) -> None:
+    """Generic form of the property for every method in the registry: the train-mode map equals
+    that of an eval-mode copy with every BatchNorm at the batch's statistics."""
+    model, _, x, y = _setup("wrn")
+    reference = _eval_copy_with_batch_statistics(model, x)
+    maps = cls(model, "block3", **cls.quick_options)(x, y)
+    expected = cls(reference, "block3", **cls.quick_options)(x, y)
+    assert _rel(maps, expected) <= 1e-5
