@@ -15,6 +15,7 @@ results folder stays valid. ``python -m distill.harness report --profile cpu-min
 from __future__ import annotations
 
 import argparse
+import copy
 import csv
 import fcntl
 import json
@@ -174,7 +175,7 @@ def compose(overrides: Sequence[str]) -> dict[str, Any]:
         with initialize_config_dir(str(ROOT / "configs"), version_base="1.3"):
             cfg = hydra_compose("train", overrides=list(overrides))
         _COMPOSED[key] = _comparable(OmegaConf.to_container(cfg, resolve=False))
-    return _COMPOSED[key]
+    return copy.deepcopy(_COMPOSED[key])
 
 
 def saved_config(run_dir: Path) -> dict[str, Any] | None:
@@ -238,6 +239,20 @@ def _lock_holder(handle: Any) -> str:
     return f"pid {pid} on {host}, started {info.get('started', '?')}{alive}"
 
 
+def running_holder(directory: Path) -> str | None:
+    """Who holds the results lock of ``directory`` now (None: nobody); takes no lock."""
+    path = directory / LOCK_NAME
+    if not path.exists():
+        return None
+    with open(path) as handle:
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return _lock_holder(handle)
+        fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+    return None
+
+
 @contextmanager
 def results_lock(directory: Path) -> Iterator[int]:
     """Hold an exclusive ``flock`` on ``directory/.harness.lock`` (yields its file descriptor).
@@ -247,8 +262,8 @@ def results_lock(directory: Path) -> Iterator[int]:
     with the descriptor (``pass_fds``) keep it until they end, so an orphaned training still
     blocks a new harness run on the same folder.
     """
-    directory.mkdir(parents=True, exist_ok=True)
     path = directory / LOCK_NAME
+    directory.mkdir(parents=True, exist_ok=True)
     with open(path, "a+") as handle:
         try:
             fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -392,12 +407,15 @@ def run_cells(
             cause = skip[cell.removesuffix("_kd")]
             return Failure(name, f"not started: {cause.name} failed", cause.log)
         code = runner(["train.py", *profile.cell_overrides(cell, seed)], log)
-        if code == 0 and read_metrics(profile.run_dir(cell, seed)) is None and not runner.dry_run:
-            return Failure(name, "exited without writing metrics.json", log)
-        if code:
-            print(f"{name}: FAILED ({_exit_reason(code)}); log: {log}", flush=True)
-            return Failure(name, _exit_reason(code), log)
-        return None
+        if runner.dry_run:
+            return None
+        metrics = read_metrics(profile.run_dir(cell, seed))
+        if code == 0 and metrics is not None:
+            print(f"{name}: finished, test error {metrics.get('test_error')}%", flush=True)
+            return None
+        reason = _exit_reason(code) if code else "exited without writing metrics.json"
+        print(f"{name}: FAILED ({reason}); log: {log}", flush=True)
+        return Failure(name, reason, log)
 
     if n_jobs > 1:
         with ThreadPoolExecutor(n_jobs) as pool:
@@ -433,13 +451,12 @@ def _run_locked(profile: Profile, n_jobs: int | None, runner: Runner) -> list[Fa
 
 
 def failure_summary(failures: Sequence[Failure]) -> str:
-    """One line per failed step with its log; the fix is to read it and rerun (finished runs are
-    kept)."""
-    lines = [f"error: {len(failures)} step(s) failed (every other run finished):"]
+    """A header naming the fix, then one line per failed step with its log."""
+    lines = [
+        f"error: {len(failures)} step(s) failed; fix the cause (see the logs) and rerun the "
+        "same command: finished runs are kept"
+    ]
     lines += [f"  {f.name}: {f.reason}; log: {f.log}" for f in failures]
-    lines.append(
-        "Fix the cause (see the logs), then rerun the same command: finished runs are kept."
-    )
     return "\n".join(lines)
 
 
@@ -800,6 +817,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         elif args.command == "cost":
             print(cost(profile, Path(args.step_times)))
         else:
+            if holder := running_holder(profile.out):
+                print(f"a harness run is in progress in {profile.out} ({holder})")
             pending = pending_cells(profile)
             for seed, cells in pending.items():
                 print(f"seed {seed}: pending {cells}")

@@ -155,6 +155,8 @@ def test_smoke_profile_runs_the_whole_harness(tmp_path):
         "smoke",
         "--results-dir",
         str(tmp_path),
+        "--n-jobs",
+        "2",  # each cell is its own process: two at once (also tests the parallel path)
     ]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -289,6 +291,8 @@ def test_second_run_on_a_results_folder_is_refused(tmp_path):
     cmd += ["--results-dir", str(tmp_path)]
     with harness.results_lock(profile.out):
         proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert f"pid {os.getpid()}" in harness.running_holder(profile.out)
+    assert harness.running_holder(profile.out) is None
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert f"in use by another harness run (pid {os.getpid()} on {socket.gethostname()}" in (
         proc.stderr
