@@ -268,7 +268,8 @@ def test_folder_source_decodes_exactly_and_caches(
     def no_decoding(*args: object, **kwargs: object) -> None:
         raise AssertionError("the cache should have been used")
 
-    monkeypatch.setattr(sources_mod, "decode_images", no_decoding)
+    monkeypatch.setattr(sources_mod, "_decode_all", no_decoding)
+    monkeypatch.setattr(sources_mod, "_LAST", {})  # as in a new process
     again = load_folder(root, cache)
     assert (
         torch.equal(again.train_images, arrays.train_images)
@@ -322,7 +323,8 @@ def test_folder_cache_and_id_follow_the_image_contents(
     third = load_folder(root, cache)
     assert torch.equal(third.train_images[6], second.train_images[10])  # cat <- old dog
     assert third.dataset_id not in (first.dataset_id, second.dataset_id)
-    assert load_folder(root).dataset_id == third.dataset_id  # without the cache: same identity
+    sources_mod._LAST.clear()  # as in a new process, without the decoded cache: same identity
+    assert load_folder(root).dataset_id == third.dataset_id
     import shutil
 
     moved = shutil.copytree(root, tmp_path / "elsewhere")
@@ -338,6 +340,7 @@ def test_corrupted_decoded_cache_is_rebuilt(
     blob = bytearray(cache.read_bytes())
     blob[len(blob) // 2] ^= 0xFF  # one flipped byte in the middle of the image tensors
     cache.write_bytes(bytes(blob))
+    sources_mod._LAST.clear()  # as in a new process
     again = load_folder(root, cache_dir)
     assert "unusable" in capsys.readouterr().err
     assert torch.equal(again.train_images, first.train_images)

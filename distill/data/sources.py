@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -209,13 +210,15 @@ def load_folder(root: str | Path, cache_dir: str | Path | None = None) -> CIFARA
     te_files, te_labels = list_image_folder(root, "test")
     files = tr_files + te_files
     stat_key = _stat_key(root, files)
+    if _LAST.get("key") == (str(root), stat_key):  # prepare_data then setup: load once
+        return _LAST["arrays"]
     cache = None
     if cache_dir:
         where = hashlib.sha256(str(root).encode()).hexdigest()[:16]
         cache = Path(cache_dir).expanduser() / f"cifar10-folder-{where}.pt"
         blob = _load_cache(cache, stat_key)
         if blob is not None:
-            return CIFARArrays(
+            arrays = CIFARArrays(
                 blob["train_images"],
                 blob["train_labels"],
                 blob["test_images"],
@@ -223,6 +226,8 @@ def load_folder(root: str | Path, cache_dir: str | Path | None = None) -> CIFARA
                 CIFAR10_CLASSES,
                 _folder_id(len(tr_files), len(te_files), blob["content"]),
             )
+            _LAST.update(key=(str(root), stat_key), arrays=arrays)
+            return arrays
     images, digests = _decode_all(files)
     content = _content_hash(root, files, digests)
     arrays = CIFARArrays(
@@ -235,7 +240,11 @@ def load_folder(root: str | Path, cache_dir: str | Path | None = None) -> CIFARA
     )
     if cache is not None:
         _save_cache(cache, stat_key, content, arrays)
+    _LAST.update(key=(str(root), stat_key), arrays=arrays)
     return arrays
+
+
+_LAST: dict[str, Any] = {}  # the last folder loaded in this process: (root, stat key) -> arrays
 
 
 def _load_cache(cache: Path, stat_key: str) -> dict | None:
