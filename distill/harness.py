@@ -1,23 +1,34 @@
 """Reproduction harness for the Shap-CAM paper's CIFAR-10 table (WRN-40-2 -> WRN-16-2).
 
 ``python -m distill.harness run --profile cpu-mini`` trains (or reuses) the teacher, precomputes the
-cached teacher maps, and trains every cell of the table for every seed through ``train.py``
-(Hydra multirun, so ``--launcher joblib`` runs cells in parallel). Finished runs are skipped,
-interrupted runs resume from ``last.ckpt``, and a run directory made with a different configuration
-is refused. ``python -m distill.harness report --profile cpu-mini`` writes
+cached teacher maps, and trains every cell of the table for every seed, each as its own
+``train.py`` process (``--n-jobs N`` runs N at once) whose output goes to ``<run dir>/harness.log``.
+A cell that dies does not stop the others: the failed ones are listed at the end (with their log)
+and the exit status is 1. Finished runs are skipped, interrupted runs resume from ``last.ckpt``, and
+a run directory made with a different configuration is refused (by ``run``, ``status`` and
+``report``). One ``run`` at a time per results folder (a lock file, ``.harness.lock``). Paths under
+the results folder are stored relative to it (``${paths.log_dir}/...``), so a copied or moved
+results folder stays valid. ``python -m distill.harness report --profile cpu-mini`` writes
 ``results/<profile>/table.md``, ``table.csv`` and ``chart.png``.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import csv
+import fcntl
 import json
 import math
 import os
+import shlex
+import socket
 import subprocess
 import sys
-from collections.abc import Sequence
+import time
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,6 +54,9 @@ PAPER_ERRORS: dict[str, float] = {
 }
 ALL_CELLS = ("ce", "gradcam", "gradcampp", "scorecam", "shapcam", "shapleycam")
 IGNORED_KEYS = ("paths", "hydra", "run_name", "ckpt_path", "logger", "callbacks")
+RESULTS_ROOT = "${paths.log_dir}"  # how paths under the results folder are stored in configs
+LOCK_NAME = ".harness.lock"
+LOG_NAME = "harness.log"
 
 
 class HarnessError(RuntimeError):
@@ -69,7 +83,8 @@ class Profile:
     def load(
         cls, name: str, directory: Path = PROFILE_DIR, results_dir: str | None = None
     ) -> Profile:
-        path = Path(directory) / f"{name}.yaml"
+        """Profile ``name`` from ``directory``, or from a YAML file when ``name`` ends in .yaml."""
+        path = Path(name) if name.endswith((".yaml", ".yml")) else Path(directory) / f"{name}.yaml"
         if not path.exists():
             known = sorted(p.stem for p in Path(directory).glob("*.yaml"))
             raise HarnessError(f"unknown profile {name!r}; choose one of {known}")
@@ -103,12 +118,13 @@ class Profile:
         return [*self.common, *self.teacher, *self.location("runs", "teacher")]
 
     def method_extra(self, cell: str) -> list[str]:
-        """Overrides for this cell's CAM method only (e.g. reduced permutations); spell them
-        ``++key=value`` so a multirun's first composition (with the default loss) accepts them."""
+        """Overrides for this cell's CAM method only (e.g. reduced permutations); spelled
+        ``++key=value`` so they compose with any loss preset."""
         return list(self.method_overrides.get(cell.removesuffix("_kd"), []))
 
     def cell_overrides(self, cell: str, seed: int) -> list[str]:
-        ckpt = self.teacher_dir / "checkpoints" / "last.ckpt"
+        # relative to the results root (paths.log_dir): a copied results folder stays valid
+        ckpt = f"{RESULTS_ROOT}/runs/teacher/checkpoints/last.ckpt"
         return [
             *self.common,
             *self.student,
@@ -121,24 +137,53 @@ class Profile:
 
 
 # --------------------------------------------------------------------------- configs
-def compose(overrides: Sequence[str]) -> dict[str, Any]:
-    """The composed training config for ``overrides`` (without run-location keys)."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-    from omegaconf import OmegaConf
+def _relative(value: Any, root: str) -> Any:
+    """``value`` with the results root ``root`` spelled ``${paths.log_dir}`` in every string."""
+    if isinstance(value, dict):
+        return {k: _relative(v, root) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_relative(v, root) for v in value]
+    if isinstance(value, str) and (value == root or value.startswith(root + "/")):
+        return RESULTS_ROOT + value[len(root) :]
+    return value
 
-    with initialize_config_dir(str(ROOT / "configs"), version_base="1.3"):
-        cfg = hydra_compose("train", overrides=list(overrides))
-    data = OmegaConf.to_container(cfg, resolve=False)
-    return {k: v for k, v in data.items() if k not in IGNORED_KEYS}
+
+def _comparable(config: dict[str, Any]) -> dict[str, Any]:
+    """A config without run-location keys, with paths under its results root made relative.
+
+    The root is the config's own ``paths.log_dir`` (the results folder it was written in), so runs
+    saved with absolute paths by older versions compare equal after the folder is copied.
+    """
+    root = str((config.get("paths") or {}).get("log_dir") or "")
+    kept = {k: v for k, v in config.items() if k not in IGNORED_KEYS}
+    if not root or "${" in root:
+        return kept
+    return _relative(kept, root.rstrip("/"))
+
+
+_COMPOSED: dict[tuple[str, ...], dict[str, Any]] = {}
+
+
+def compose(overrides: Sequence[str]) -> dict[str, Any]:
+    """The composed training config for ``overrides`` (comparable form, see :func:`_comparable`)."""
+    key = tuple(overrides)
+    if key not in _COMPOSED:
+        from hydra import compose as hydra_compose
+        from hydra import initialize_config_dir
+        from omegaconf import OmegaConf
+
+        with initialize_config_dir(str(ROOT / "configs"), version_base="1.3"):
+            cfg = hydra_compose("train", overrides=list(overrides))
+        _COMPOSED[key] = _comparable(OmegaConf.to_container(cfg, resolve=False))
+    return copy.deepcopy(_COMPOSED[key])
 
 
 def saved_config(run_dir: Path) -> dict[str, Any] | None:
+    """The config saved in ``run_dir`` (comparable form), or None when there is none."""
     path = run_dir / ".hydra" / "config.yaml"
     if not path.exists():
         return None
-    data = yaml.safe_load(path.read_text())
-    return {k: v for k, v in data.items() if k not in IGNORED_KEYS}
+    return _comparable(yaml.safe_load(path.read_text()) or {})
 
 
 def _diff_keys(a: Any, b: Any, prefix: str = "") -> list[str]:
@@ -148,17 +193,23 @@ def _diff_keys(a: Any, b: Any, prefix: str = "") -> list[str]:
     return [] if a == b else [prefix.rstrip(".")]
 
 
-def check_same_config(run_dir: Path, overrides: Sequence[str]) -> None:
-    """Refuse a run directory whose saved config differs from what the profile asks for."""
+def config_mismatch(run_dir: Path, overrides: Sequence[str]) -> str | None:
+    """Why ``run_dir``'s saved config differs from what ``overrides`` compose to (None: same, or
+    nothing saved yet)."""
     found = saved_config(run_dir)
     if found is None:
-        return
+        return None
     diff = _diff_keys(compose(overrides), found)
-    if diff:
+    return f"{run_dir} (differs in {', '.join(diff[:8])})" if diff else None
+
+
+def check_same_config(run_dir: Path, overrides: Sequence[str]) -> None:
+    """Refuse a run directory whose saved config differs from what the profile asks for."""
+    mismatch = config_mismatch(run_dir, overrides)
+    if mismatch:
         raise HarnessError(
-            f"{run_dir} holds a run with a different config (differs in {', '.join(diff[:8])}); "
-            "it is not reused or merged: move it away, or run this profile into another "
-            "results folder"
+            f"{mismatch} holds a run with a different config; it is not reused or merged: "
+            "move it away, or run this profile into another results folder (--results-dir)"
         )
 
 
@@ -169,32 +220,159 @@ def read_metrics(run_dir: Path) -> dict[str, Any] | None:
     return json.loads(path.read_text())
 
 
+# --------------------------------------------------------------------------- locking
+def _lock_holder(handle: Any) -> str:
+    handle.seek(0)
+    try:
+        info = json.loads(handle.read() or "{}")
+    except ValueError:
+        info = {}
+    pid, host = info.get("pid", "?"), info.get("host", "?")
+    alive = ""
+    if host == socket.gethostname() and isinstance(pid, int):
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            alive = "; that process is gone but a training it started still runs"
+        except PermissionError:
+            pass
+    return f"pid {pid} on {host}, started {info.get('started', '?')}{alive}"
+
+
+def running_holder(directory: Path) -> str | None:
+    """Who holds the results lock of ``directory`` now (None: nobody); takes no lock."""
+    path = directory / LOCK_NAME
+    if not path.exists():
+        return None
+    with open(path) as handle:
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return _lock_holder(handle)
+        fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+    return None
+
+
+@contextmanager
+def results_lock(directory: Path) -> Iterator[int]:
+    """Hold an exclusive ``flock`` on ``directory/.harness.lock`` (yields its file descriptor).
+
+    The lock file records pid, host and start time for the message a second run prints. The kernel
+    drops the lock when every holder has exited, so a killed run leaves no stale lock; runs started
+    with the descriptor (``pass_fds``) keep it until they end, so an orphaned training still
+    blocks a new harness run on the same folder.
+    """
+    path = directory / LOCK_NAME
+    directory.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as handle:
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise HarnessError(
+                f"results folder {directory} is in use by another harness run "
+                f"({_lock_holder(handle)}); wait for it to finish, or use another --results-dir"
+            ) from None
+        info = {
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+            "argv": sys.argv,
+        }
+        handle.seek(0)
+        handle.truncate()
+        handle.write(json.dumps(info) + "\n")
+        handle.flush()
+        try:
+            yield handle.fileno()
+        finally:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+
+
 # --------------------------------------------------------------------------- running
-def _python(args: Sequence[str], dry_run: bool) -> None:
-    cmd = [sys.executable, *args]
-    print("$", " ".join(cmd), flush=True)
-    if not dry_run:
-        subprocess.run(cmd, check=True, cwd=ROOT, env={**os.environ, "HYDRA_FULL_ERROR": "1"})
+@dataclass
+class Failure:
+    """A step that did not finish: what, why, and where its output is."""
+
+    name: str
+    reason: str
+    log: Path
 
 
-def run_teacher(profile: Profile, dry_run: bool = False) -> None:
+@dataclass
+class Runner:
+    """Starts ``python ARGS`` processes from the repository root, each logged to a file.
+
+    ``echo`` copies the output to the console as well (off when several run at once);
+    ``keep_fds`` are inherited by the processes (the results lock).
+    """
+
+    dry_run: bool = False
+    echo: bool = True
+    keep_fds: tuple[int, ...] = ()
+
+    def __call__(self, args: Sequence[str], log: Path) -> int:
+        """Run ``python ARGS``, appending its stdout and stderr to ``log``; the exit status."""
+        cmd = [sys.executable, *args]
+        print("$", shlex.join(cmd), flush=True)
+        if self.dry_run:
+            return 0
+        log.parent.mkdir(parents=True, exist_ok=True)
+        env = {**os.environ, "HYDRA_FULL_ERROR": "1", "PYTHONUNBUFFERED": "1"}
+        with open(log, "ab") as out:
+            out.write(f"\n=== {time.strftime('%F %T')} $ {shlex.join(cmd)}\n".encode())
+            out.flush()
+            proc = subprocess.Popen(
+                cmd,
+                cwd=ROOT,
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                pass_fds=self.keep_fds,
+            )
+            assert proc.stdout is not None
+            while chunk := proc.stdout.read1(1 << 16):
+                out.write(chunk)
+                if self.echo:
+                    sys.stdout.buffer.write(chunk)
+                    sys.stdout.flush()
+            return proc.wait()
+
+
+def _exit_reason(code: int) -> str:
+    return f"killed by signal {-code}" if code < 0 else f"exit status {code}"
+
+
+def run_teacher(profile: Profile, runner: Runner) -> Failure | None:
     overrides = profile.teacher_overrides()
     check_same_config(profile.teacher_dir, overrides)
     if read_metrics(profile.teacher_dir) is not None:
         print(f"teacher: finished, reusing {profile.teacher_dir}")
-        return
-    _python(["train.py", *overrides], dry_run)
+        return None
+    log = profile.teacher_dir / LOG_NAME
+    code = runner(["train.py", *overrides], log)
+    reason = f"{_exit_reason(code)}; no student run was started"
+    return Failure("teacher", reason, log) if code else None
 
 
-def run_precompute(profile: Profile, pending: dict[int, list[str]], dry_run: bool = False) -> None:
+def run_precompute(
+    profile: Profile, pending: dict[int, list[str]], runner: Runner
+) -> dict[str, Failure]:
     """Precompute teacher maps for every method whose pending cells read them from the cache
-    (none once those cells are finished: a finished table needs no teacher checkpoint)."""
+    (none once those cells are finished: a finished table needs no teacher checkpoint).
+    Returns the failed methods."""
     methods = sorted({c.removesuffix("_kd") for cells in pending.values() for c in cells} - {"ce"})
+    failed: dict[str, Failure] = {}
     for method in methods:
         overrides = profile.cell_overrides(method, profile.seeds[0])
         if compose(overrides)["loss"]["teacher_maps"] == "cache":
-            where = f"hydra.run.dir={profile.out / 'precompute' / method}"
-            _python(["-m", "distill.precompute", *overrides, *profile.precompute, where], dry_run)
+            where = profile.out / "precompute" / method
+            args = ["-m", "distill.precompute", *overrides, *profile.precompute]
+            code = runner([*args, f"hydra.run.dir={where}"], where / LOG_NAME)
+            if code:
+                failed[method] = Failure(
+                    f"precompute {method}", _exit_reason(code), where / LOG_NAME
+                )
+    return failed
 
 
 def pending_cells(profile: Profile) -> dict[int, list[str]]:
@@ -210,39 +388,76 @@ def pending_cells(profile: Profile) -> dict[int, list[str]]:
 
 
 def run_cells(
-    profile: Profile, pending: dict[int, list[str]], n_jobs: int, dry_run: bool = False
-) -> None:
-    """One Hydra multirun per seed and group of cells sharing their method overrides."""
-    for seed, cells in pending.items():
-        groups: dict[tuple[str, ...], list[str]] = {}
-        for cell in cells:
-            groups.setdefault(tuple(profile.method_extra(cell)), []).append(cell)
-        for members in groups.values():
-            overrides = [
-                o
-                for o in profile.cell_overrides(members[0], seed)
-                if not o.startswith(("loss=", "run_name="))
-            ]
-            sweep = [
-                f"loss={','.join(members)}",
-                "run_name=${loss.name}-s${seed}",
-                f"hydra.sweep.dir={profile.out / 'runs'}",
-                "hydra.sweep.subdir=${run_name}",
-            ]
-            if n_jobs > 1:
-                sweep += ["hydra/launcher=joblib", f"hydra.launcher.n_jobs={n_jobs}"]
-            _python(["train.py", "-m", *overrides, *sweep], dry_run)
+    profile: Profile,
+    pending: dict[int, list[str]],
+    runner: Runner,
+    n_jobs: int = 1,
+    skip: dict[str, Failure] | None = None,
+) -> list[Failure]:
+    """Train every pending cell as its own process (``n_jobs`` at once); a cell that dies does
+    not stop the others. Cells of a method in ``skip`` (failed precompute) are not started.
+    Returns the failures, in table order."""
+    skip = skip or {}
+    jobs = [(cell, seed) for seed, cells in pending.items() for cell in cells]
+
+    def one(job: tuple[str, int]) -> Failure | None:
+        cell, seed = job
+        name, log = f"{cell}-s{seed}", profile.run_dir(cell, seed) / LOG_NAME
+        if cell.removesuffix("_kd") in skip:
+            cause = skip[cell.removesuffix("_kd")]
+            return Failure(name, f"not started: {cause.name} failed", cause.log)
+        code = runner(["train.py", *profile.cell_overrides(cell, seed)], log)
+        if runner.dry_run:
+            return None
+        metrics = read_metrics(profile.run_dir(cell, seed))
+        if code == 0 and metrics is not None:
+            print(f"{name}: finished, test error {metrics.get('test_error')}%", flush=True)
+            return None
+        reason = _exit_reason(code) if code else "exited without writing metrics.json"
+        print(f"{name}: FAILED ({reason}); log: {log}", flush=True)
+        return Failure(name, reason, log)
+
+    if n_jobs > 1:
+        with ThreadPoolExecutor(n_jobs) as pool:
+            results = list(pool.map(one, jobs))
+    else:
+        results = [one(job) for job in jobs]
+    return [f for f in results if f is not None]
 
 
-def run(profile: Profile, n_jobs: int | None = None, dry_run: bool = False) -> None:
-    """The whole protocol, resumable: teacher, cached maps, every cell x seed."""
+def run(profile: Profile, n_jobs: int | None = None, dry_run: bool = False) -> list[Failure]:
+    """The whole protocol, resumable: teacher, cached maps, every cell x seed.
+
+    Holds the results-folder lock throughout (not for ``dry_run``). Returns what failed: the
+    teacher (then nothing else is started), or precomputes and cells (the others still run).
+    """
+    if dry_run:
+        return _run_locked(profile, n_jobs, Runner(dry_run=True))
+    with results_lock(profile.out) as fd:
+        jobs = n_jobs or profile.n_jobs
+        return _run_locked(profile, jobs, Runner(echo=jobs <= 1, keep_fds=(fd,)))
+
+
+def _run_locked(profile: Profile, n_jobs: int | None, runner: Runner) -> list[Failure]:
     pending = pending_cells(profile)
     if not pending:
         print(f"every run of profile {profile.name!r} is finished")
-        return
-    run_teacher(profile, dry_run)
-    run_precompute(profile, pending, dry_run)
-    run_cells(profile, pending, n_jobs or profile.n_jobs, dry_run)
+        return []
+    failed = run_teacher(profile, runner)
+    if failed is not None:
+        return [failed]
+    skip = run_precompute(profile, pending, runner)
+    return [*skip.values(), *run_cells(profile, pending, runner, n_jobs or 1, skip)]
+
+
+def failure_summary(failures: Sequence[Failure]) -> str:
+    """A header naming the fix, then one line per failed step with its log."""
+    lines = [
+        f"error: {len(failures)} step(s) failed; fix the cause (see the logs) and rerun the "
+        "same command: finished runs are kept"
+    ]
+    lines += [f"  {f.name}: {f.reason}; log: {f.log}" for f in failures]
+    return "\n".join(lines)
 
 
 # --------------------------------------------------------------------------- report
@@ -253,8 +468,29 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
     return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
 
 
+def check_report_configs(profile: Profile) -> None:
+    """Refuse to report runs whose saved config differs from the profile (as ``run`` and
+    ``status`` do): every mismatch is named in one message."""
+    dirs = [(profile.teacher_dir, profile.teacher_overrides())]
+    dirs += [
+        (profile.run_dir(c, s), profile.cell_overrides(c, s))
+        for c in profile.cells
+        for s in profile.seeds
+    ]
+    bad = [m for d, o in dirs if (m := config_mismatch(d, o))]
+    if bad:
+        more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
+        raise HarnessError(
+            f"not reporting runs made with a different config than profile {profile.name!r}: "
+            f"{'; '.join(bad[:3])}{more}; move them away, or report the profile they were run "
+            "with"
+        )
+
+
 def collect(profile: Profile) -> list[dict[str, Any]]:
-    """One row per cell: errors per seed, mean, std, missing seeds, paper value."""
+    """One row per cell: errors per seed, mean, std, missing seeds, paper value (runs whose config
+    differs from the profile raise :class:`HarnessError`)."""
+    check_report_configs(profile)
     rows = []
     for cell in profile.cells:
         errors, missing, wall = [], [], 0.0
@@ -556,8 +792,10 @@ def cost(profile: Profile, step_times: Path) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m distill.harness", description=__doc__)
     parser.add_argument("command", choices=["run", "report", "status", "cost"])
-    parser.add_argument("--profile", default="cpu-mini")
-    parser.add_argument("--n-jobs", type=int, default=None, help="parallel cells (joblib launcher)")
+    parser.add_argument(
+        "--profile", default="cpu-mini", help="a name in configs/harness/ or a .yaml"
+    )
+    parser.add_argument("--n-jobs", type=int, default=None, help="cells trained at once")
     parser.add_argument("--dry-run", action="store_true", help="print the commands only")
     parser.add_argument("--results-dir", default=None, help="default: the profile's (results)")
     parser.add_argument(
@@ -569,13 +807,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         profile = Profile.load(args.profile, results_dir=args.results_dir)
         if args.command == "run":
-            run(profile, args.n_jobs, args.dry_run)
+            failures = run(profile, args.n_jobs, args.dry_run)
             print(f"report: {report(profile)}")
+            if failures:
+                print(failure_summary(failures), file=sys.stderr)
+                return 1
         elif args.command == "report":
             print(report(profile).read_text())
         elif args.command == "cost":
             print(cost(profile, Path(args.step_times)))
         else:
+            if holder := running_holder(profile.out):
+                print(f"a harness run is in progress in {profile.out} ({holder})")
             pending = pending_cells(profile)
             for seed, cells in pending.items():
                 print(f"seed {seed}: pending {cells}")

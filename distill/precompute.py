@@ -4,7 +4,9 @@
 
 Takes the same overrides as ``train.py``, so the cache it writes has exactly the fingerprint the
 training run will look for. Shards are written as they finish; rerunning after an interruption
-computes only the missing shards.
+computes only the missing shards (and any whose checksum no longer matches). "teacher maps ready"
+is printed only after every shard has been verified. Bad input (no data, no teacher, a cache
+directory holding another configuration's maps) prints one message naming the fix, exit status 2.
 """
 
 from __future__ import annotations
@@ -15,20 +17,20 @@ import hydra
 import torch
 from omegaconf import DictConfig
 
-import distill.train  # noqa: F401  (registers the repo_root resolver)
 from distill.data.augment import normalize
-from distill.explain import TeacherError
-from distill.teacher_maps import CacheError
+from distill.integrity import IntegrityError
+from distill.teacher_maps import CacheError, ForeignCacheError
+from distill.train import USER_ERRORS, instantiate
 
 
 def precompute(cfg: DictConfig) -> str:
-    """Build the cache for ``cfg`` and return its directory."""
+    """Build (or finish, or repair) the cache for ``cfg`` and return its directory."""
     if cfg.loss.method is None:
         raise CacheError(f"loss={cfg.loss.name} has no explanation term: nothing to precompute")
-    datamodule = hydra.utils.instantiate(cfg.data)
+    datamodule = instantiate(cfg.data)
     datamodule.prepare_data()
     datamodule.setup("fit")
-    module = hydra.utils.instantiate(cfg.module, net=hydra.utils.instantiate(cfg.model))
+    module = instantiate(cfg.module, net=instantiate(cfg.model))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     teacher_cam = module.teacher_cam
     module.teacher.to(device)
@@ -53,12 +55,25 @@ def precompute(cfg: DictConfig) -> str:
     return str(cache.directory)
 
 
+def error_message(err: Exception, cache_dir: str | None) -> str:
+    """The one message printed for a user error; a cache directory of another configuration
+    named by ``loss.cache_dir`` gets the fix spelled as overrides."""
+    if isinstance(err, ForeignCacheError) and cache_dir:
+        return (
+            f"error: loss.cache_dir={cache_dir} holds teacher maps built for another "
+            f"configuration ({err.diff}); it is left untouched. Rerun without loss.cache_dir "
+            "(each configuration then gets its own directory under cache/teacher_maps/, which "
+            "training finds without the option too) or with loss.cache_dir=<an empty directory>"
+        )
+    return f"error: {err}"
+
+
 @hydra.main(config_path="../configs", config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     try:
         precompute(cfg)
-    except (CacheError, TeacherError) as err:
-        print(f"error: {err}", file=sys.stderr)
+    except (*USER_ERRORS, IntegrityError) as err:
+        print(error_message(err, cfg.loss.get("cache_dir")), file=sys.stderr, flush=True)
         sys.exit(2)
 
 

@@ -6,9 +6,10 @@ writes them in shards under one directory::
     <dir>/manifest.json      fingerprint + one entry (file, sha256, range) per finished shard
     <dir>/shard_00000.pt     {"maps": float32 (n, h, w), "start": int, "stop": int}
 
-A finished shard is never recomputed; an interrupted run resumes at the first missing shard.
-Loading verifies the fingerprint (teacher checkpoint hash, method, layer, options, dataset
-identity and size), the shard checksums and shapes, and refuses anything that does not match.
+A finished shard is never recomputed unless its checksum no longer matches (then it is recomputed,
+with a note); an interrupted run resumes at the first missing shard. Loading verifies the
+fingerprint (teacher checkpoint hash, method, layer, options, dataset identity and size), the shard
+checksums and shapes, and refuses anything that does not match.
 
 During training the cached maps (computed on un-augmented images) are looked up by dataset index
 and pushed through exactly the crop/flip of their images (:func:`align_maps`).
@@ -18,7 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
+import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from distill.integrity import atomic_write, sha256_file
+
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
 
@@ -36,13 +39,15 @@ class CacheError(RuntimeError):
     """A teacher-map cache is missing, incomplete, corrupted or built for another configuration."""
 
 
-def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
-    """SHA-256 hex digest of a file."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
+class ForeignCacheError(CacheError):
+    """The cache directory holds maps built for another configuration (``diff`` says how)."""
+
+    def __init__(self, message: str, directory: Path, diff: str) -> None:
+        super().__init__(message)
+        self.directory, self.diff = directory, diff
+
+
+file_sha256 = sha256_file  # SHA-256 hex digest of a file (kept for importers of this name)
 
 
 def fingerprint_hash(fingerprint: Mapping[str, Any]) -> str:
@@ -62,15 +67,12 @@ def _diff(expected: Mapping[str, Any], found: Mapping[str, Any]) -> str:
 
 
 def _atomic_save(obj: Any, path: Path) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    atomic_write(path, lambda fh: torch.save(obj, fh))
 
 
 def _atomic_write_json(obj: Any, path: Path) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str))
-    os.replace(tmp, path)
+    text = json.dumps(obj, indent=2, sort_keys=True, default=str)
+    atomic_write(path, lambda fh: fh.write(text.encode()))
 
 
 @dataclass
@@ -111,10 +113,14 @@ class MapCache:
 
     def _check_manifest(self, manifest: dict[str, Any]) -> None:
         if manifest.get("key") != self.key:
-            raise CacheError(
+            diff = _diff(self.fingerprint, manifest.get("fingerprint", {}))
+            raise ForeignCacheError(
                 f"teacher-map cache {self.directory} was built for another configuration "
-                f"({_diff(self.fingerprint, manifest.get('fingerprint', {}))}); "
-                "use the matching settings, another cache directory, or delete it"
+                f"({diff}); it is left untouched: use the matching settings, or give this "
+                "configuration its own directory (leave loss.cache_dir unset, or set it to an "
+                "empty directory) in both precompute and training",
+                self.directory,
+                diff,
             )
         if manifest.get("num_samples") != self.num_samples:
             raise CacheError(
@@ -133,6 +139,20 @@ class MapCache:
     @staticmethod
     def shard_name(start: int) -> str:
         return f"shard_{start:08d}.pt"
+
+    def corrupted_shards(self) -> list[tuple[int, int]]:
+        """Finished shards whose file no longer matches the checksum in the manifest."""
+        manifest = self._read_manifest()
+        if manifest is None:
+            return []
+        done = manifest["shards"]
+        corrupted = []
+        for a, b in self.shard_ranges():
+            entry = done.get(str(a))
+            path = self.directory / entry["file"] if entry else None
+            if path is not None and path.exists() and sha256_file(path) != entry["sha256"]:
+                corrupted.append((a, b))
+        return corrupted
 
     def missing_shards(self) -> list[tuple[int, int]]:
         """Shards not yet written (or whose file is missing)."""
@@ -156,7 +176,8 @@ class MapCache:
         batch_size: int = 256,
         progress: bool = True,
     ) -> None:
-        """Compute and store every missing shard; ``compute(images, labels) -> (n, h, w)``."""
+        """Compute and store every missing or corrupted shard (``compute(images, labels) ->
+        (n, h, w)``), then verify the whole cache as :meth:`load` does."""
         if len(images) != self.num_samples or len(labels) != self.num_samples:
             raise CacheError(
                 f"expected {self.num_samples} images/labels, got {len(images)}/{len(labels)}"
@@ -165,7 +186,14 @@ class MapCache:
         manifest = self._read_manifest() or self._new_manifest()
         self._check_manifest(manifest)
         _atomic_write_json(manifest, self.directory / MANIFEST)
-        todo = self.missing_shards()
+        corrupted = self.corrupted_shards()
+        for a, b in corrupted:
+            print(
+                f"teacher-map shard {self.directory / self.shard_name(a)} (samples {a}..{b - 1}) "
+                "is corrupted (checksum mismatch): computing it again",
+                file=sys.stderr,
+            )
+        todo = sorted(set(self.missing_shards()) | set(corrupted))
         bar = _progress(total=sum(b - a for a, b in todo), enabled=progress)
         for start, stop in todo:
             chunks = []
@@ -184,10 +212,11 @@ class MapCache:
                 "file": name,
                 "start": start,
                 "stop": stop,
-                "sha256": file_sha256(self.directory / name),
+                "sha256": sha256_file(self.directory / name),
             }
             _atomic_write_json(manifest, self.directory / MANIFEST)
         bar.close()
+        self.load()  # every shard verified (checksum, key, shape) before anyone is told "ready"
 
     # ----------------------------------------------------------------- reading
     def load(self) -> Tensor:
@@ -213,10 +242,10 @@ class MapCache:
 
     def _load_shard(self, entry: Mapping[str, Any], start: int, stop: int) -> Tensor:
         path = self.directory / entry["file"]
-        if file_sha256(path) != entry["sha256"]:
+        if sha256_file(path) != entry["sha256"]:
             raise CacheError(
                 f"teacher-map shard {path} is corrupted (checksum mismatch); "
-                "delete it and run the precompute command again"
+                "run the precompute command again: it recomputes corrupted shards"
             )
         data = torch.load(path, map_location="cpu", weights_only=True)
         maps = data["maps"]
@@ -272,7 +301,7 @@ def teacher_fingerprint(
     index_bytes = indices.to(torch.int64).cpu().numpy().tobytes()
     return {
         "format": FORMAT_VERSION,
-        "teacher_sha256": file_sha256(checkpoint),
+        "teacher_sha256": sha256_file(checkpoint),
         "method": method,
         "layer": layer,
         "options": {k: options[k] for k in sorted(options) if k not in EXECUTION_OPTIONS},

@@ -262,18 +262,89 @@ def test_folder_source_decodes_exactly_and_caches(
     assert arrays.train_labels.tolist() == [c for c in range(10) for _ in range(2)]
     pixels = torch.from_numpy(np.array(Image.open(root / "train/bird/0001.png")))
     assert torch.equal(arrays.train_images[5], pixels.permute(2, 0, 1))
-    assert arrays.dataset_id.startswith(f"folder:{root.resolve()}:n=20:")
+    assert arrays.dataset_id.startswith("folder:n=20:test=10:sha256=")
     assert len(list(cache.glob("*.pt"))) == 1
 
     def no_decoding(*args: object, **kwargs: object) -> None:
         raise AssertionError("the cache should have been used")
 
-    monkeypatch.setattr(sources_mod, "decode_images", no_decoding)
+    monkeypatch.setattr(sources_mod, "_decode_all", no_decoding)
+    monkeypatch.setattr(sources_mod, "_LAST", {})  # as in a new process
     again = load_folder(root, cache)
     assert (
         torch.equal(again.train_images, arrays.train_images)
         and again.dataset_id == arrays.dataset_id
     )
+
+
+def _pixels(path: Path) -> torch.Tensor:
+    from PIL import Image
+
+    return torch.from_numpy(np.array(Image.open(path))).permute(2, 0, 1)
+
+
+def _replace_keeping_mtime(path: Path, seed: int) -> None:
+    """Write new random pixels into ``path`` and restore its old mtime (as ``cp -p`` would)."""
+    import os
+
+    from PIL import Image
+
+    st = path.stat()
+    arr = np.random.default_rng(seed).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    Image.fromarray(arr, "RGB").save(path)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+def test_folder_cache_and_id_follow_the_image_contents(
+    image_folder: Callable[..., Path], tmp_path: Path
+) -> None:
+    """Replaced image contents (old mtime kept) and swapped class folders re-decode and change
+    ``dataset_id`` (hence the teacher-map fingerprint); a copy elsewhere keeps the id."""
+    from distill.teacher_maps import teacher_fingerprint
+
+    root, cache = image_folder(per_class=(2, 1)), tmp_path / "cache"
+    first = load_folder(root, cache)
+    target = root / "train/bird/0001.png"
+    _replace_keeping_mtime(target, seed=99)
+    second = load_folder(root, cache)
+    assert torch.equal(second.train_images[5], _pixels(target))  # not the stale decoded cache
+    assert second.dataset_id != first.dataset_id
+    ckpt = tmp_path / "t.ckpt"
+    ckpt.write_bytes(b"w")
+    prints = [
+        teacher_fingerprint(ckpt, "gradcam", "block3", {}, a.dataset_id, torch.arange(20))
+        for a in (first, second)
+    ]
+    assert prints[0] != prints[1]
+    # swap the images of two classes (same file names)
+    (root / "train/cat").rename(root / "train/tmp")
+    (root / "train/dog").rename(root / "train/cat")
+    (root / "train/tmp").rename(root / "train/dog")
+    third = load_folder(root, cache)
+    assert torch.equal(third.train_images[6], second.train_images[10])  # cat <- old dog
+    assert third.dataset_id not in (first.dataset_id, second.dataset_id)
+    sources_mod._LAST.clear()  # as in a new process, without the decoded cache: same identity
+    assert load_folder(root).dataset_id == third.dataset_id
+    import shutil
+
+    moved = shutil.copytree(root, tmp_path / "elsewhere")
+    assert load_folder(moved, cache).dataset_id == third.dataset_id
+
+
+def test_corrupted_decoded_cache_is_rebuilt(
+    image_folder: Callable[..., Path], tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    root, cache_dir = image_folder(per_class=(1, 1)), tmp_path / "cache"
+    first = load_folder(root, cache_dir)
+    (cache,) = cache_dir.glob("*.pt")
+    blob = bytearray(cache.read_bytes())
+    blob[len(blob) // 2] ^= 0xFF  # one flipped byte in the middle of the image tensors
+    cache.write_bytes(bytes(blob))
+    sources_mod._LAST.clear()  # as in a new process
+    again = load_folder(root, cache_dir)
+    assert "unusable" in capsys.readouterr().err
+    assert torch.equal(again.train_images, first.train_images)
+    assert again.dataset_id == first.dataset_id
 
 
 def test_folder_source_through_datamodule(image_folder: Callable[..., Path]) -> None:

@@ -155,6 +155,8 @@ def test_smoke_profile_runs_the_whole_harness(tmp_path):
         "smoke",
         "--results-dir",
         str(tmp_path),
+        "--n-jobs",
+        "2",  # each cell is its own process: two at once (also tests the parallel path)
     ]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -167,3 +169,157 @@ def test_smoke_profile_runs_the_whole_harness(tmp_path):
     # rerunning skips every finished run
     again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0 and "train.py" not in again.stdout
+
+
+# ----------------------------------------------------------------------------- issue 12
+def finish_teacher(profile: Profile) -> None:
+    """Mark the teacher finished without training it (CE cells do not load it)."""
+    profile.teacher_dir.mkdir(parents=True, exist_ok=True)
+    (profile.teacher_dir / "metrics.json").write_text(json.dumps({"test_error": 50.0}))
+
+
+def hydra_config(overrides: list[str]) -> dict:
+    """The config as train.py saves it in .hydra/config.yaml (unresolved, with ``paths``)."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    with initialize_config_dir(str(ROOT / "configs"), version_base="1.3"):
+        return OmegaConf.to_container(compose("train", overrides=overrides), resolve=False)
+
+
+def test_dying_cell_does_not_stop_the_others_and_results_copy(tmp_path, capsys, monkeypatch):
+    """A cell that crashes for real (corrupted last.ckpt) is reported with its log at the end,
+    the next cell still trains, exit status 1; the results folder, copied elsewhere, passes
+    ``status`` (paths stored relative to the results root)."""
+    profile = Profile.load("smoke", results_dir=str(tmp_path / "res"))
+    profile.cells, profile.seeds = ["ce"], [0, 1]
+    monkeypatch.setattr(Profile, "load", classmethod(lambda cls, *a, **k: profile))
+    finish_teacher(profile)
+    dead = profile.run_dir("ce", 0) / "checkpoints" / "last.ckpt"
+    dead.parent.mkdir(parents=True)
+    dead.write_bytes(b"not a checkpoint")
+    assert harness.main(["run", "--profile", "smoke"]) == 1
+    err = capsys.readouterr().err
+    log = profile.run_dir("ce", 0) / "harness.log"
+    assert f"ce-s0: exit status 2; log: {log}" in err and "error:" in log.read_text()
+    assert harness.read_metrics(profile.run_dir("ce", 1))["test_error"] is not None
+    saved = yaml.safe_load((profile.run_dir("ce", 1) / ".hydra" / "config.yaml").read_text())
+    assert saved["teacher"]["checkpoint"].startswith("${paths.log_dir}/runs/teacher/")
+    import shutil
+
+    shutil.copytree(tmp_path / "res", tmp_path / "moved")
+    shutil.rmtree(tmp_path / "res")
+    profile.results_dir = str(tmp_path / "moved")
+    assert harness.main(["status", "--profile", "smoke"]) == 0
+    assert capsys.readouterr().out.strip() == "seed 0: pending ['ce']"
+
+
+def test_copied_legacy_results_with_absolute_paths_stay_valid(tmp_path, capsys):
+    """Runs saved by older versions (absolute teacher.checkpoint under the old results root)
+    are recognised after the folder is copied: status and report accept them."""
+    old = Profile.load("smoke", results_dir=str(tmp_path / "old"))
+    old.cells, old.seeds = ["gradcam"], [0]
+    for cell, seed, overrides in [
+        ("gradcam", 0, old.cell_overrides("gradcam", 0)),
+        (None, None, old.teacher_overrides()),
+    ]:
+        run_dir = old.run_dir(cell, seed) if cell else old.teacher_dir
+        legacy = [
+            o.replace("${paths.log_dir}", str(old.out)) if o.startswith("teacher.") else o
+            for o in overrides
+        ]
+        (run_dir / ".hydra").mkdir(parents=True)
+        (run_dir / ".hydra" / "config.yaml").write_text(yaml.safe_dump(hydra_config(legacy)))
+        (run_dir / "metrics.json").write_text(json.dumps({"test_error": 40.0}))
+    assert str(old.out) in (old.run_dir("gradcam", 0) / ".hydra" / "config.yaml").read_text()
+    import shutil
+
+    shutil.copytree(tmp_path / "old", tmp_path / "new")
+    new = Profile.load("smoke", results_dir=str(tmp_path / "new"))
+    new.cells, new.seeds = ["gradcam"], [0]
+    assert harness.pending_cells(new) == {}
+    harness.report(new)
+    assert "| gradcam | 1 | 40.00" in (new.out / "table.md").read_text()
+
+
+def test_report_refuses_runs_with_a_different_config(tmp_path):
+    profile = Profile.load("smoke", results_dir=str(tmp_path))
+    profile.cells, profile.seeds = ["ce", "gradcam"], [0]
+    write_run(profile, "ce", 0, 50.0)
+    run_dir = write_run(profile, "gradcam", 0, 40.0)
+    other = harness.compose([*profile.cell_overrides("gradcam", 0), "loss.alpha=0.5"])
+    (run_dir / ".hydra" / "config.yaml").write_text(yaml.safe_dump(other))
+    with pytest.raises(HarnessError, match=r"not reporting .*gradcam-s0 \(differs in loss.alpha\)"):
+        harness.report(profile)
+    assert not (tmp_path / "smoke" / "table.md").exists()
+    proc = subprocess.run(
+        [sys.executable, "-m", "distill.harness", "report", "--profile", "smoke"]
+        + ["--results-dir", str(tmp_path)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.startswith("error: not reporting") and proc.stderr.count("\n") == 1
+
+
+LOCK_HOLDER = """
+import subprocess, sys, time
+from pathlib import Path
+from distill.harness import results_lock
+with results_lock(Path(sys.argv[1])) as fd:
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"], pass_fds=(fd,))
+    print(child.pid, flush=True)
+    time.sleep(120)
+"""
+
+
+def test_second_run_on_a_results_folder_is_refused(tmp_path):
+    """While one harness run holds the results folder, a second ``run`` exits 2 naming the
+    holder (pid, host); a holder killed for real leaves no stale lock once its trainings end."""
+    import os
+    import signal
+    import socket
+    import time
+
+    profile = Profile.load("smoke", results_dir=str(tmp_path))
+    finish_teacher(profile)
+    for cell in profile.cells:  # everything finished: without a lock, run exits 0 at once
+        for seed in profile.seeds:
+            write_run(profile, cell, seed, 50.0)
+    cmd = [sys.executable, "-m", "distill.harness", "run", "--profile", "smoke"]
+    cmd += ["--results-dir", str(tmp_path)]
+    with harness.results_lock(profile.out):
+        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert f"pid {os.getpid()}" in harness.running_holder(profile.out)
+    assert harness.running_holder(profile.out) is None
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert f"in use by another harness run (pid {os.getpid()} on {socket.gethostname()}" in (
+        proc.stderr
+    )
+    # a harness killed with SIGKILL while its training runs: the training keeps the folder
+    holder = subprocess.Popen(
+        [sys.executable, "-c", LOCK_HOLDER, str(profile.out)],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    child = int(holder.stdout.readline())
+    holder.kill()
+    holder.wait()
+    try:
+        gone = "that process is gone but a training it started"
+        with pytest.raises(HarnessError, match=gone), harness.results_lock(profile.out):
+            pass
+    finally:
+        os.kill(child, signal.SIGKILL)
+    for _ in range(100):  # the orphan is reparented: wait until it is gone
+        try:
+            os.kill(child, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.05)
+    with harness.results_lock(profile.out):  # no stale lock
+        pass
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "is finished" in proc.stdout

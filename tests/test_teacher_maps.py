@@ -165,3 +165,25 @@ def test_manifest_records_checksums(tmp_path):
     manifest = json.loads((cache.directory / "manifest.json").read_text())
     assert sorted(int(k) for k in manifest["shards"]) == [0, 4, 8]
     assert all(len(e["sha256"]) == 64 for e in manifest["shards"].values())
+
+
+def test_build_recomputes_a_corrupted_shard(tmp_path, capsys):
+    """A shard whose bytes changed after it was written is recomputed by the next build (with a
+    note), not reported as ready."""
+    images, labels = torch.randn(10, 3, 32, 32), torch.arange(10)
+    cache = make_cache(tmp_path)
+    cache.build(lambda x, y: pooled_map(x), images, labels, progress=False)
+    shard = cache.directory / cache.shard_name(4)
+    blob = bytearray(shard.read_bytes())
+    blob[len(blob) // 2] ^= 0xFF
+    shard.write_bytes(bytes(blob))
+    assert cache.corrupted_shards() == [(4, 8)]
+    seen: list[int] = []
+
+    def compute(x, y):
+        seen.extend(y.tolist())
+        return pooled_map(x)
+
+    cache.build(compute, images, labels, progress=False)
+    assert seen == [4, 5, 6, 7] and "corrupted" in capsys.readouterr().err
+    torch.testing.assert_close(cache.load(), pooled_map(images))
