@@ -7,12 +7,14 @@
 Each preset runs in a fresh subprocess (so peak RSS is its own): WRN-16-2 student, WRN-40-2
 teacher (random weights), one training step = loss (student forward + CAMs + teacher) + backward +
 SGD step, on a fixed random batch with random crop/flip parameters, median of ``--steps`` steps
-after one warm-up. The twelve cells use their presets' defaults (the ``paper`` profile's
-settings); ``shapcam`` (cache) reads teacher maps from an in-memory cache exactly as training does
-(lookup + alignment). Extra rows: ``teacher`` (a WRN-40-2 cross-entropy step), ``precompute``
-(offline Shap-CAM teacher maps for one batch, 10^4 permutations) and variants (online Shap-CAM
-teacher maps, Score-CAM ``max_channels``). Prints a Markdown table; ``--json`` also writes the
-step times that ``python -m distill.harness cost`` turns into a cost model.
+after one warm-up. The table cells (``distill.presets.table_methods()``: ``ce`` and every
+registered CAM method with both loss presets, each without and with ``_kd``; twelve today) use
+their presets' defaults (the ``paper`` profile's settings); ``shapcam`` (cache) reads teacher
+maps from an in-memory cache exactly as training does (lookup + alignment). Extra rows:
+``teacher`` (a WRN-40-2 cross-entropy step), ``precompute`` (offline Shap-CAM teacher maps for
+one batch, 10^4 permutations) and variants (online Shap-CAM teacher maps, Score-CAM
+``max_channels``). Prints a Markdown table; ``--json`` also writes the step times that
+``python -m distill.harness cost`` turns into a cost model.
 
 ``--alternated R`` is the robust ratio on a noisy machine: one process per preset builds both the
 preset's and ``ce_kd``'s modules and alternates their steps for ``R`` rounds after a warm-up, so
@@ -31,12 +33,11 @@ from pathlib import Path
 
 from _common import device_sync, load_avg, machine_info, peak_rss_mb, timed
 
+from distill.presets import table_methods
+
 ROOT = Path(__file__).resolve().parents[1]
-CELLS = [
-    f"{m}{kd}"
-    for m in ("ce", "gradcam", "gradcampp", "scorecam", "shapcam", "shapleycam")
-    for kd in ("", "_kd")
-]
+# the paper's table cells: ce and every registered CAM method with both loss presets
+CELLS = [f"{m}{kd}" for m in table_methods() for kd in ("", "_kd")]
 ONLINE_1000 = {"teacher_maps": "online", "teacher_cam": {"n_permutations": 1000, "seed": 0}}
 # label -> (loss preset, extra loss options); cells use their defaults
 PRESETS: dict[str, tuple[str, dict]] = {
