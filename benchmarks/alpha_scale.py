@@ -3,10 +3,10 @@
     python benchmarks/alpha_scale.py --teacher PATH.ckpt [--teacher-depth 40] [--batch 128]
 
 For a freshly initialised WRN-16-2 student and a trained teacher, on one batch of real training
-images (the shared image-folder copy; synthetic data if absent), prints per CAM method the value of
-the explanation term ||N(L_s) - N(L_t)||^2 (L2 normalization, summed over positions, batch mean),
-the CE value, and the ratio of their gradient norms w.r.t. the student's parameters. alpha = 1
-balances the two terms when that ratio is near 1.
+images (the shared image-folder copy; synthetic data if absent), prints per registered CAM method
+(``cams.METHODS``) the value of the explanation term ||N(L_s) - N(L_t)||^2 (L2 normalization,
+summed over positions, batch mean), the CE value, and the ratio of their gradient norms w.r.t. the
+student's parameters. alpha = 1 balances the two terms when that ratio is near 1.
 """
 
 from __future__ import annotations
@@ -16,16 +16,16 @@ import argparse
 import torch
 import torch.nn.functional as F
 
+import cams
 from distill.data import CIFAR10DataModule
 from distill.data.augment import normalize
-from distill.explain import build_cam, load_teacher
+from distill.explain import load_teacher
 from distill.losses import explanation_loss
 from distill.models import WideResNet
 from distill.train import repo_root
 
-METHODS = {
-    "gradcam": {},
-    "gradcampp": {},
+# measurement choices that differ from a method's defaults; every other method runs as built
+OPTIONS = {
     "scorecam": {"max_channels": 16},
     "shapleycam": {"utility": "rest"},
     "shapcam": {"n_permutations": 256},
@@ -61,14 +61,15 @@ def main() -> None:
     teacher = load_teacher(WideResNet(args.teacher_depth, 2), args.teacher)
     print("| method | CE | cam term | ‖∇cam‖ / ‖∇CE‖ (mean over student seeds) |")
     print("|---|---|---|---|")
-    for method, options in METHODS.items():
-        t_maps = build_cam(method, teacher, "block3", options)(x, y)
+    for method in cams.METHODS:
+        options = OPTIONS.get(method, {})
+        t_maps = cams.build(method, teacher, "block3", **options)(x, y)
         ce_vals, cam_vals, ratios = [], [], []
         for seed in range(args.seeds):
             torch.manual_seed(seed)
             student = WideResNet(16, 2).train()
             params = list(student.parameters())
-            out = build_cam(method, student, "block3", options).compute(x, y, create_graph=True)
+            out = cams.build(method, student, "block3", **options).compute(x, y, create_graph=True)
             ce = F.cross_entropy(out.logits, y)
             cam = explanation_loss(out.maps, t_maps, "l2")
             ce_vals.append(ce.item())

@@ -25,29 +25,34 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import resource
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 import torch
+from _common import load_avg, machine_info, machine_line, peak_rss_mb, timed
+
+import cams
 
 SETTINGS = {
     "resnet18": {"batch": 16, "size": 224, "layer": "layer4"},
     "wrn": {"batch": 128, "size": 32, "layer": "block3"},
 }
-OURS = ["GradCAM", "GradCAMPlusPlus", "ScoreCAM", "ShapleyCAM", "ShapCAM"]
-THEIRS = ["GradCAM", "GradCAMPlusPlus", "ScoreCAM", "ShapleyCAM"]
-UTILITY = {"GradCAM": "logit", "GradCAMPlusPlus": "logit", "ScoreCAM": "logit",
-           "ShapleyCAM": "rest", "ShapCAM": "prob"}
+# every registered method, by its class name (pytorch-grad-cam's names), in registry order
+CLASSES = {cls.__name__: cls for cls in cams.METHODS.values()}
+OURS = list(CLASSES)
+# utilities matching pytorch-grad-cam's targets: logit (ClassifierOutputTarget) except these
+UTILITY = {"ShapleyCAM": "rest", "ShapCAM": "prob"}
+SLOW = ("ScoreCAM", "ShapCAM")  # timed once, not best of --repeats
 CHUNK = 64
 
 
-def _rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+def _theirs() -> list[str]:
+    """The registered methods pytorch-grad-cam also has (same class name)."""
+    import pytorch_grad_cam as pgc
+
+    return [m for m in OURS if hasattr(pgc, m)]
 
 
 def _model(setting: str) -> torch.nn.Module:
@@ -65,14 +70,12 @@ def _runner(spec: dict[str, Any], model: torch.nn.Module) -> Any:
     """A callable ``f(x, targets)`` computing the maps of ``spec``."""
     layer, impl, method = SETTINGS[spec["setting"]]["layer"], spec["impl"], spec["method"]
     if impl == "ours":
-        import cams
-
-        opts: dict[str, Any] = {"utility": UTILITY[method]}
+        opts: dict[str, Any] = {"utility": UTILITY.get(method, "logit")}
         if method == "ScoreCAM":
             opts["batch_size"] = CHUNK
         if method == "ShapCAM":
             opts["n_permutations"] = spec["n_permutations"]
-        cam = getattr(cams, method)(model, layer, **opts)
+        cam = CLASSES[method](model, layer, **opts)
         return lambda x, t: cam(x, t)
     if impl == "bare":  # B·K forwards of masked-input-sized chunks, nothing else
         k = {"resnet18": 512, "wrn": 128}[spec["setting"]]
@@ -105,7 +108,7 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
     x = torch.randn(batch, 3, setting["size"], setting["size"])
     with torch.no_grad():
         targets = model(x[:2]).argmax(1).repeat(batch)[:batch]
-    base = _rss_mb()
+    base = peak_rss_mb()
     if spec["impl"] == "paired":
         return _paired(spec, model, x, targets)
     if spec["impl"] == "alternated":
@@ -113,15 +116,10 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
     run = _runner(spec, model)
     if spec["impl"] != "bare" and spec["method"] not in ("ScoreCAM",):
         run(x[:2], targets[:2])  # warm-up (also traces the fast path once)
-    times = []
-    for _ in range(spec["repeats"]):
-        start = time.perf_counter()
-        run(x, targets)
-        times.append(time.perf_counter() - start)
-    best = min(times)
+    best = min(timed(lambda: run(x, targets)) for _ in range(spec["repeats"]))
     return {**spec, "batch": batch, "seconds": best, "maps_per_s": batch / best,
-            "base_mb": base, "peak_mb": _rss_mb(), "extra_mb": _rss_mb() - base,
-            "load": os.getloadavg()[0]}
+            "base_mb": base, "peak_mb": peak_rss_mb(), "extra_mb": peak_rss_mb() - base,
+            "load": load_avg()[0]}
 
 
 def _paired(spec: dict[str, Any], model: torch.nn.Module, x: torch.Tensor,
@@ -135,11 +133,9 @@ def _paired(spec: dict[str, Any], model: torch.nn.Module, x: torch.Tensor,
         sl = slice(r * n, (r + 1) * n)
         for name, fn in (("ours", ours), ("bare", bare)) if r % 2 == 0 else \
                 (("bare", bare), ("ours", ours)):
-            start = time.perf_counter()
-            fn(x[sl], targets[sl])
-            total[name] += time.perf_counter() - start
+            total[name] += timed(lambda fn=fn, sl=sl: fn(x[sl], targets[sl]))
     return {**spec, "ours_s": total["ours"], "bare_s": total["bare"],
-            "ratio": total["ours"] / total["bare"], "load": os.getloadavg()[0]}
+            "ratio": total["ours"] / total["bare"], "load": load_avg()[0]}
 
 
 def _alternated(spec: dict[str, Any], model: torch.nn.Module, x: torch.Tensor,
@@ -156,11 +152,9 @@ def _alternated(spec: dict[str, Any], model: torch.nn.Module, x: torch.Tensor,
     for r in range(spec["rounds"]):
         order = (("ours", ours), ("theirs", theirs))
         for name, fn in order if r % 2 == 0 else order[::-1]:
-            start = time.perf_counter()
-            fn(x, targets)
-            total[name] += time.perf_counter() - start
+            total[name] += timed(lambda fn=fn: fn(x, targets))
     return {**spec, "ours_s": total["ours"], "theirs_s": total["theirs"],
-            "speedup": total["theirs"] / total["ours"], "load": os.getloadavg()[0]}
+            "speedup": total["theirs"] / total["ours"], "load": load_avg()[0]}
 
 
 def _measure(spec: dict[str, Any]) -> dict[str, Any]:
@@ -176,16 +170,15 @@ def _plan(args: argparse.Namespace) -> list[dict[str, Any]]:
     plan = []
     for setting in args.only or list(SETTINGS):
         for method in OURS:
-            slow = method in ("ScoreCAM", "ShapCAM")
             spec = {"setting": setting, "impl": "ours", "method": method,
-                    "repeats": 1 if slow else args.repeats}
+                    "repeats": 1 if method in SLOW else args.repeats}
             if method == "ShapCAM":
                 if setting != "wrn":
                     continue
                 spec.update(n_permutations=10_000, batch=args.shapcam_maps)
             plan.append(spec)
         plan.append({"setting": setting, "impl": "bare", "method": "ScoreCAM", "repeats": 1})
-        for method in THEIRS:
+        for method in _theirs():
             if method == "ScoreCAM" and setting == "resnet18" and args.skip_pgc_scorecam_resnet18:
                 continue
             plan.append({"setting": setting, "impl": "pytorch-grad-cam", "method": method,
@@ -263,7 +256,7 @@ def main() -> None:
         return
     if args.alternated:
         for setting in args.only or list(SETTINGS):
-            for method in args.methods or ["GradCAM", "GradCAMPlusPlus", "ShapleyCAM"]:
+            for method in args.methods or [m for m in _theirs() if m not in SLOW]:
                 spec = {"setting": setting, "impl": "alternated", "method": method,
                         "rounds": 6, "threads": args.threads, "repeats": 1}
                 print(json.dumps(_measure(spec)), flush=True)
@@ -276,9 +269,8 @@ def main() -> None:
         res = _measure(spec)
         print(json.dumps(res), flush=True)
         results.append(res)
-    print(f"\nmachine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
-          f"torch {torch.__version__}, {args.threads or torch.get_num_threads()} threads, "
-          f"load average at end {os.getloadavg()[0]:.1f}\n")
+    info = {**machine_info(), "threads": args.threads or torch.get_num_threads()}
+    print(f"\nmachine: {machine_line(info)} (at end)\n")
     print(_table(results))
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))

@@ -7,12 +7,14 @@
 Each preset runs in a fresh subprocess (so peak RSS is its own): WRN-16-2 student, WRN-40-2
 teacher (random weights), one training step = loss (student forward + CAMs + teacher) + backward +
 SGD step, on a fixed random batch with random crop/flip parameters, median of ``--steps`` steps
-after one warm-up. The twelve cells use their presets' defaults (the ``paper`` profile's
-settings); ``shapcam`` (cache) reads teacher maps from an in-memory cache exactly as training does
-(lookup + alignment). Extra rows: ``teacher`` (a WRN-40-2 cross-entropy step), ``precompute``
-(offline Shap-CAM teacher maps for one batch, 10^4 permutations) and variants (online Shap-CAM
-teacher maps, Score-CAM ``max_channels``). Prints a Markdown table; ``--json`` also writes the
-step times that ``python -m distill.harness cost`` turns into a cost model.
+after one warm-up. The table cells (``distill.presets.table_methods()``: ``ce`` and every
+registered CAM method with both loss presets, each without and with ``_kd``; twelve today) use
+their presets' defaults (the ``paper`` profile's settings); ``shapcam`` (cache) reads teacher
+maps from an in-memory cache exactly as training does (lookup + alignment). Extra rows:
+``teacher`` (a WRN-40-2 cross-entropy step), ``precompute`` (offline Shap-CAM teacher maps for
+one batch, 10^4 permutations) and variants (online Shap-CAM teacher maps, Score-CAM
+``max_channels``). Prints a Markdown table; ``--json`` also writes the step times that
+``python -m distill.harness cost`` turns into a cost model.
 
 ``--alternated R`` is the robust ratio on a noisy machine: one process per preset builds both the
 preset's and ``ce_kd``'s modules and alternates their steps for ``R`` rounds after a warm-up, so
@@ -23,22 +25,19 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
-import resource
 import subprocess
 import sys
 import tempfile
-import time
 from datetime import date
 from pathlib import Path
 
+from _common import device_sync, load_avg, machine_info, peak_rss_mb, timed
+
+from distill.presets import table_methods
+
 ROOT = Path(__file__).resolve().parents[1]
-CELLS = [
-    f"{m}{kd}"
-    for m in ("ce", "gradcam", "gradcampp", "scorecam", "shapcam", "shapleycam")
-    for kd in ("", "_kd")
-]
+# the paper's table cells: ce and every registered CAM method with both loss presets
+CELLS = [f"{m}{kd}" for m in table_methods() for kd in ("", "_kd")]
 ONLINE_1000 = {"teacher_maps": "online", "teacher_cam": {"n_permutations": 1000, "seed": 0}}
 # label -> (loss preset, extra loss options); cells use their defaults
 PRESETS: dict[str, tuple[str, dict]] = {
@@ -146,22 +145,6 @@ def step_fn(preset: str, batch: int, device: str, bf16: bool):  # -> Callable[[]
     return step
 
 
-def device_sync(device: str):  # -> Callable[[], None]
-    """`torch.cuda.synchronize` on a CUDA device (timings cover the kernels), else a no-op."""
-    import torch
-
-    return torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
-
-
-def timed(step, sync) -> float:  # step, sync: Callable[[], None]
-    """Wall seconds of one ``step()``, synchronized on both ends."""
-    sync()
-    start = time.perf_counter()
-    step()
-    sync()
-    return time.perf_counter() - start
-
-
 def run_one(preset: str, batch: int, steps: int, device: str, bf16: bool) -> dict:
     import torch
 
@@ -174,7 +157,7 @@ def run_one(preset: str, batch: int, steps: int, device: str, bf16: bool) -> dic
     return {
         "preset": preset,
         "step_s": times[len(times) // 2],
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_rss_mb": peak_rss_mb(),
         "peak_gpu_mb": peak / 2**20,
     }
 
@@ -234,23 +217,7 @@ def steps_for(preset: str, steps: int) -> int:
 
 
 def machine() -> dict:
-    import torch
-
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "load_avg_start": os.getloadavg()[0],
-    }
+    return {**machine_info(), "load_avg_start": load_avg()[0]}
 
 
 def main() -> None:
@@ -289,7 +256,7 @@ def main() -> None:
     for preset in args.presets:
         results.append(child(args, "--one", preset, "--steps", str(steps_for(preset, args.steps))))
         print(f"# {preset}: {results[-1]['step_s']:.3f} s", file=sys.stderr, flush=True)
-    info["load_avg_end"] = os.getloadavg()[0]
+    info["load_avg_end"] = load_avg()[0]
     base = next((r["step_s"] for r in results if r["preset"] == "ce_kd"), None)
     print(f"| preset (batch {args.batch}) | step (s) | x ce_kd | img/s | peak RSS (MB) |")
     print("|---|---|---|---|---|")  # peak GPU memory is in --json

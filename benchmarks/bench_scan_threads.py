@@ -15,11 +15,10 @@ import argparse
 import json
 import subprocess
 import sys
-import time
 from collections import defaultdict
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import device_sync, stopwatch, timed
+
 PRESET = "shapcam_kd (online teacher 1000 perm., student 1000 perm.)"
 SETTINGS = {"1": 1, "torch": None}
 
@@ -32,11 +31,12 @@ def timed_estimator(totals: dict[str, float]) -> None:
         original = getattr(_InteriorShapley, name)
 
         def wrapper(*args, _original=original, _key=key):
-            start = time.perf_counter()
+            sw = stopwatch()
             try:
-                return _original(*args)
+                with sw:
+                    return _original(*args)
             finally:
-                totals[_key] += time.perf_counter() - start
+                totals[_key] += sw.seconds
 
         setattr(_InteriorShapley, name, staticmethod(wrapper))
 
@@ -54,7 +54,7 @@ def one_process(batch: int, rounds: int) -> dict[str, dict[str, float]]:
             for cam in cams_:
                 cam.num_threads = threads
             estimator.clear()
-            seconds = bench_distill.timed(step, bench_distill.device_sync("cpu"))
+            seconds = timed(step, device_sync("cpu"))
             if round_:
                 sums[label]["step"] += seconds
                 for key in ("fwd", "bwd"):

@@ -34,27 +34,14 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
-import os
-import platform
 import statistics
-import subprocess
-import time
 from collections.abc import Callable
 
 import torch
+from _common import load_str, machine_line, stopwatch
 from torch import Tensor, nn
 
 from cams._shapley import additive_game_shapley, exact_shapley, utility_fn
-
-
-def cpu_name() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-    except (OSError, subprocess.CalledProcessError):
-        return platform.processor()
-    names = [ln.split(":", 1)[1].strip() for ln in out.splitlines() if ln.startswith("Model name")]
-    return names[0] if names else platform.processor()
-
 
 # ------------------------------------------------------------------------- throughput
 
@@ -88,20 +75,18 @@ def run_throughput(args: argparse.Namespace) -> dict[str, float]:
     done, check = 0, 0.0
     while done < args.maps:
         x = torch.randn(args.batch, 3, 32, 32, generator=gen)
-        start = time.perf_counter()
-        with torch.no_grad():
+        with stopwatch() as fwd, torch.no_grad():
             base, contrib, logits = wrn_block3_game(model, x)
-        t_fwd += time.perf_counter() - start
+        t_fwd += fwd.seconds
         check = max(check, float((base + contrib.sum(1) - logits).abs().max()))
         targets = logits.argmax(1)
-        start, cpu = time.perf_counter(), time.process_time()
-        with torch.no_grad():
+        with stopwatch() as est, torch.no_grad():
             phi = additive_game_shapley(
                 base, contrib, targets, "prob", args.perms, generator=done, chunk_size=args.chunk,
                 num_threads=None,  # --threads sets them
             )
-        t_shap += time.perf_counter() - start
-        cpu_shap += time.process_time() - cpu
+        t_shap += est.seconds
+        cpu_shap += est.cpu_seconds
         assert torch.isfinite(phi).all()
         done += args.batch
         print(f"  {done} maps: estimator {t_shap:.1f} s, forward {t_fwd:.1f} s", flush=True)
@@ -163,12 +148,12 @@ def run_kernel(args: argparse.Namespace) -> str:
         for rep in range(args.reps + 1):
             for name, impl in impls.items():
                 c = contrib.clone().requires_grad_(backward)
-                start = time.perf_counter()
-                phi = impl(base, c, targets, "prob", perms, antithetic=antithetic, generator=0)
-                if backward:
-                    phi.square().sum().backward()
+                with stopwatch() as sw:
+                    phi = impl(base, c, targets, "prob", perms, antithetic=antithetic, generator=0)
+                    if backward:
+                        phi.square().sum().backward()
                 if rep:  # the first round warms up
-                    times[name].append(time.perf_counter() - start)
+                    times[name].append(sw.seconds)
         cells = [f"{1000 * statistics.median(t):.1f}" for t in times.values()]
         lines.append(f"| {case} | " + " | ".join(cells) + " |")
         print(lines[-1], flush=True)
@@ -257,15 +242,15 @@ def run_accuracy(args: argparse.Namespace) -> list[dict[str, float]]:
             errs, secs = [], 0.0
             for rep in range(args.reps):
                 seed = 1000 * n + rep
-                start = time.perf_counter()
-                if name == "captum":
-                    est = captum_estimate(head, feats, targets, n, seed)
-                else:
-                    est = additive_game_shapley(
-                        base, contrib, targets, "prob", n,
-                        antithetic=name == "antithetic", generator=seed,
-                    )  # fmt: skip
-                secs += time.perf_counter() - start
+                with stopwatch() as sw:
+                    if name == "captum":
+                        est = captum_estimate(head, feats, targets, n, seed)
+                    else:
+                        est = additive_game_shapley(
+                            base, contrib, targets, "prob", n,
+                            antithetic=name == "antithetic", generator=seed,
+                        )  # fmt: skip
+                secs += sw.seconds
                 errs.append(float((est - exact).norm() / exact.norm()))
             row[f"{name}_err"] = statistics.mean(errs)
             row[f"{name}_err_sd"] = statistics.stdev(errs) if len(errs) > 1 else 0.0
@@ -308,15 +293,14 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    print(f"machine: {cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads, load {os.getloadavg()}")  # fmt: skip
+    print(f"machine: {machine_line()}")
     if args.part in ("all", "throughput"):
         print(json.dumps(run_throughput(args), indent=1), flush=True)
     if args.part in ("all", "accuracy"):
         print(markdown_table(run_accuracy(args)))
     if args.part == "kernel":
         print(run_kernel(args))
-    print(f"load after: {os.getloadavg()}")
+    print(f"load after: {load_str()}")
 
 
 if __name__ == "__main__":

@@ -15,13 +15,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
-import time
 from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
+from _common import clock, device_sync, load_str, machine_line, stopwatch
 
 from distill.data import CIFAR10DataModule
 from distill.models import WideResNet
@@ -46,21 +44,19 @@ def bench_loop(model: str, dm: CIFAR10DataModule, args: argparse.Namespace) -> d
     module = ClassifierModule(WideResNet(*MODELS[model])).to(args.device).train()
     optimizer = module.configure_optimizers()["optimizer"]
     loader = iter(dm.train_dataloader())
+    sync = device_sync(args.device)
     data_t = total_t = 0.0
     for step in range(args.warmup + args.steps):
-        t0 = time.perf_counter()
-        batch = dm.transform_batch(next(loader))
-        _sync(args.device)
-        t1 = time.perf_counter()
-        loss, _, _ = module.compute_loss(batch)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        _sync(args.device)
-        t2 = time.perf_counter()
+        with stopwatch(sync) as data:
+            batch = dm.transform_batch(next(loader))
+        with stopwatch(sync) as train:
+            loss, _, _ = module.compute_loss(batch)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
         if step >= args.warmup:
-            data_t += t1 - t0
-            total_t += t2 - t0
+            data_t += data.seconds
+            total_t += data.seconds + train.seconds
     return _row(model, "loop", args, total_t, data_t)
 
 
@@ -71,14 +67,14 @@ class _StepTimer(pl.Callback):
         self.count = 0
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:  # noqa: ANN001
-        self.start = time.perf_counter()
+        self.start = clock()
         if self.last_end is not None and batch_idx > self.warmup:
             self.data_t += self.start - self.last_end
             self.total_t += self.start - self.last_end
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:  # noqa: ANN001
-        _sync(pl_module.device)
-        end = time.perf_counter()
+        device_sync(pl_module.device)()
+        end = clock()
         if batch_idx >= self.warmup:
             self.total_t += end - self.start
             self.count += 1
@@ -95,11 +91,6 @@ def bench_lightning(model: str, dm: CIFAR10DataModule, args: argparse.Namespace)
     )  # fmt: skip
     trainer.fit(ClassifierModule(WideResNet(*MODELS[model])), datamodule=dm)
     return _row(model, "lightning", args, timer.total_t, timer.data_t, steps=timer.count)
-
-
-def _sync(device: str | torch.device) -> None:
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize()
 
 
 def _row(
@@ -132,16 +123,14 @@ def main() -> None:
 
     torch.manual_seed(0)
     dm = make_datamodule(args)
-    print("load average before:", "/".join(f"{x:.1f}" for x in os.getloadavg()), flush=True)
+    print("load average before:", load_str(), flush=True)
     rows = []
     for model in args.models:
         for mode in args.modes:
             rows.append((bench_loop if mode == "loop" else bench_lightning)(model, dm, args))
             print(json.dumps(rows[-1]), flush=True)
-    machine = f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"
-    load = "/".join(f"{x:.1f}" for x in os.getloadavg())
-    threads = torch.get_num_threads()
-    print(f"\nmachine: {machine}; threads: {threads}; data: {args.data}; load after: {load}\n")
+    machine, load = machine_line(), load_str()
+    print(f"\nmachine: {machine}; data: {args.data}\n")
     print("| model | mode | batch | img/s | step (ms) | data+aug (ms) | data share |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:
