@@ -37,6 +37,8 @@ from contextlib import contextmanager
 import torch
 from torch import Tensor
 
+from cams.utility import UTILITIES, get_utility
+
 __all__ = [
     "UTILITY_NAMES",
     "additive_game_shapley",
@@ -53,7 +55,7 @@ UtilityFn = Callable[[Tensor, Tensor], Tensor]
 """``utility(logits: (..., K), targets: (...,) long) -> (...)``: per-sample worth."""
 GeneratorLike = torch.Generator | int | None
 
-UTILITY_NAMES = ("prob", "logit", "logprob", "rest")
+UTILITY_NAMES = UTILITIES
 _EXP_SAFE = 80.0  # |log| bound keeping float32 products of exponentials finite and normal
 _MAX_EXACT_PLAYERS = 24
 
@@ -62,27 +64,8 @@ _MAX_EXACT_PLAYERS = 24
 
 
 def utility_fn(name: str) -> UtilityFn:
-    r"""Named per-sample utility of the target class ``c`` for logits ``y``.
-
-    * ``"prob"``: :math:`\mathrm{softmax}(y)_c` (Shap-CAM's class probability);
-    * ``"logit"``: :math:`y_c`;
-    * ``"logprob"``: :math:`\log \mathrm{softmax}(y)_c`;
-    * ``"rest"``: :math:`y_c + \log \mathrm{softmax}(y)_c` (ReST, ShapleyCAM's default).
-    """
-    if name not in UTILITY_NAMES:
-        raise ValueError(f"unknown utility {name!r}; expected one of {UTILITY_NAMES}")
-
-    def utility(logits: Tensor, targets: Tensor) -> Tensor:
-        idx = targets.unsqueeze(-1)
-        logit = logits.gather(-1, idx).squeeze(-1)
-        if name == "logit":
-            return logit
-        logprob = logit - torch.logsumexp(logits, dim=-1)
-        if name == "prob":
-            return logprob.exp()
-        return logprob if name == "logprob" else logit + logprob
-
-    return utility
+    """The named per-sample utility's value function (see :mod:`cams.utility`)."""
+    return get_utility(name).value
 
 
 # ------------------------------------------------------------------------------ sampling
@@ -454,8 +437,8 @@ def additive_game_shapley(
         least).
     """
     _check_additive_inputs(base_logits, contributions, targets)
-    if isinstance(utility, str) and utility not in UTILITY_NAMES:
-        raise ValueError(f"unknown utility {utility!r}; expected one of {UTILITY_NAMES}")
+    if isinstance(utility, str):
+        get_utility(utility)  # unknown names raise
     dtype = torch.promote_types(contributions.dtype, torch.float32)
     base, contrib = base_logits.to(dtype), contributions.to(dtype)
     targets = targets.long()

@@ -49,15 +49,15 @@ class Utility:
     name: str
 
     def value(self, logits: Tensor, targets: Tensor) -> Tensor:
-        """``U(y_i, c_i)`` for every sample, shape (B,)."""
+        """``U(y, c)`` for logits (..., K) and targets (...,), shape (...,): one value per
+        sample (and per coalition, for Shap-CAM's games)."""
+        logit = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
         if self.name == "logit":
-            return _pick(logits, targets)
+            return logit
+        logprob = logit - torch.logsumexp(logits, dim=-1)
         if self.name == "prob":
-            return _pick(torch.softmax(logits, 1), targets)
-        logp = _pick(torch.log_softmax(logits, 1), targets)
-        if self.name == "logprob":
-            return logp
-        return _pick(logits, targets) + logp
+            return logprob.exp()
+        return logprob if self.name == "logprob" else logit + logprob
 
     def grad(self, logits: Tensor, targets: Tensor) -> Tensor:
         """``q = dU/dy`` per sample, shape (B, K)."""
