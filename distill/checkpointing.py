@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import hashlib
 import io
+import itertools
+import os
 import re
 import signal
 import time
@@ -41,6 +43,7 @@ from distill.integrity import (
 
 __all__ = [
     "ChecksummedCheckpointIO",
+    "ResumableLoader",
     "ResumeCheckpoint",
     "RunInterrupted",
     "find_resume_checkpoint",
@@ -105,9 +108,10 @@ class ChecksummedCheckpointIO(TorchCheckpointIO):
         side = checksum_path(path)
         old = side.read_text().split()[:1] if side.is_file() and path.is_file() else []
         pending = " ".join([digest, *old]) + "\n"
-        atomic_write(side, lambda fh: fh.write(pending.encode()))
-        atomic_write(path, lambda fh: fh.write(data))
+        atomic_write(side, lambda fh: _write_public(fh, pending.encode()))
+        atomic_write(path, lambda fh: _write_public(fh, data))
         write_checksum(path)
+        os.chmod(side, _PUBLIC)
 
     def load_checkpoint(self, path: Any, map_location: Any = None, weights_only: Any = None) -> Any:
         verify_checkpoint(path, fix="resume another checkpoint or start fresh (ckpt_path=null)")
@@ -121,6 +125,21 @@ class ChecksummedCheckpointIO(TorchCheckpointIO):
 _HPC = re.compile(r"hpc_ckpt_\d+\.ckpt")
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_PUBLIC = 0o666 & ~_umask()  # mode of files written through mkstemp (0600) after the rename
+
+
+def _write_public(fh: Any, data: bytes | memoryview) -> None:
+    """Write ``data`` and give the temporary file the usual permissions (umask) before rename."""
+    os.fchmod(fh.fileno(), _PUBLIC)
+    fh.write(data)
+
+
 def find_resume_checkpoint(run_dir: Path) -> Path | None:
     """The newest resume point of a run: ``checkpoints/last.ckpt`` or a SLURM ``hpc_ckpt_N.ckpt``
     (written by Lightning on the requeue signal), by modification time; None if there is none."""
@@ -128,6 +147,51 @@ def find_resume_checkpoint(run_dir: Path) -> Path | None:
     candidates += [p for p in run_dir.glob("hpc_ckpt_*.ckpt") if _HPC.fullmatch(p.name)]
     found = [p for p in candidates if p.is_file()]
     return max(found, key=lambda p: p.stat().st_mtime_ns) if found else None
+
+
+# ----------------------------------------------------------------------------- data position
+
+
+class ResumableLoader:
+    """Training loader that Lightning resumes mid-epoch at the exact batch.
+
+    Lightning stores :meth:`state_dict` in every checkpoint and, when it restarts inside an epoch,
+    calls :meth:`load_state_dict` before iterating; the next iteration then runs the saved epoch's
+    order and skips the batches already trained on. Valid for loaders whose batch ``b`` of epoch
+    ``e`` depends only on ``(seed, e, b)`` — this project's ``IndexBatchSampler`` — and skipping
+    costs only the index gathers of the skipped batches (augmentation happens after transfer).
+    """
+
+    def __init__(self, loader: Any, trainer: pl.Trainer) -> None:
+        self.loader, self.trainer = loader, trainer
+        self.sampler = loader.sampler  # Lightning calls sampler.set_epoch
+        self._skip = 0
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self) -> Any:
+        skip, self._skip = self._skip, 0
+        return itertools.islice(iter(self.loader), skip, None)
+
+    def state_dict(self) -> dict[str, int]:
+        """Epoch and number of batches of it whose optimizer step is done."""
+        done = self.trainer.fit_loop.epoch_loop.batch_progress.current.processed
+        return {"epoch": int(getattr(self.sampler, "epoch", 0)), "batches": int(done)}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.sampler.set_epoch(int(state["epoch"]))
+        self._skip = int(state["batches"])
+
+
+def make_resumable(datamodule: pl.LightningDataModule) -> None:
+    """Wrap ``datamodule.train_dataloader`` (on this instance) in :class:`ResumableLoader`."""
+    original = datamodule.train_dataloader
+
+    def train_dataloader() -> ResumableLoader:
+        return ResumableLoader(original(), datamodule.trainer)
+
+    datamodule.train_dataloader = train_dataloader  # type: ignore[method-assign]
 
 
 # ----------------------------------------------------------------------------- callback
@@ -161,6 +225,7 @@ class ResumeCheckpoint(ModelCheckpoint):
             save_last=True,
             save_top_k=0,
             enable_version_counter=False,
+            save_on_exception=True,  # on_exception below narrows it to graceful stops
         )
         self.every_seconds = 60.0 * every_n_minutes if every_n_minutes else None
         self.every_n_steps = int(every_n_train_steps or 0)
@@ -256,7 +321,9 @@ class ResumeCheckpoint(ModelCheckpoint):
         """The error to raise after Lightning stopped on a signal."""
         name = self.stop_signal or "SIGTERM"
         where = f"epoch {trainer.current_epoch}, global step {trainer.global_step}"
-        saved = self.last_model_path or "no checkpoint"
+        saved = self.last_model_path or "none"
+        if self._last_global_step_saved == trainer.global_step:
+            saved += f" (global step {trainer.global_step})"
         return RunInterrupted(
             f"interrupted by {name} at {where}; resume point: {saved}. "
             "Rerun the same command to resume.",

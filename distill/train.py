@@ -34,6 +34,7 @@ from distill.checkpointing import (
     ResumeCheckpoint,
     RunInterrupted,
     find_resume_checkpoint,
+    make_resumable,
     verify_checkpoint,
 )
 from distill.config_checks import ConfigError, check_saved_config, data_key, validate_options
@@ -248,6 +249,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     datamodule = instantiate(cfg.data)
     datamodule.load()  # decode now: bad data fails before anything else is built
     check_teacher_data(teacher, datamodule)
+    make_resumable(datamodule)  # mid-epoch resume continues at the exact batch
     net = instantiate(cfg.model)
     module = build_module(cfg, net, datamodule)
     ckpt_path = resolve_ckpt_path(cfg, output_dir)
