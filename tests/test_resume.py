@@ -234,3 +234,43 @@ def test_rerun_with_another_config_is_refused(tmp_path: Path) -> None:
     assert metrics["resumed"] and metrics["config_changes"] == ["module.optimizer.lr"]
     assert {p: (run_dir / p).read_bytes() for p in saved} == saved
     assert (run_dir / "config_resolved.changed-1.yaml").is_file()
+
+
+# ----------------------------------------------------------------------------- triggers
+
+
+def test_time_interval_saves_inside_epochs(tmp_path: Path, monkeypatch) -> None:
+    """``every_n_minutes`` writes resume points between epoch ends (here: after every step)."""
+    from hydra import compose, initialize_config_dir
+
+    from distill.train import CONFIG_DIR, train
+
+    steps: list[int] = []
+    save = ChecksummedCheckpointIO.save_checkpoint
+
+    def spy(self, checkpoint, path, storage_options=None):  # type: ignore[no-untyped-def]
+        steps.append(int(checkpoint["global_step"]))
+        save(self, checkpoint, path, storage_options)
+
+    monkeypatch.setattr(ChecksummedCheckpointIO, "save_checkpoint", spy)
+    overrides = [f"{k}={v}" for k, v in RUN.items() if k not in ("logger", "deterministic")]
+    with initialize_config_dir(CONFIG_DIR, version_base="1.3"):
+        cfg = compose("train", overrides=[
+            *overrides, "data.synthetic_size=32", "trainer.max_epochs=1", "logger=none",
+            "callbacks.model_checkpoint.every_n_minutes=1e-9", f"paths.log_dir={tmp_path}",
+        ])  # fmt: skip
+    train(cfg)
+    assert steps[:4] == [1, 2, 3, 4] and steps[-1] == 4  # 4 steps, then the epoch end
+
+
+def test_auto_resumes_the_newest_resume_point(tmp_path: Path) -> None:
+    """``ckpt_path=auto`` takes SLURM's requeue checkpoint when it is newer than last.ckpt."""
+    from distill.checkpointing import find_resume_checkpoint
+
+    io = ChecksummedCheckpointIO()
+    assert find_resume_checkpoint(tmp_path) is None
+    io.save_checkpoint({"v": 1}, tmp_path / "checkpoints" / "last.ckpt")
+    hpc = tmp_path / "hpc_ckpt_2.ckpt"
+    io.save_checkpoint({"v": 2}, hpc)
+    os.utime(tmp_path / "checkpoints" / "last.ckpt", (1, 1))
+    assert find_resume_checkpoint(tmp_path) == hpc

@@ -190,8 +190,13 @@ def test_train_run_resume_and_architecture_mismatch(tmp_path: Path) -> None:
 
     other = run_python([*args, "model.depth=16", "trainer.max_epochs=3"])
     assert other.returncode == 2
-    assert "wrn-10-1" in other.stderr and "wrn-16-1" in other.stderr
-    assert "Traceback" not in other.stderr + other.stdout
+    assert "differs in: model.depth" in other.stderr  # a changed config is refused first
+    forced = run_python(
+        [*args, "model.depth=16", "trainer.max_epochs=3", "allow_changed_config=true"]
+    )
+    assert forced.returncode == 2
+    assert "wrn-10-1" in forced.stderr and "wrn-16-1" in forced.stderr
+    assert "Traceback" not in other.stderr + other.stdout + forced.stderr + forced.stdout
 
 
 @pytest.mark.slow
