@@ -106,16 +106,17 @@ class ChecksummedCheckpointIO(TorchCheckpointIO):
         data = buffer.getbuffer()
         digest = hashlib.sha256(data).hexdigest()
         side = checksum_path(path)
-        old = side.read_text().split()[:1] if side.is_file() and path.is_file() else []
-        pending = " ".join([digest, *old]) + "\n"
+        # every digest the current file may have (more than one only after a torn save)
+        old = side.read_text().split() if side.is_file() and path.is_file() else []
+        pending = " ".join(dict.fromkeys([digest, *old])) + "\n"
         atomic_write(side, lambda fh: _write_public(fh, pending.encode()))
         atomic_write(path, lambda fh: _write_public(fh, data))
         write_checksum(path)
         os.chmod(side, _PUBLIC)
 
-    def load_checkpoint(self, path: Any, map_location: Any = None, weights_only: Any = None) -> Any:
+    def load_checkpoint(self, path: Any, *args: Any, **kwargs: Any) -> Any:
         verify_checkpoint(path, fix="resume another checkpoint or start fresh (ckpt_path=null)")
-        return super().load_checkpoint(path, map_location=map_location, weights_only=weights_only)
+        return super().load_checkpoint(path, *args, **kwargs)
 
     def remove_checkpoint(self, path: Any) -> None:
         super().remove_checkpoint(path)
