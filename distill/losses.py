@@ -28,8 +28,11 @@ class LossConfigError(ValueError):
 
 def check_alpha(alpha: float) -> float:
     """Return ``alpha`` as float; raise if it is negative or not finite."""
-    value = float(alpha)
-    if not math.isfinite(value) or value < 0:
+    try:
+        value = float(alpha)
+    except (TypeError, ValueError):
+        value = math.nan
+    if isinstance(alpha, bool) or not math.isfinite(value) or value < 0:
         raise LossConfigError(
             f"loss.alpha must be a finite number >= 0, got {alpha!r}; set e.g. loss.alpha=1.0"
         )

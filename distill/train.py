@@ -4,6 +4,11 @@ One run = one directory ``<paths.log_dir>/<task_name>/<run_name>`` holding the c
 (``.hydra/``, ``config_resolved.yaml``), logs, ``checkpoints/last.ckpt`` and ``metrics.json`` with
 the test error of the *final* weights. ``ckpt_path=auto`` resumes ``checkpoints/last.ckpt`` when the
 run directory already has one (same ``run_name``).
+
+Start-up order: validate option domains, resolve (and verify) the teacher checkpoint, compare the
+config with the one saved in the run directory (refuse a changed config), load the data, verify
+the resume checkpoint, build, fit. Every checkpoint is written atomically with a SHA-256 sidecar
+(:mod:`distill.checkpointing`); SIGINT/SIGTERM save a resume point and exit 130/143.
 """
 
 from __future__ import annotations
@@ -22,9 +27,20 @@ import pytorch_lightning as pl
 import torch
 from hydra.errors import InstantiationException
 from omegaconf import DictConfig, OmegaConf, open_dict
+from pytorch_lightning.utilities.exceptions import SIGTERMException
 
+from distill.checkpointing import (
+    ChecksummedCheckpointIO,
+    ResumeCheckpoint,
+    RunInterrupted,
+    find_resume_checkpoint,
+    make_resumable,
+    verify_checkpoint,
+)
+from distill.config_checks import ConfigError, check_saved_config, data_key, validate_options
 from distill.data.sources import DataError
-from distill.explain import TeacherError
+from distill.explain import TeacherError, resolve_teacher_checkpoint, teacher_digest
+from distill.integrity import IntegrityError, atomic_write
 from distill.losses import LossConfigError
 from distill.modules.classifier import (
     CheckpointMismatchError,
@@ -42,6 +58,8 @@ USER_ERRORS: tuple[type[Exception], ...] = (
     TeacherError,
     CacheError,
     LossConfigError,
+    ConfigError,
+    IntegrityError,
 )
 
 
@@ -51,7 +69,17 @@ def repo_root() -> str:
     return str(root if (root / "configs").is_dir() else Path.cwd())
 
 
+def run_record_subdir(output_dir: str) -> str:
+    """``hydra.output_subdir``: ``.hydra`` for a new run; for a rerun of an existing run
+    ``.hydra/rerun-<time>-<pid>``, so Hydra never overwrites the original record."""
+    if not (Path(output_dir) / ".hydra" / "config.yaml").exists():
+        return ".hydra"
+    return f".hydra/rerun-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+
+
 OmegaConf.register_new_resolver("repo_root", repo_root, replace=True)
+OmegaConf.register_new_resolver("data_key", data_key, replace=True)
+OmegaConf.register_new_resolver("run_record_subdir", run_record_subdir, replace=True)
 CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "configs")
 
 _QUIET = (
@@ -111,18 +139,62 @@ def build_module(
 
 
 def resolve_ckpt_path(cfg: DictConfig, output_dir: Path) -> str | None:
-    """``auto``: ``<run_dir>/checkpoints/last.ckpt`` if it exists; ``null``: None; else the path."""
+    """``auto``: the run's newest resume point (``checkpoints/last.ckpt``, or a SLURM
+    ``hpc_ckpt_N.ckpt``) if any; ``null``: None; else the path. The file is verified against its
+    checksum (:class:`IntegrityError` naming the path and the way out)."""
     ckpt = cfg.get("ckpt_path")
     if ckpt in (None, "", "null", "none"):
         return None
     if ckpt == "auto":
-        last = output_dir / "checkpoints" / "last.ckpt"
-        return str(last) if last.is_file() else None
-    if not Path(ckpt).is_file():
-        raise CheckpointMismatchError(
-            f"ckpt_path '{ckpt}' does not exist (use ckpt_path=auto or null)"
+        found = find_resume_checkpoint(output_dir)
+        if found is None:
+            return None
+        fix = "delete it to restart this run from scratch, or pass ckpt_path=null"
+    else:
+        found = Path(ckpt)
+        if not found.is_file():
+            raise CheckpointMismatchError(
+                f"ckpt_path '{ckpt}' does not exist (use ckpt_path=auto or null)"
+            )
+        fix = "resume from another checkpoint, or pass ckpt_path=null"
+    verify_checkpoint(found, fix=fix)
+    return str(found)
+
+
+def resolve_teacher(cfg: DictConfig) -> dict[str, str]:
+    """For student runs: resolve the teacher checkpoint, verify it, pin it in ``cfg.module`` and
+    record path and SHA-256 as ``teacher.resolved_checkpoint`` / ``teacher.sha256``."""
+    module = cfg.module
+    if "teacher_run_dir" not in module:
+        return {}
+    path = resolve_teacher_checkpoint(
+        module.get("teacher_checkpoint"), module.teacher_run_dir, module.teacher_command
+    )
+    digest = teacher_digest(path)
+    with open_dict(cfg):
+        cfg.module.teacher_checkpoint = path
+        cfg.teacher.resolved_checkpoint = path
+        cfg.teacher.sha256 = digest
+    return {"teacher_checkpoint": path, "teacher_sha256": digest}
+
+
+def check_teacher_data(teacher: dict[str, str], datamodule: Any) -> None:
+    """Refuse a teacher whose run recorded other training images than this run's (its
+    ``metrics.json`` ``dataset_id``); teachers without a run record are not checked."""
+    if not teacher:
+        return
+    record = Path(teacher["teacher_checkpoint"]).parent.parent / "metrics.json"
+    try:
+        theirs = json.loads(record.read_text()).get("dataset_id")
+    except (OSError, ValueError):
+        return
+    ours = getattr(datamodule, "dataset_id", None)
+    if theirs and ours and theirs != ours:
+        raise TeacherError(
+            f"teacher {teacher['teacher_checkpoint']} was trained on dataset {theirs}, this run "
+            f"uses {ours}: train a teacher on this data (python train.py experiment=teacher with "
+            "the same data.* options) or set teacher.checkpoint to one trained on it"
         )
-    return str(ckpt)
 
 
 def _last_checkpoint(trainer: pl.Trainer, output_dir: Path) -> Path:
@@ -163,18 +235,21 @@ def _prepare_cfg(cfg: DictConfig) -> tuple[DictConfig, Path]:
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Fit (or resume) and test one run; returns (and writes to metrics.json) the final metrics."""
     _quiet_warnings()
+    validate_options(cfg)  # before anything is written
     cfg, output_dir = _prepare_cfg(cfg)
     if cfg.get("print_config", True):
         print(OmegaConf.to_yaml(cfg), flush=True)
+    teacher = resolve_teacher(cfg)
     is_main_process = (
         os.environ.get("LOCAL_RANK", "0") == "0" and os.environ.get("NODE_RANK", "0") == "0"
     )
-    if is_main_process:
-        OmegaConf.save(cfg, output_dir / "config_resolved.yaml")
+    changed = check_saved_config(cfg, output_dir) if is_main_process else []
     pl.seed_everything(cfg.seed, workers=True)
 
     datamodule = instantiate(cfg.data)
     datamodule.load()  # decode now: bad data fails before anything else is built
+    check_teacher_data(teacher, datamodule)
+    make_resumable(datamodule)  # mid-epoch resume continues at the exact batch
     net = instantiate(cfg.model)
     module = build_module(cfg, net, datamodule)
     ckpt_path = resolve_ckpt_path(cfg, output_dir)
@@ -184,7 +259,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
     loggers = _instantiate_group(cfg.get("logger"))
     callbacks = build_callbacks(cfg, bool(loggers))
-    extra: dict[str, Any] = {}
+    extra: dict[str, Any] = {"plugins": [ChecksummedCheckpointIO()]}
     if not any(isinstance(c, pl.callbacks.ModelCheckpoint) for c in callbacks):
         extra["enable_checkpointing"] = False  # no hidden default checkpoint; see _last_checkpoint
     trainer: pl.Trainer = instantiate(
@@ -192,10 +267,34 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     )
     for lg in loggers:
         lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+    record = {**teacher, **({"config_changes": changed} if changed else {})}
     try:
-        return _fit_and_test(cfg, trainer, module, datamodule, ckpt_path, output_dir)
+        return _fit_and_test(cfg, trainer, module, datamodule, ckpt_path, output_dir, record)
     finally:
+        for cb in callbacks:
+            if isinstance(cb, ResumeCheckpoint):
+                cb.restore_signals()
         _finish_wandb()
+
+
+def _fit(
+    trainer: pl.Trainer,
+    module: pl.LightningModule,
+    datamodule: pl.LightningDataModule,
+    ckpt_path: str | None,
+) -> None:
+    """``trainer.fit``; a stop by SIGINT/SIGTERM (resume point saved) raises RunInterrupted."""
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    except SIGTERMException:
+        resume = [cb for cb in trainer.callbacks if isinstance(cb, ResumeCheckpoint)]
+        if resume:
+            raise resume[0].interrupted(trainer) from None
+        raise RunInterrupted(
+            f"interrupted at global step {trainer.global_step} (no checkpoint callback: "
+            "callbacks=none saves only at the end); rerun to start again",
+            143,
+        ) from None
 
 
 def _fit_and_test(
@@ -205,10 +304,11 @@ def _fit_and_test(
     datamodule: pl.LightningDataModule,
     ckpt_path: str | None,
     output_dir: Path,
+    record: dict[str, Any],
 ) -> dict[str, Any]:
     start = time.perf_counter()
     if cfg.get("train", True):
-        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+        _fit(trainer, module, datamodule, ckpt_path)
     elif ckpt_path is not None:  # test only: evaluate the checkpoint's weights
         state = torch.load(ckpt_path, map_location="cpu", weights_only=False)
         module.load_state_dict(state["state_dict"])
@@ -235,9 +335,12 @@ def _fit_and_test(
         "seed": int(cfg.seed),
         "wall_seconds": round(time.perf_counter() - start, 1),  # this process: fit + test
         "resumed": ckpt_path is not None,
+        "resumed_from": ckpt_path,
+        **record,
     }
     if trainer.is_global_zero:
-        (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        text = json.dumps(metrics, indent=2) + "\n"  # the "finished" marker: never torn
+        atomic_write(output_dir / "metrics.json", lambda fh: fh.write(text.encode()))
         err = metrics["test_error"]
         err_text = f"{err:.2f}%" if err is not None else "n/a"
         print(f"test error: {err_text} | checkpoint: {metrics['checkpoint']}", flush=True)
@@ -259,6 +362,9 @@ def main(cfg: DictConfig) -> float | None:
     except USER_ERRORS as err:
         print(f"error: {err}", file=sys.stderr, flush=True)
         sys.exit(2)
+    except RunInterrupted as err:
+        print(str(err), file=sys.stderr, flush=True)
+        sys.exit(err.exit_code)
     key = cfg.get("optimized_metric")
     return metrics.get(key) if key else None
 

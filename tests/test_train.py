@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -62,7 +63,8 @@ def test_defaults_follow_the_recipe() -> None:
 def test_teacher_experiment() -> None:
     cfg = compose_cfg("experiment=teacher")
     assert cfg.task_name == "teacher" and cfg.model.depth == 40 and cfg.loss.name == "ce"
-    assert cfg.run_name == "wrn40_2-torchvision-subNone-e200-s0"  # deterministic: rerun = resume
+    # deterministic (rerun = resume); d<8 hex> = data identity (source, root, subset, split)
+    assert re.fullmatch(r"wrn40_2-torchvision-subNone-e200-s0-d[0-9a-f]{8}", cfg.run_name)
 
 
 def test_unknown_option_lists_choices() -> None:
@@ -188,8 +190,13 @@ def test_train_run_resume_and_architecture_mismatch(tmp_path: Path) -> None:
 
     other = run_python([*args, "model.depth=16", "trainer.max_epochs=3"])
     assert other.returncode == 2
-    assert "wrn-10-1" in other.stderr and "wrn-16-1" in other.stderr
-    assert "Traceback" not in other.stderr + other.stdout
+    assert "differs in: model.depth" in other.stderr  # a changed config is refused first
+    forced = run_python(
+        [*args, "model.depth=16", "trainer.max_epochs=3", "allow_changed_config=true"]
+    )
+    assert forced.returncode == 2
+    assert "wrn-10-1" in forced.stderr and "wrn-16-1" in forced.stderr
+    assert "Traceback" not in other.stderr + other.stdout + forced.stderr + forced.stdout
 
 
 @pytest.mark.slow

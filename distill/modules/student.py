@@ -80,7 +80,7 @@ def step_seed(seed: int, run_seed: int, step: int) -> int:
 
 
 def _layer_output_shape(model: nn.Module, layer: str, probe: Tensor) -> tuple[int, ...]:
-    """Spatial shape of ``layer``'s output for ``probe`` (eval mode, no grad, mode restored)."""
+    """Shape of ``layer``'s output for ``probe`` (eval mode, no grad, mode restored)."""
     captured: list[tuple[int, ...]] = []
     handle = dict(model.named_modules())[layer].register_forward_hook(
         lambda m, i, o: captured.append(tuple(o.shape))
@@ -92,7 +92,7 @@ def _layer_output_shape(model: nn.Module, layer: str, probe: Tensor) -> tuple[in
     finally:
         model.train(was_training)
         handle.remove()
-    return captured[0][-2:]
+    return captured[0]
 
 
 class StudentModule(ClassifierModule):
@@ -148,10 +148,19 @@ class StudentModule(ClassifierModule):
     def _check_map_shapes(self) -> None:
         """Stop before training when student and teacher maps differ in size."""
         probe = torch.zeros(2, 3, 32, 32)
-        shapes = [
-            _layer_output_shape(self.net, self.loss_cfg.student_layer, probe),
-            _layer_output_shape(self.teacher, self.loss_cfg.teacher_layer, probe),
-        ]
+        cfg = self.loss_cfg
+        outputs = {
+            "student": _layer_output_shape(self.net, cfg.student_layer, probe),
+            "teacher": _layer_output_shape(self.teacher, cfg.teacher_layer, probe),
+        }
+        for side, shape in outputs.items():
+            if len(shape) != 4:
+                layer = getattr(cfg, f"{side}_layer")
+                raise LossConfigError(
+                    f"loss.{side}_layer={layer} outputs shape {shape}, not spatial maps "
+                    f"(B, C, h, w): choose a convolutional layer, e.g. loss.{side}_layer=block3"
+                )
+        shapes = [shape[-2:] for shape in outputs.values()]
         if shapes[0] != shapes[1]:
             raise LossConfigError(
                 f"student layer {self.loss_cfg.student_layer!r} gives {shapes[0]} maps but teacher "

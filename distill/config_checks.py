@@ -1,0 +1,176 @@
+"""Start-up checks of a run's config: option domains, refused combinations, config drift.
+
+* :func:`validate_options` — every numeric option in its domain (one message naming the key).
+* :func:`check_saved_config` — a rerun of an existing run directory must have the config that is
+  saved there (``config_resolved.yaml``, written once by the first run and never overwritten);
+  otherwise it is refused with the differing keys, unless ``allow_changed_config=true``.
+* :func:`data_key` — the ``${data_key:${data}}`` resolver: a short hash of the data identity
+  (which images a run trains on), part of the teacher run names.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+__all__ = [
+    "IGNORED_ON_RERUN",
+    "ConfigError",
+    "check_saved_config",
+    "config_diff",
+    "data_key",
+    "validate_options",
+]
+
+
+class ConfigError(ValueError):
+    """An option is outside its domain, or a rerun's config differs from the saved one."""
+
+
+# ----------------------------------------------------------------------------- domains
+
+Rule = tuple[str, type, Callable[[float], bool], str, bool]  # key, type, test, domain, nullable
+
+_RULES: tuple[Rule, ...] = (
+    ("seed", int, lambda v: v >= 0, "an integer >= 0", False),
+    ("loss.alpha", float, lambda v: v >= 0, "a finite number >= 0", False),
+    ("loss.kd.beta", float, lambda v: 0 <= v <= 1, "a number in [0, 1] (CE weight 1-beta)", False),
+    ("loss.kd.temperature", float, lambda v: v > 0, "a number > 0", False),
+    ("loss.agreement_batches", int, lambda v: v >= 0, "an integer >= 0", False),
+    ("loss.grid_every_n_epochs", int, lambda v: v >= 0, "an integer >= 0 (0 = never)", False),
+    ("data.batch_size", int, lambda v: v >= 1, "an integer >= 1", False),
+    ("data.eval_batch_size", int, lambda v: v >= 1, "an integer >= 1", True),
+    ("data.val_size", int, lambda v: v >= 0, "an integer >= 0", False),
+    ("data.train_subset", int, lambda v: v >= 1, "an integer >= 1 or null", True),
+    ("data.synthetic_size", int, lambda v: v >= 1, "an integer >= 1", False),
+    ("data.synthetic_test_size", int, lambda v: v >= 1, "an integer >= 1", False),
+    ("data.pad", int, lambda v: v >= 0, "an integer >= 0", False),
+    ("trainer.max_epochs", int, lambda v: v >= 1, "an integer >= 1", False),
+    ("trainer.max_steps", int, lambda v: v == -1 or v >= 1, "-1 (no limit) or >= 1", False),
+    ("trainer.log_every_n_steps", int, lambda v: v >= 1, "an integer >= 1", False),
+    ("trainer.check_val_every_n_epoch", int, lambda v: v >= 1, "an integer >= 1", True),
+    ("trainer.accumulate_grad_batches", int, lambda v: v >= 1, "an integer >= 1", False),
+    ("module.optimizer.lr", float, lambda v: v > 0, "a number > 0", False),
+    ("module.optimizer.momentum", float, lambda v: 0 <= v < 1, "a number in [0, 1)", False),
+    ("module.optimizer.weight_decay", float, lambda v: v >= 0, "a number >= 0", False),
+    ("module.scheduler.gamma", float, lambda v: v > 0, "a number > 0", False),
+    ("teacher.epochs", int, lambda v: v >= 1, "an integer >= 1", False),
+    ("teacher.seed", int, lambda v: v >= 0, "an integer >= 0", False),
+    ("callbacks.model_checkpoint.every_n_minutes", float, lambda v: v > 0, "> 0 or null", True),
+    ("callbacks.model_checkpoint.every_n_train_steps", int, lambda v: v >= 0, ">= 0", False),
+)
+
+_MISSING = object()
+
+
+def _number(key: str, value: Any, kind: type, domain: str) -> float:
+    """``value`` as a number of ``kind``; ConfigError naming ``key`` if it is not one."""
+    bad = ConfigError(f"{key} must be {domain}, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise bad
+    if not math.isfinite(float(value)) or (kind is int and float(value) != int(value)):
+        raise bad
+    return float(value)
+
+
+def validate_options(cfg: DictConfig) -> None:
+    """Raise :class:`ConfigError` for the first option outside its domain or a refused
+    combination; keys absent from ``cfg`` are skipped."""
+    for key, kind, test, domain, nullable in _RULES:
+        value = OmegaConf.select(cfg, key, default=_MISSING)
+        if value is _MISSING or (value is None and nullable):
+            continue
+        if not test(_number(key, value, kind, domain)):
+            raise ConfigError(f"{key} must be {domain}, got {value!r}")
+    method = OmegaConf.select(cfg, "loss.method", default=None)
+    if OmegaConf.select(cfg, "module.compile", default=False) and method:
+        raise ConfigError(
+            f"module.compile=true does not work with a CAM loss (loss.method={method}): the "
+            "compiled net hides the CAM layer from the hooks; set module.compile=false"
+        )
+
+
+# ----------------------------------------------------------------------------- data identity
+
+_DATA_IDENTITY = ("source", "train_subset", "val_size", "split_seed")
+_SYNTHETIC_IDENTITY = ("synthetic_size", "synthetic_test_size", "synthetic_seed")
+
+
+def data_key(data: Mapping[str, Any]) -> str:
+    """8 hex digits identifying the training images of a ``data`` config: source, root (not for
+    synthetic data), subset, validation split and synthetic size/seed."""
+    ident = {k: data.get(k) for k in _DATA_IDENTITY}
+    if data.get("source") == "synthetic":
+        ident.update({k: data.get(k) for k in _SYNTHETIC_IDENTITY})
+    else:
+        ident["root"] = os.path.normpath(str(data.get("root")))
+    text = json.dumps(ident, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:8]
+
+
+# ----------------------------------------------------------------------------- config drift
+
+# keys a rerun may change: where things go, what is printed or logged, how far to train
+IGNORED_ON_RERUN = (
+    "run_name", "task_name", "paths", "ckpt_path", "train", "test", "print_config",
+    "optimized_metric", "allow_changed_config", "logger", "callbacks", "trainer.max_epochs",
+    "trainer.enable_progress_bar", "trainer.log_every_n_steps", "trainer.default_root_dir",
+    "data.device", "data.eval_batch_size", "data.cache_dir", "teacher.checkpoint",
+    "teacher.resolved_checkpoint", "teacher.run_dir", "teacher.train_command",
+    "module.teacher_checkpoint", "module.teacher_run_dir", "module.teacher_command",
+    "module.cache_root",
+)  # fmt: skip
+
+
+def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(data, Mapping) and data:
+        out: dict[str, Any] = {}
+        for key, value in data.items():
+            out.update(_flatten(value, f"{prefix}{key}."))
+        return out
+    return {prefix.rstrip("."): data}
+
+
+def _ignored(key: str) -> bool:
+    return any(key == k or key.startswith(k + ".") for k in IGNORED_ON_RERUN)
+
+
+def config_diff(saved: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
+    """Dotted keys whose values differ between two configs (keys in IGNORED_ON_RERUN skipped)."""
+    a, b = _flatten(saved), _flatten(new)
+    keys = (k for k in set(a) | set(b) if not _ignored(k))
+    return sorted(k for k in keys if a.get(k, _MISSING) != b.get(k, _MISSING))
+
+
+def check_saved_config(cfg: DictConfig, output_dir: Path) -> list[str]:
+    """Compare ``cfg`` with the config saved in ``output_dir``; save it if there is none.
+
+    Returns the differing keys when ``allow_changed_config`` is set (the new config is then saved
+    beside the original as ``config_resolved.changed-N.yaml``); raises :class:`ConfigError`
+    listing them otherwise. The original ``config_resolved.yaml`` is never overwritten.
+    """
+    saved_path = output_dir / "config_resolved.yaml"
+    new = OmegaConf.to_container(cfg, resolve=True)
+    if not saved_path.is_file():
+        OmegaConf.save(cfg, saved_path)
+        return []
+    saved = OmegaConf.to_container(OmegaConf.load(saved_path), resolve=False)
+    diff = config_diff(saved, new)  # type: ignore[arg-type]
+    if not diff:
+        return []
+    if not cfg.get("allow_changed_config", False):
+        shown = ", ".join(diff[:12]) + (f" (+{len(diff) - 12} more)" if len(diff) > 12 else "")
+        raise ConfigError(
+            f"run directory {output_dir} holds a run with another config (differs in: {shown}). "
+            "Use a new run_name=..., or add allow_changed_config=true to continue this run anyway"
+        )
+    n = len(list(output_dir.glob("config_resolved.changed-*.yaml"))) + 1
+    OmegaConf.save(cfg, output_dir / f"config_resolved.changed-{n}.yaml")
+    return diff

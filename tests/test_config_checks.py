@@ -1,0 +1,162 @@
+"""Start-up refusals (issue 12): option domains, refused combinations, unreadable teachers, and
+the teacher's data identity and checksum."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig, OmegaConf
+
+from distill.config_checks import config_diff
+from distill.explain import cam_options
+from distill.integrity import sha256_file, write_checksum
+from distill.train import CONFIG_DIR, USER_ERRORS, train
+from tests.conftest import run_python
+
+TINY = {
+    "data": "synthetic",
+    "data.synthetic_size": 64,
+    "data.synthetic_test_size": 32,
+    "data.batch_size": 32,
+    "trainer": "cpu",
+    "trainer.max_epochs": 1,
+    "logger": "none",
+    "callbacks": "none",
+    "trainer.enable_progress_bar": "false",
+    "print_config": "false",
+    "model.depth": 10,
+    "model.widen_factor": 1,
+    "teacher.model.depth": 10,
+    "loss.agreement_batches": 1,
+}
+
+
+def tiny(tmp_path: Path, *extra: str, teacher: Path | str | None = None) -> DictConfig:
+    """A seconds-scale config; ``extra`` overrides replace TINY's values for the same key."""
+    keys = {e.split("=", 1)[0].lstrip("+") for e in extra}
+    base = [f"{k}={v}" for k, v in TINY.items() if k not in keys]
+    where = [f"paths.log_dir={tmp_path}"]
+    if teacher is not None:
+        where.append(f"teacher.checkpoint={teacher}")
+    with initialize_config_dir(CONFIG_DIR, version_base="1.3"):
+        return compose("train", overrides=[*base, *extra, *where])
+
+
+def refused(cfg: DictConfig, match: str) -> str:
+    """Run ``train(cfg)``; it must stop at start-up with a one-line user error matching."""
+    with pytest.raises(USER_ERRORS, match=match) as info:
+        train(cfg)
+    message = str(info.value)
+    assert "\n" not in message, message
+    return message
+
+
+BAD_OPTIONS = [
+    (["loss=ce_kd", "loss.kd.beta=2"], r"loss\.kd\.beta must be a number in \[0, 1\]"),
+    (["loss=ce_kd", "loss.kd.temperature=0"], r"loss\.kd\.temperature must be a number > 0"),
+    (["trainer.max_epochs=-1"], r"trainer\.max_epochs must be an integer >= 1, got -1"),
+    (["data.batch_size=0"], r"data\.batch_size must be an integer >= 1, got 0"),
+    (["data.batch_size=-5"], r"data\.batch_size must be an integer >= 1, got -5"),
+    (["data.batch_size=2.5"], r"data\.batch_size must be an integer"),
+    (["loss=gradcam", "loss.alpha=abc"], r"loss\.alpha must be a finite number >= 0, got 'abc'"),
+    (["loss=gradcam", "module.compile=true"], r"module\.compile=true .*module\.compile=false"),
+]
+
+
+@pytest.mark.parametrize(("overrides", "match"), BAD_OPTIONS)
+def test_bad_option_is_refused_naming_the_key(tmp_path, teacher_ckpt, overrides, match) -> None:
+    refused(tiny(tmp_path, *overrides, teacher=teacher_ckpt), match)
+    assert not list(tmp_path.rglob("metrics.json"))
+
+
+def test_fc_cam_layers_are_refused_before_training(tmp_path, teacher_ckpt) -> None:
+    cfg = tiny(tmp_path, "loss=gradcam", "loss.student_layer=fc", "loss.teacher_layer=fc",
+               teacher=teacher_ckpt)  # fmt: skip
+    refused(cfg, r"loss\.student_layer=fc outputs shape \(2, 10\), not spatial maps.*block3")
+
+
+def test_option_a_method_does_not_take_lists_the_ones_it_takes(tmp_path, teacher_ckpt) -> None:
+    cfg = tiny(tmp_path, "loss=gradcam", "++loss.cam.n_permutations=5", teacher=teacher_ckpt)
+    message = refused(cfg, r"GradCAM \(loss\.method=gradcam\) takes no option n_permutations")
+    assert message.endswith("it takes: " + ", ".join(cam_options("gradcam")))
+    assert cam_options("gradcam") == ["utility", "relu", "variant", "fast_path"]  # signature
+
+
+@pytest.mark.parametrize("kind", ["text", "empty", "directory"])
+def test_unreadable_teacher_checkpoint_is_one_message(tmp_path, kind) -> None:
+    path = tmp_path / "teacher.ckpt"
+    if kind == "directory":
+        path.mkdir()
+    else:
+        path.write_text("not a checkpoint\n" if kind == "text" else "")
+    what = {"text": "not a readable checkpoint", "empty": "empty file", "directory": "directory"}
+    cfg = tiny(tmp_path, "loss=ce_kd", teacher=path)
+    refused(cfg, f"{path} .*{what[kind]}.*teacher.checkpoint")
+
+
+def test_cli_bad_option_exits_2_without_traceback(tmp_path) -> None:
+    res = run_python(
+        ["train.py", "data=synthetic", "data.batch_size=0", f"paths.log_dir={tmp_path}"]
+    )
+    assert res.returncode == 2
+    assert res.stderr.strip().splitlines()[-1].startswith("error: data.batch_size must be")
+    assert "Traceback" not in res.stderr + res.stdout
+
+
+# ----------------------------------------------------------------------------- teacher identity
+
+
+def test_teacher_lookup_includes_the_data_identity() -> None:
+    def names(*overrides: str) -> tuple[str, str]:
+        with initialize_config_dir(CONFIG_DIR, version_base="1.3"):
+            student = compose("train", overrides=["loss=ce_kd", *overrides])
+            teacher = compose("train", overrides=["experiment=teacher", *overrides])
+        return student.teacher.run_name, teacher.run_name
+
+    base = names("data=synthetic")
+    assert base[0] == base[1]  # the student finds what `experiment=teacher` writes
+    for other in ("data.synthetic_size=999", "data.synthetic_seed=1", "data.val_size=100",
+                  "data.train_subset=500", "data.split_seed=2"):  # fmt: skip
+        changed = names("data=synthetic", other)
+        assert changed[0] == changed[1] and changed[0] != base[0], other
+    roots = {names("data=cifar10_folder", f"data.root=/data/{r}")[0] for r in ("a", "b")}
+    assert len(roots) == 2
+
+
+def test_student_records_teacher_path_and_checksum(tmp_path, teacher_ckpt) -> None:
+    metrics = train(tiny(tmp_path, "loss=ce_kd", "run_name=s", teacher=teacher_ckpt))
+    digest = sha256_file(teacher_ckpt)
+    assert metrics["teacher_checkpoint"] == str(teacher_ckpt)
+    assert metrics["teacher_sha256"] == digest
+    saved = OmegaConf.load(tmp_path / "train" / "s" / "config_resolved.yaml")
+    assert saved.teacher.sha256 == digest and saved.teacher.resolved_checkpoint == str(teacher_ckpt)
+
+
+def test_corrupted_teacher_is_refused(tmp_path, teacher_ckpt) -> None:
+    path = tmp_path / "teacher.ckpt"
+    data = bytearray(teacher_ckpt.read_bytes())
+    path.write_bytes(bytes(data))
+    write_checksum(path)
+    data[-5000:-904] = bytes(b ^ 0xFF for b in data[-5000:-904])  # 4 KiB flipped
+    path.write_bytes(bytes(data))
+    refused(tiny(tmp_path, "loss=ce_kd", teacher=path), f"{path} is corrupted")
+
+
+def test_teacher_trained_on_other_data_is_refused(tmp_path, teacher_ckpt) -> None:
+    cfg = tiny(tmp_path, "loss=ce_kd", "teacher.epochs=1")
+    run_dir = Path(cfg.teacher.run_dir)
+    (run_dir / "checkpoints").mkdir(parents=True)
+    (run_dir / "checkpoints" / "last.ckpt").write_bytes(teacher_ckpt.read_bytes())
+    (run_dir / "metrics.json").write_text(json.dumps({"dataset_id": "synthetic:n=999"}))
+    refused(cfg, "was trained on dataset synthetic:n=999, this run uses synthetic:n=64")
+
+
+def test_config_diff_ignores_location_and_length() -> None:
+    saved = {"run_name": "a", "paths": {"log_dir": "/x"}, "trainer": {"max_epochs": 1},
+             "loss": {"alpha": 1.0}, "teacher": {"sha256": "aa"}}  # fmt: skip
+    new = {"run_name": "b", "paths": {"log_dir": "/y"}, "trainer": {"max_epochs": 9},
+           "loss": {"alpha": 0.5}, "teacher": {"sha256": "bb"}}  # fmt: skip
+    assert config_diff(saved, new) == ["loss.alpha", "teacher.sha256"]

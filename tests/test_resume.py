@@ -1,0 +1,276 @@
+"""No lost work (issue 12): resume points survive SIGKILL / SIGINT / SIGTERM and torn writes,
+corrupted checkpoints are refused, a rerun with another config is refused."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from distill.checkpointing import ChecksummedCheckpointIO, verify_checkpoint
+from distill.integrity import IntegrityError, checksum_path, sha256_file
+from tests.conftest import REPO_ROOT, run_python
+
+# 128 images / batch 8 = 16 steps per epoch, 2 epochs
+RUN = {
+    "experiment": "smoke",
+    "data.synthetic_size": 128,
+    "data.synthetic_test_size": 40,
+    "data.batch_size": 8,
+    "model.depth": 10,
+    "model.widen_factor": 1,
+    "trainer.max_epochs": 2,
+    "trainer.enable_progress_bar": "false",
+    "print_config": "false",
+    "logger": "none",
+    "deterministic": "true",
+}
+STEPS_PER_EPOCH, EPOCHS = 16, 2
+
+
+def _env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("WANDB_", "HYDRA_"))}
+    return {**env, "PYTHONUNBUFFERED": "1"}
+
+
+def _args(log_dir: Path, name: str, **over: object) -> list[str]:
+    """``train.py`` arguments: RUN with ``over`` (``__`` in a name stands for ``.``)."""
+    values = {**RUN, **{k.replace("__", "."): v for k, v in over.items()}}
+    return ["train.py", *(f"{k}={v}" for k, v in values.items()), f"paths.log_dir={log_dir}",
+            f"run_name={name}"]  # fmt: skip
+
+
+def _step(ckpt: Path) -> int:
+    """global_step of a checkpoint, -1 while it does not exist or its sidecar is missing."""
+    if not checksum_path(ckpt).is_file():
+        return -1
+    try:
+        return int(torch.load(ckpt, map_location="cpu", weights_only=False)["global_step"])
+    except Exception:  # noqa: BLE001 - not there yet
+        return -1
+
+
+def _stop_when(args: list[str], ckpt: Path, min_step: int, signum: int) -> tuple[int, str]:
+    """Run ``python args``; send ``signum`` once ``ckpt`` holds a step >= ``min_step``."""
+    proc = subprocess.Popen(
+        [sys.executable, *args], cwd=REPO_ROOT, env=_env(), text=True,
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    deadline = time.monotonic() + 120
+    while _step(ckpt) < min_step:
+        assert proc.poll() is None, f"run ended before the signal: {proc.stderr.read()[-2000:]}"
+        assert time.monotonic() < deadline, "no checkpoint within 120 s"
+        time.sleep(0.05)
+    proc.send_signal(signum)
+    _, err = proc.communicate(timeout=120)
+    return proc.returncode, err
+
+
+def _weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    return ckpt["state_dict"]
+
+
+def _metrics(run_dir: Path) -> dict:
+    return json.loads((run_dir / "metrics.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An uninterrupted deterministic run (2 epochs of 16 steps)."""
+    log_dir = tmp_path_factory.mktemp("ref")
+    res = run_python(_args(log_dir, "ref"))
+    assert res.returncode == 0, res.stderr[-3000:]
+    run_dir = log_dir / "smoke" / "ref"
+    assert _metrics(run_dir)["global_step"] == STEPS_PER_EPOCH * EPOCHS
+    return run_dir
+
+
+def _assert_same_as_reference(run_dir: Path, reference: Path) -> None:
+    metrics = _metrics(run_dir)
+    assert metrics["resumed"] is True
+    assert metrics["global_step"] == _metrics(reference)["global_step"]
+    ours, theirs = _weights(run_dir), _weights(reference)
+    assert ours.keys() == theirs.keys()
+    for key in ours:
+        torch.testing.assert_close(ours[key], theirs[key], rtol=0, atol=0, msg=key)
+
+
+@pytest.mark.slow
+def test_sigkill_mid_epoch_resumes_to_the_same_weights(tmp_path: Path, reference: Path) -> None:
+    """SIGKILL in epoch 1 after a step-interval resume point; the rerun resumes from it, at the
+    exact batch, and ends at the uninterrupted run's step count and weights."""
+    args = _args(tmp_path, "k", callbacks__model_checkpoint__every_n_train_steps=4)
+    ckpt = tmp_path / "smoke" / "k" / "checkpoints" / "last.ckpt"
+    code, _ = _stop_when(args, ckpt, STEPS_PER_EPOCH + 4, signal.SIGKILL)
+    assert code == -signal.SIGKILL
+    saved = _step(ckpt)
+    assert saved % STEPS_PER_EPOCH != 0 and saved < STEPS_PER_EPOCH * EPOCHS  # mid-epoch
+    verify_checkpoint(ckpt, fix="")
+    rerun = run_python(args)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert f"resuming from {ckpt}" in rerun.stdout
+    _assert_same_as_reference(tmp_path / "smoke" / "k", reference)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("signum", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_signal_saves_a_resume_point(tmp_path: Path, reference: Path, signum, code) -> None:
+    """No step interval: the only resume points are epoch ends and the one the signal writes."""
+    args = _args(tmp_path, "s")
+    ckpt = tmp_path / "smoke" / "s" / "checkpoints" / "last.ckpt"
+    returncode, err = _stop_when(args, ckpt, STEPS_PER_EPOCH, signum)
+    assert returncode == code, err[-2000:]
+    assert "Rerun the same command to resume" in err and "Traceback" not in err
+    stopped = int(re.search(r"global step (\d+);", err).group(1))  # type: ignore[union-attr]
+    assert STEPS_PER_EPOCH <= stopped < STEPS_PER_EPOCH * EPOCHS
+    assert _step(ckpt) == stopped  # no step lost (> 16: written by the signal)
+    assert not (tmp_path / "smoke" / "s" / "metrics.json").exists()  # not finished
+    rerun = run_python(args)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    _assert_same_as_reference(tmp_path / "smoke" / "s", reference)
+
+
+# ----------------------------------------------------------------------------- files
+
+_WRITER = """
+import sys, torch
+from distill.checkpointing import ChecksummedCheckpointIO
+io, i = ChecksummedCheckpointIO(), 0
+while True:
+    i += 1
+    io.save_checkpoint({"i": i, "w": torch.full((2_000_000,), float(i))}, sys.argv[1])
+    print(i, flush=True)
+"""
+
+
+def test_kill_during_checkpoint_writes_leaves_a_valid_one(tmp_path: Path) -> None:
+    """SIGKILL a process that rewrites an 8 MB checkpoint in a loop, at several moments: the
+    file on disk always loads and matches its checksum."""
+    path = tmp_path / "last.ckpt"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _WRITER, str(path)], cwd=REPO_ROOT, env=_env(), text=True,
+        stdout=subprocess.PIPE,
+    )  # fmt: skip
+    assert proc.stdout is not None
+    for _ in range(3):
+        proc.stdout.readline()  # at least one finished write
+    proc.kill()
+    proc.wait()
+    verify_checkpoint(path, fix="")
+    state = torch.load(path, weights_only=False)
+    assert bool((state["w"] == float(state["i"])).all())
+
+
+def test_torn_sidecar_state_is_accepted_and_corruption_is_not(tmp_path: Path) -> None:
+    """The state a kill between the two renames leaves ("<new> <old>" sidecar, old file) is a
+    valid resume point; flipped bytes are not."""
+    io = ChecksummedCheckpointIO()
+    path = tmp_path / "last.ckpt"
+    io.save_checkpoint({"v": 1}, path)
+    old = sha256_file(path)
+    checksum_path(path).write_text(f"{'0' * 64} {old}\n")  # new digest first, rename not done
+    assert verify_checkpoint(path, fix="") == old
+    assert io.load_checkpoint(path)["v"] == 1
+    data = bytearray(path.read_bytes())
+    data[100:110] = bytes(b ^ 0xFF for b in data[100:110])
+    path.write_bytes(bytes(data))
+    with pytest.raises(IntegrityError, match="last.ckpt is corrupted"):
+        io.load_checkpoint(path)
+
+
+@pytest.mark.slow
+def test_corrupted_checkpoint_is_refused_on_resume(tmp_path: Path) -> None:
+    tiny = {"data__synthetic_size": 64}
+    first = run_python(_args(tmp_path, "c", **tiny, trainer__max_epochs=1))
+    assert first.returncode == 0, first.stderr[-3000:]
+    ckpt = tmp_path / "smoke" / "c" / "checkpoints" / "last.ckpt"
+    data = bytearray(ckpt.read_bytes())
+    start = len(data) // 2
+    data[start : start + 4096] = bytes(b ^ 0xFF for b in data[start : start + 4096])
+    ckpt.write_bytes(bytes(data))
+    rerun = run_python(_args(tmp_path, "c", **tiny, trainer__max_epochs=2))
+    assert rerun.returncode == 2
+    assert f"{ckpt} is corrupted" in rerun.stderr and "ckpt_path=null" in rerun.stderr
+    assert "Traceback" not in rerun.stderr + rerun.stdout
+
+
+# ----------------------------------------------------------------------------- config drift
+
+
+@pytest.mark.slow
+def test_rerun_with_another_config_is_refused(tmp_path: Path) -> None:
+    tiny = {"data__synthetic_size": 64}
+    first = run_python(_args(tmp_path, "d", **tiny, trainer__max_epochs=1))
+    assert first.returncode == 0, first.stderr[-3000:]
+    run_dir = tmp_path / "smoke" / "d"
+    saved = {p: (run_dir / p).read_bytes() for p in (".hydra/config.yaml", "config_resolved.yaml")}
+
+    changed = run_python(
+        _args(tmp_path, "d", **tiny, trainer__max_epochs=1, module__optimizer__lr=0.05, seed=3)
+    )
+    assert changed.returncode == 2
+    assert "module.optimizer.lr" in changed.stderr and "seed" in changed.stderr
+    assert "run_name=" in changed.stderr and "allow_changed_config=true" in changed.stderr
+    assert "Traceback" not in changed.stderr + changed.stdout
+    assert {p: (run_dir / p).read_bytes() for p in saved} == saved  # the record survives
+
+    extended = run_python(_args(tmp_path, "d", **tiny, trainer__max_epochs=2))
+    assert extended.returncode == 0, extended.stderr[-3000:]  # more epochs: same run
+    forced = run_python(
+        _args(tmp_path, "d", **tiny, trainer__max_epochs=3, module__optimizer__lr=0.05,
+              allow_changed_config="true")
+    )  # fmt: skip
+    assert forced.returncode == 0, forced.stderr[-3000:]
+    metrics = _metrics(run_dir)
+    assert metrics["resumed"] and metrics["config_changes"] == ["module.optimizer.lr"]
+    assert {p: (run_dir / p).read_bytes() for p in saved} == saved
+    assert (run_dir / "config_resolved.changed-1.yaml").is_file()
+
+
+# ----------------------------------------------------------------------------- triggers
+
+
+def test_time_interval_saves_inside_epochs(tmp_path: Path, monkeypatch) -> None:
+    """``every_n_minutes`` writes resume points between epoch ends (here: after every step)."""
+    from hydra import compose, initialize_config_dir
+
+    from distill.train import CONFIG_DIR, train
+
+    steps: list[int] = []
+    save = ChecksummedCheckpointIO.save_checkpoint
+
+    def spy(self, checkpoint, path, storage_options=None):  # type: ignore[no-untyped-def]
+        steps.append(int(checkpoint["global_step"]))
+        save(self, checkpoint, path, storage_options)
+
+    monkeypatch.setattr(ChecksummedCheckpointIO, "save_checkpoint", spy)
+    overrides = [f"{k}={v}" for k, v in RUN.items() if k not in ("logger", "deterministic")]
+    with initialize_config_dir(CONFIG_DIR, version_base="1.3"):
+        cfg = compose("train", overrides=[
+            *overrides, "data.synthetic_size=32", "trainer.max_epochs=1", "logger=none",
+            "callbacks.model_checkpoint.every_n_minutes=1e-9", f"paths.log_dir={tmp_path}",
+        ])  # fmt: skip
+    train(cfg)
+    assert steps[:4] == [1, 2, 3, 4] and steps[-1] == 4  # 4 steps, then the epoch end
+
+
+def test_auto_resumes_the_newest_resume_point(tmp_path: Path) -> None:
+    """``ckpt_path=auto`` takes SLURM's requeue checkpoint when it is newer than last.ckpt."""
+    from distill.checkpointing import find_resume_checkpoint
+
+    io = ChecksummedCheckpointIO()
+    assert find_resume_checkpoint(tmp_path) is None
+    io.save_checkpoint({"v": 1}, tmp_path / "checkpoints" / "last.ckpt")
+    hpc = tmp_path / "hpc_ckpt_2.ckpt"
+    io.save_checkpoint({"v": 2}, hpc)
+    os.utime(tmp_path / "checkpoints" / "last.ckpt", (1, 1))
+    assert find_resume_checkpoint(tmp_path) == hpc
