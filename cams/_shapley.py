@@ -37,6 +37,7 @@ from contextlib import contextmanager
 import torch
 from torch import Tensor
 
+from cams._checks import check_positive_int
 from cams.utility import UTILITIES, get_utility
 
 __all__ = [
@@ -94,8 +95,8 @@ def sample_permutations(
     ``device``.  With ``antithetic=True`` rows come in pairs ``(pi, reversed(pi))``; for an
     odd count the last ordering is unpaired.
     """
-    _check_positive("n_players", n_players)
-    _check_positive("n_permutations", n_permutations)
+    check_positive_int("n_players", n_players)
+    check_positive_int("n_permutations", n_permutations)
     gen = _as_generator(generator)
     n_draw = (n_permutations + 1) // 2 if antithetic else n_permutations
     noise = torch.rand(n_draw, n_players, generator=gen, dtype=torch.float64)
@@ -104,11 +105,6 @@ def sample_permutations(
         perms = torch.stack([perms, perms.flip(1)], dim=1).reshape(-1, n_players)
         perms = perms[:n_permutations]
     return perms.to(device)
-
-
-def _check_positive(name: str, value: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
 
 
 def _resolve_permutations(
@@ -170,7 +166,7 @@ class _Scan:
 
 def shapley_weights(n_players: int) -> Tensor:
     r"""Float64 weights :math:`w_s = s!\,(P-s-1)!/P!` for coalition sizes ``s = 0..P-1``."""
-    _check_positive("n_players", n_players)
+    check_positive_int("n_players", n_players)
     p = n_players
     total = math.factorial(p)
     return torch.tensor(
@@ -201,8 +197,8 @@ def exact_shapley(value_fn: ValueFn, n_players: int, batch_size: int = 4096) -> 
         ``(..., P)`` Shapley values (accumulated in float64, returned in the values' dtype
         if floating, else float64).
     """
-    _check_positive("n_players", n_players)
-    _check_positive("batch_size", batch_size)
+    check_positive_int("n_players", n_players)
+    check_positive_int("batch_size", batch_size)
     if n_players > _MAX_EXACT_PLAYERS:
         raise ValueError(f"exact enumeration needs n_players <= {_MAX_EXACT_PLAYERS}")
     w = shapley_weights(n_players)
@@ -303,8 +299,8 @@ def permutation_shapley(
     Returns:
         ``(..., P)`` estimates (accumulated in float64, returned in the values' dtype).
     """
-    _check_positive("n_players", n_players)
-    _check_positive("chunk_size", chunk_size)
+    check_positive_int("n_players", n_players)
+    check_positive_int("chunk_size", chunk_size)
     perms = _resolve_permutations(
         n_players, n_permutations, antithetic, generator, permutations, torch.device("cpu")
     )
@@ -450,9 +446,9 @@ def additive_game_shapley(
     if utility == "logit":
         return linear
     chunk = chunk_size or _default_chunk(b, k)
-    _check_positive("chunk_size", chunk)
+    check_positive_int("chunk_size", chunk)
     if num_threads is not None:
-        _check_positive("num_threads", num_threads)
+        check_positive_int("num_threads", num_threads)
     scan = _Scan(perms, chunk, num_threads)
     if callable(utility):
         return _sampled(base, contrib, targets, scan, utility)

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from cams._base import BaseCAM, Forward, weighted_sum
+from cams._checks import check_positive_int
 from cams.registry import register
 
 __all__ = ["ScoreCAM"]
@@ -52,12 +53,8 @@ class ScoreCAM(BaseCAM):
                  utility: str | None = None, relu: bool = True, batch_size: int = 64,
                  max_channels: int | None = None) -> None:
         super().__init__(model, target_layer, utility=utility, relu=relu, fast_path=False)
-        if not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-        if max_channels is not None and (not isinstance(max_channels, int) or max_channels < 1):
-            raise ValueError(f"max_channels must be a positive int or None, got {max_channels!r}")
-        self.batch_size = batch_size
-        self.max_channels = max_channels
+        self.batch_size = check_positive_int("batch_size", batch_size)
+        self.max_channels = check_positive_int("max_channels", max_channels, optional=True)
 
     def _maps(self, x: Tensor, fwd: Forward, targets: Tensor, create_graph: bool) -> Tensor:
         with torch.no_grad(), self._rerun(fwd):

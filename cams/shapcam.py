@@ -18,6 +18,7 @@ from cams._base import (
     check_targets,
 )
 from cams._bn import train_batchnorms
+from cams._checks import check_positive_int
 from cams._head import BNStats, Head
 from cams._shapley import additive_game_shapley, exact_shapley, permutation_shapley
 from cams.registry import register
@@ -90,11 +91,10 @@ class ShapCAM(BaseCAM):
                  batch_size: int = 256, chunk_size: int | None = None,
                  num_threads: int | None = 1, fast_path: bool = True) -> None:
         super().__init__(model, target_layer, utility=utility, relu=relu, fast_path=fast_path)
-        for name, value in (("n_permutations", n_permutations), ("batch_size", batch_size),
-                            ("chunk_size", 1 if chunk_size is None else chunk_size),
-                            ("num_threads", 1 if num_threads is None else num_threads)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        check_positive_int("n_permutations", n_permutations)
+        check_positive_int("batch_size", batch_size)
+        check_positive_int("chunk_size", chunk_size, optional=True)
+        check_positive_int("num_threads", num_threads, optional=True)
         if seed is not None and not isinstance(seed, (int, torch.Generator)):
             raise TypeError(f"seed must be an int, a torch.Generator or None, got {seed!r}")
         self.baseline = check_choice("baseline", baseline, BASELINES)
