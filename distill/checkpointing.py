@@ -18,7 +18,6 @@ from __future__ import annotations
 import hashlib
 import io
 import itertools
-import os
 import re
 import signal
 import time
@@ -109,10 +108,9 @@ class ChecksummedCheckpointIO(TorchCheckpointIO):
         # every digest the current file may have (more than one only after a torn save)
         old = side.read_text().split() if side.is_file() and path.is_file() else []
         pending = " ".join(dict.fromkeys([digest, *old])) + "\n"
-        atomic_write(side, lambda fh: _write_public(fh, pending.encode()))
-        atomic_write(path, lambda fh: _write_public(fh, data))
+        atomic_write(side, lambda fh: fh.write(pending.encode()))
+        atomic_write(path, lambda fh: fh.write(data))
         write_checksum(path)
-        os.chmod(side, _PUBLIC)
 
     def load_checkpoint(self, path: Any, *args: Any, **kwargs: Any) -> Any:
         verify_checkpoint(path, fix="resume another checkpoint or start fresh (ckpt_path=null)")
@@ -124,21 +122,6 @@ class ChecksummedCheckpointIO(TorchCheckpointIO):
 
 
 _HPC = re.compile(r"hpc_ckpt_\d+\.ckpt")
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-_PUBLIC = 0o666 & ~_umask()  # mode of files written through mkstemp (0600) after the rename
-
-
-def _write_public(fh: Any, data: bytes | memoryview) -> None:
-    """Write ``data`` and give the temporary file the usual permissions (umask) before rename."""
-    os.fchmod(fh.fileno(), _PUBLIC)
-    fh.write(data)
 
 
 def find_resume_checkpoint(run_dir: Path) -> Path | None:

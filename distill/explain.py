@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -14,19 +13,10 @@ import cams
 from distill.integrity import IntegrityError, checksum_path, sha256_file
 from distill.losses import LossConfigError
 
-METHODS: dict[str, type] = {
-    "gradcam": cams.GradCAM,
-    "gradcampp": cams.GradCAMPlusPlus,
-    "scorecam": cams.ScoreCAM,
-    "shapleycam": cams.ShapleyCAM,
-    "shapcam": cams.ShapCAM,
-}
-
 
 def cam_options(method: str) -> list[str]:
     """The keyword options the CAM class of ``method`` takes (from its constructor signature)."""
-    params = inspect.signature(METHODS[method].__init__).parameters.values()
-    return [p.name for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY]
+    return list(cams.method_options(method))
 
 
 def build_cam(method: str, model: nn.Module, layer: str, options: Mapping[str, Any] | None = None):
@@ -35,14 +25,14 @@ def build_cam(method: str, model: nn.Module, layer: str, options: Mapping[str, A
     Raises :class:`LossConfigError` for an unknown method, an option the method does not take
     (listing those it takes) or a value its constructor refuses.
     """
-    if method not in METHODS:
+    if method not in cams.METHODS:
         raise LossConfigError(
-            f"unknown CAM method loss.method={method!r}; choose one of {sorted(METHODS)}"
+            f"unknown CAM method loss.method={method!r}; choose one of {sorted(cams.METHODS)}"
         )
     options = dict(options or {})
     takes = cam_options(method)
     unknown = sorted(set(options) - set(takes))
-    name = METHODS[method].__name__
+    name = cams.METHODS[method].__name__
     if unknown:
         raise LossConfigError(
             f"{name} (loss.method={method}) takes no option {', '.join(unknown)} "
@@ -50,7 +40,7 @@ def build_cam(method: str, model: nn.Module, layer: str, options: Mapping[str, A
             f"{', '.join(takes)}"
         )
     try:
-        return METHODS[method](model, layer, **options)
+        return cams.METHODS[method](model, layer, **options)
     except ValueError as err:
         raise LossConfigError(f"{name} (loss.method={method}): {err}") from None
 

@@ -27,6 +27,15 @@ __all__ = [
 _CHUNK = 1 << 20
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_MODE = 0o666 & ~_umask()  # what open() would create; mkstemp's files are 0600
+
+
 class IntegrityError(RuntimeError):
     """A file does not match its recorded checksum (or the checksum is missing)."""
 
@@ -48,12 +57,14 @@ def checksum_path(path: str | Path) -> Path:
 
 def atomic_write(path: str | Path, write: Callable[[IO[bytes]], None]) -> None:
     """Call ``write(fh)`` on a temporary file beside ``path``, fsync it, then rename it over
-    ``path``: readers see the old file or the new one, never a torn one."""
+    ``path``: readers see the old file or the new one, never a torn one. The file gets the
+    permissions of an ordinary ``open()`` (``0666`` less the umask)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as fh:
+            os.fchmod(fh.fileno(), _MODE)
             write(fh)
             fh.flush()
             os.fsync(fh.fileno())

@@ -14,22 +14,12 @@ from distill.data.augment import AugParams
 from distill.explain import TeacherError
 from distill.modules.student import StudentModule
 from distill.precompute import precompute
+from distill.presets import loss_presets, table_methods
 from distill.teacher_maps import CacheError
 from distill.train import CONFIG_DIR, train
 
-PRESETS = [
-    "ce_kd",
-    "gradcam",
-    "gradcam_kd",
-    "gradcampp",
-    "gradcampp_kd",
-    "scorecam",
-    "scorecam_kd",
-    "shapcam",
-    "shapcam_kd",
-    "shapleycam",
-    "shapleycam_kd",
-]
+PRESETS = [p for p in loss_presets() if p != "ce"]  # every preset of configs/loss
+METHODS = table_methods()[1:]  # every registered CAM method with its two presets
 TINY = [
     "data=synthetic",
     "data.synthetic_size=64",
@@ -82,21 +72,21 @@ def test_every_preset_composes_into_a_student(preset, tmp_path, teacher_ckpt):
 
 
 @pytest.mark.parametrize(
-    "preset", ["gradcam_kd", "gradcampp", "scorecam", "shapleycam_kd", "shapcam"]
+    "preset", [f"{m}_kd" if i % 2 == 0 else m for i, m in enumerate(METHODS)]
 )
 def test_one_training_step_uses_every_term(preset, tmp_path, teacher_ckpt):
     cfg = tiny(
         tmp_path,
         teacher_ckpt,
         f"loss={preset}",
-        "loss.student_cam.max_channels=4" if preset == "scorecam" else "loss.alpha=1.0",
+        "++loss.student_cam.max_channels=4" if preset.startswith("scorecam") else "loss.alpha=1.0",
         *(
             [
                 "loss.teacher_maps=online",
                 "loss.teacher_cam.n_permutations=32",
                 "loss.student_cam.n_permutations=8",
             ]
-            if preset == "shapcam"
+            if preset.startswith("shapcam")
             else []
         ),
     )

@@ -14,18 +14,27 @@ from torch import Tensor, nn
 from distill.explain import build_cam, load_teacher, resolve_teacher_checkpoint
 from distill.losses import LossConfigError, check_alpha, explanation_loss, kd_loss, map_agreement
 from distill.modules.classifier import ClassifierModule
-from distill.teacher_maps import CacheError, MapCache, align_maps, teacher_fingerprint
+from distill.teacher_maps import (
+    CacheError,
+    ForeignCacheError,
+    MapCache,
+    align_maps,
+    teacher_fingerprint,
+)
 
 
-def precompute_command() -> str:
-    """The precompute command with this run's own Hydra overrides."""
+def precompute_command(drop_cache_dir: bool = False) -> str:
+    """The precompute command with this run's own Hydra overrides (without ``loss.cache_dir``
+    when that directory holds another configuration's maps: repeating it would fail again)."""
     try:
         from hydra.core.hydra_config import HydraConfig
 
-        overrides = " ".join(HydraConfig.get().overrides.task)
+        task = list(HydraConfig.get().overrides.task)
     except (ImportError, ValueError):
-        overrides = "<the same overrides as this run>"
-    return f"python -m distill.precompute {overrides}"
+        return "python -m distill.precompute <the same overrides as this run>"
+    if drop_cache_dir:
+        task = [o for o in task if not o.lstrip("+~").startswith("loss.cache_dir=")]
+    return f"python -m distill.precompute {' '.join(task)}"
 
 
 @dataclass
@@ -174,8 +183,9 @@ class StudentModule(ClassifierModule):
             try:
                 self.load_cache(self.trainer.datamodule)
             except CacheError as err:
+                command = precompute_command(drop_cache_dir=isinstance(err, ForeignCacheError))
                 raise CacheError(
-                    f"{err}\nPrecompute the teacher maps with:\n    {precompute_command()}"
+                    f"{err}\nPrecompute the teacher maps with:\n    {command}"
                 ) from None
 
     @staticmethod

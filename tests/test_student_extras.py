@@ -1,4 +1,4 @@
-"""The Shap-CAM student draws fresh orderings every training step, reproducibly."""
+"""Student extras: fresh Shap-CAM orderings every step, the printed precompute command."""
 
 from __future__ import annotations
 
@@ -51,3 +51,20 @@ def test_shapcam_student_orderings_change_every_step_and_repeat_on_rerun(
 def test_fixed_orderings_stay_available(tmp_path, teacher_ckpt, steppable):
     module = _module(tmp_path, teacher_ckpt, "loss.fresh_orderings=false")
     assert _seeds(module, [0, 1, 2]) == [0, 0, 0]
+
+
+def test_precompute_command_drops_a_foreign_cache_dir(monkeypatch):
+    """The fix printed for a cache directory holding another configuration's maps must not repeat
+    that directory (running it would fail the same way)."""
+    from types import SimpleNamespace
+
+    from hydra.core.hydra_config import HydraConfig
+
+    from distill.modules.student import precompute_command
+
+    task = ["loss=shapcam_kd", "loss.cache_dir=/data/other", "seed=1"]
+    fake = SimpleNamespace(overrides=SimpleNamespace(task=task))
+    monkeypatch.setattr(HydraConfig, "get", staticmethod(lambda: fake))
+    assert precompute_command() == f"python -m distill.precompute {' '.join(task)}"
+    assert precompute_command(drop_cache_dir=True) == (
+        "python -m distill.precompute loss=shapcam_kd seed=1")

@@ -1,0 +1,36 @@
+"""One source of truth: the cams registry, the loss presets and the table cells agree."""
+
+from __future__ import annotations
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+import cams
+from distill.presets import loss_presets, table_methods
+from distill.train import CONFIG_DIR
+
+
+def test_every_registered_method_has_both_presets_and_a_table_row():
+    assert table_methods() == ["ce", *cams.METHODS]
+    assert {f"{m}{kd}" for m in table_methods() for kd in ("", "_kd")} == set(loss_presets())
+
+
+def test_every_preset_names_a_registered_method():
+    with initialize_config_dir(CONFIG_DIR, version_base="1.3"):
+        for preset in loss_presets():
+            loss = compose("train", overrides=[f"loss={preset}"]).loss
+            assert loss.name == preset
+            assert loss.method == (None if preset.startswith("ce") else preset.removesuffix("_kd"))
+            assert loss.kd.enabled == preset.endswith("_kd")
+
+
+def test_registry_builds_by_name_and_refuses_foreign_options():
+    from tests.cams._models import Tiny
+
+    for name, cls in cams.METHODS.items():
+        cam = cams.build(name, Tiny(), "conv", **cls.quick_options)
+        assert isinstance(cam, cls) and cls.method_name == name
+        assert "utility" in cams.method_options(name)
+    with pytest.raises(ValueError, match="'layercam' takes no option 'n_permutations'; its "
+                       "options: utility, relu, fast_path"):
+        cams.build("layercam", Tiny(), "conv", n_permutations=3)
