@@ -25,7 +25,7 @@ SETTINGS = {"1": 1, "torch": None}
 
 def timed_estimator(totals: dict[str, float]) -> None:
     """Add the wall time of every estimator forward/backward to ``totals['fwd'/'bwd']``."""
-    from cams._shapley import _InteriorShapley
+    from cams._additive_shapley import _InteriorShapley
 
     for name, key in (("forward", "fwd"), ("backward", "bwd")):
         original = getattr(_InteriorShapley, name)

@@ -5,13 +5,14 @@ Usage (results go to BENCHMARKS.md, section "Shap-CAM estimator")::
     python benchmarks/bench_shapley.py                       # both parts
     python benchmarks/bench_shapley.py --part throughput --maps 1024 --perms 10000
     python benchmarks/bench_shapley.py --part accuracy --reps 10
-    git show REV:cams/_shapley.py > /tmp/shapley_old.py
+    git show REV:cams/_additive_shapley.py > /tmp/shapley_old.py   # cams/_shapley.py before 2026-12
     python benchmarks/bench_shapley.py --part kernel --baseline-module /tmp/shapley_old.py
 
 Kernel: the estimator alone on one WRN-40-2 game batch, in the training step's settings (teacher
 forward 1,000 orderings; student forward + backward, 256 antithetic or 1,000), with the scans at
 ``num_threads=1`` (default) and at torch's thread count, optionally against another version of
-``cams/_shapley.py`` (``--baseline-module``, run with torch's threads); calls alternate, medians.
+``cams/_additive_shapley.py`` (``--baseline-module``, run with torch's threads); calls alternate,
+medians.
 
 Throughput: a WRN-40-2 (random weights unless ``--checkpoint``) on random 32x32 inputs;
 the game of each image has the 8x8 = 64 positions of ``block3`` (the last conv output) as
@@ -41,7 +42,8 @@ import torch
 from _common import load_str, machine_line, stopwatch
 from torch import Tensor, nn
 
-from cams._shapley import additive_game_shapley, exact_shapley, utility_fn
+from cams._additive_shapley import additive_game_shapley
+from cams._shapley import exact_shapley, utility_fn
 
 # ------------------------------------------------------------------------- throughput
 
@@ -118,7 +120,8 @@ KERNEL_CASES = {  # name -> (permutations, antithetic, backward)
 
 
 def load_estimator(path: str) -> Callable[..., Tensor]:
-    """``additive_game_shapley`` from another copy of ``cams/_shapley.py`` (imports torch only)."""
+    """``additive_game_shapley`` from another copy of its module (``cams/_additive_shapley.py``, or
+    ``cams/_shapley.py`` of commits before the split)."""
     spec = importlib.util.spec_from_file_location("baseline_shapley", path)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
@@ -281,7 +284,7 @@ def main() -> None:
     parser.add_argument(
         "--part", choices=["all", "throughput", "accuracy", "kernel"], default="all"
     )
-    parser.add_argument("--baseline-module", default=None, help="another cams/_shapley.py")
+    parser.add_argument("--baseline-module", default=None, help="another cams/_additive_shapley.py")
     parser.add_argument("--maps", type=int, default=1024)
     parser.add_argument("--perms", type=int, default=10_000)
     parser.add_argument("--batch", type=int, default=128)

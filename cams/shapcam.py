@@ -7,6 +7,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
+from cams._additive_shapley import additive_game_shapley
 from cams._base import (
     BaseCAM,
     CAMOutput,
@@ -20,7 +21,7 @@ from cams._base import (
 from cams._bn import train_batchnorms
 from cams._checks import check_positive_int
 from cams._head import BNStats, Head
-from cams._shapley import additive_game_shapley, exact_shapley, permutation_shapley
+from cams._shapley import exact_shapley, permutation_shapley
 from cams.registry import register
 
 __all__ = ["BASELINES", "ShapCAM"]
@@ -49,8 +50,8 @@ class ShapCAM(BaseCAM):
     **Fast path** (head ``f → global average pool → linear``, see :mod:`cams._head`): a
     coalition's logits are ``y(∅) + Σ_{j∈S} u_j`` with ``y(∅) = W f(b) + c_0`` and
     ``u_j = W (f(A_j) - f(b)) / P``, so only the body runs once and each ordering is one
-    running sum (:func:`cams._shapley.additive_game_shapley`). **Generic path**: the network is
-    rerun with the target layer's output replaced by the coalition activations (a forward hook;
+    running sum (:func:`cams._additive_shapley.additive_game_shapley`). **Generic path**: the
+    network is rerun with the target layer's output replaced by the coalition activations (a forward hook;
     a sample's input is fed once per model call and broadcast, or repeated if the model needs
     it), ``batch_size`` coalitions per call — expensive, lower ``n_permutations`` there.
     Reruns happen in eval mode with the main forward's BatchNorm statistics. On a model without
@@ -76,7 +77,7 @@ class ShapCAM(BaseCAM):
         batch_size: coalitions per network rerun on the generic path (default 256).
         chunk_size: orderings per estimator chunk (``None``: the estimator's default).
         num_threads: CPU threads of the estimator's scans (default 1, see
-            :func:`cams._shapley.additive_game_shapley`; ``None``: torch's setting).
+            :func:`cams._additive_shapley.additive_game_shapley`; ``None``: torch's setting).
     """
 
     default_utility = "prob"

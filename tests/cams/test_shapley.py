@@ -1,4 +1,5 @@
-"""Values of the Shapley estimators in ``cams._shapley`` against exact enumeration."""
+"""Values of the Shapley estimators (``cams._shapley``, ``cams._additive_shapley``) against exact
+enumeration."""
 
 from __future__ import annotations
 
@@ -11,8 +12,8 @@ import pytest
 import torch
 from torch import Tensor
 
+from cams._additive_shapley import additive_game_shapley
 from cams._shapley import (
-    additive_game_shapley,
     exact_shapley,
     permutation_shapley,
     sample_permutations,
