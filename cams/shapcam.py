@@ -51,9 +51,9 @@ class ShapCAM(BaseCAM):
     coalition's logits are ``y(∅) + Σ_{j∈S} u_j`` with ``y(∅) = W f(b) + c_0`` and
     ``u_j = W (f(A_j) - f(b)) / P``, so only the body runs once and each ordering is one
     running sum (:func:`cams._additive_shapley.additive_game_shapley`). **Generic path**: the
-    network is rerun with the target layer's output replaced by the coalition activations (a forward hook;
-    a sample's input is fed once per model call and broadcast, or repeated if the model needs
-    it), ``batch_size`` coalitions per call — expensive, lower ``n_permutations`` there.
+    network is rerun with the target layer's output replaced by the coalition activations (a
+    forward hook; a sample's input is fed once per model call and broadcast, or repeated if the
+    model needs it), ``batch_size`` coalitions per call — expensive, lower ``n_permutations`` there.
     Reruns happen in eval mode with the main forward's BatchNorm statistics. On a model without
     batch statistics the generic path processes ``batch_size`` samples at a time, so memory does
     not grow with the batch (with an int ``seed`` the maps equal the whole-batch ones).
