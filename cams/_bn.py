@@ -25,9 +25,24 @@ Stats = dict[nn.Module, list[tuple[Tensor, Tensor]]]
 
 
 def train_batchnorms(model: nn.Module) -> list[_BatchNorm]:
-    """BatchNorm modules of ``model`` that use batch statistics in their current mode."""
-    return [m for m in model.modules() if isinstance(m, _BatchNorm)
-            and (m.training or m.running_mean is None)]
+    """BatchNorm modules of ``model`` that use batch statistics in their current mode.
+
+    Raises ``ValueError`` for a ``SyncBatchNorm`` that synchronizes across processes: its
+    statistics are global, and the per-sample maps would need them recorded across ranks."""
+    found = [m for m in model.modules() if isinstance(m, _BatchNorm)
+             and (m.training or m.running_mean is None)]
+    if any(isinstance(m, nn.SyncBatchNorm) and _syncs(m) for m in found):
+        raise ValueError("CAMs of a model whose SyncBatchNorm layers synchronize across processes "
+                         "in train mode are not supported (the per-sample maps need the global "
+                         "batch statistics): use BatchNorm per process (trainer.sync_batchnorm="
+                         "false) or eval mode")
+    return found
+
+
+def _syncs(m: nn.SyncBatchNorm) -> bool:
+    dist = torch.distributed
+    return bool(m.training and dist.is_available() and dist.is_initialized()
+                and dist.get_world_size(m.process_group) > 1)
 
 
 def _shape(x: Tensor) -> list[int]:

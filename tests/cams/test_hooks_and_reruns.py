@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -96,3 +98,37 @@ def test_generic_reruns_evaluate_the_forward_function_with_a_skip_around_the_tar
     torch.testing.assert_close(full[:, 0], actual, rtol=0, atol=1e-6)
     phi = cam(x, y)
     torch.testing.assert_close(phi.sum((1, 2)), actual - empty[:, 0], rtol=0, atol=1e-6)
+
+
+def _sync_bn_worker(rank: int, port: int, errors: Any) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=2)
+    try:
+        model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.SyncBatchNorm(4), nn.ReLU(),
+                              nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2)).train()
+        try:
+            cams.GradCAM(model, "0")(torch.randn(3, 3, 6, 6), 0)
+            errors.put("accepted")
+        except ValueError as err:
+            errors.put(str(err))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_synchronized_batchnorm_across_processes_is_refused() -> None:
+    """Two gloo processes: SyncBatchNorm's statistics are global, which the per-sample maps do
+    not record, so the call is refused with the way out (one process alone is plain BN)."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    errors = ctx.Queue()
+    mp.start_processes(_sync_bn_worker, args=(port, errors), nprocs=2, start_method="spawn")
+    messages = [errors.get(timeout=60) for _ in range(2)]
+    assert all("sync_batchnorm=false" in m for m in messages), messages
