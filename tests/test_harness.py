@@ -15,6 +15,7 @@ import yaml
 
 from distill import harness
 from distill.harness import HarnessError, Profile
+from distill.harness.reporting import _noise_note
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -76,10 +77,10 @@ def test_noise_is_pooled_over_cells():
     assert harness.pooled_sd([rows[2]])[1] == 0
     # 2 sd sqrt(1/2 + 1/3) = 0.537: a 0.7 difference is beyond noise, 0.5 is not
     base = rows[0]
-    assert harness._noise_note({**rows[1], "mean": 9.5}, base, sd) == "within seed noise"
-    assert harness._noise_note(rows[1], base, sd) == "beyond 2 standard errors"
-    assert harness._noise_note(rows[2], base, float("nan")) == "single seeds: noise unknown"
-    assert harness._noise_note(base, base, sd) == ""
+    assert _noise_note({**rows[1], "mean": 9.5}, base, sd) == "within seed noise"
+    assert _noise_note(rows[1], base, sd) == "beyond 2 standard errors"
+    assert _noise_note(rows[2], base, float("nan")) == "single seeds: noise unknown"
+    assert _noise_note(base, base, sd) == ""
 
 
 def test_run_with_a_different_config_is_refused(tmp_path):

@@ -1,0 +1,91 @@
+"""Harness profiles: a reproduction protocol (cells, seeds, Hydra overrides per step and cell),
+read from ``configs/harness/<name>.yaml`` or any YAML file."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+PROFILE_DIR = ROOT / "configs" / "harness"
+ALL_CELLS = ("ce", "gradcam", "gradcampp", "scorecam", "shapcam", "shapleycam")
+RESULTS_ROOT = "${paths.log_dir}"  # how paths under the results folder are stored in configs
+
+
+class HarnessError(RuntimeError):
+    """Bad profile/cell names, or results that cannot be trusted."""
+
+
+@dataclass
+class Profile:
+    """A reproduction protocol: which cells, seeds and Hydra overrides."""
+
+    name: str
+    seeds: list[int]
+    cells: list[str]
+    common: list[str] = field(default_factory=list)
+    teacher: list[str] = field(default_factory=list)
+    student: list[str] = field(default_factory=list)
+    precompute: list[str] = field(default_factory=list)
+    method_overrides: dict[str, list[str]] = field(default_factory=dict)
+    n_jobs: int = 1
+    results_dir: str = "results"
+    description: str = ""
+
+    @classmethod
+    def load(
+        cls, name: str, directory: Path = PROFILE_DIR, results_dir: str | None = None
+    ) -> Profile:
+        """Profile ``name`` from ``directory``, or from a YAML file when ``name`` ends in .yaml."""
+        path = Path(name) if name.endswith((".yaml", ".yml")) else Path(directory) / f"{name}.yaml"
+        if not path.exists():
+            known = sorted(p.stem for p in Path(directory).glob("*.yaml"))
+            raise HarnessError(f"unknown profile {name!r}; choose one of {known}")
+        data = yaml.safe_load(path.read_text())
+        if results_dir is not None:
+            data["results_dir"] = results_dir
+        profile = cls(**data)
+        bad = [c for c in profile.cells if c.removesuffix("_kd") not in ALL_CELLS]
+        if bad:
+            raise HarnessError(
+                f"profile {name!r} names unknown cells {bad}; "
+                f"known: {[c + s for c in ALL_CELLS for s in ('', '_kd')]}"
+            )
+        return profile
+
+    @property
+    def out(self) -> Path:
+        return (ROOT / self.results_dir / self.name).resolve()  # absolute results_dir wins
+
+    def run_dir(self, cell: str, seed: int) -> Path:
+        return self.out / "runs" / f"{cell}-s{seed}"
+
+    @property
+    def teacher_dir(self) -> Path:
+        return self.out / "runs" / "teacher"
+
+    def location(self, task: str, run: str) -> list[str]:
+        return [f"paths.log_dir={self.out}", f"task_name={task}", f"run_name={run}"]
+
+    def teacher_overrides(self) -> list[str]:
+        return [*self.common, *self.teacher, *self.location("runs", "teacher")]
+
+    def method_extra(self, cell: str) -> list[str]:
+        """Overrides for this cell's CAM method only (e.g. reduced permutations); spelled
+        ``++key=value`` so they compose with any loss preset."""
+        return list(self.method_overrides.get(cell.removesuffix("_kd"), []))
+
+    def cell_overrides(self, cell: str, seed: int) -> list[str]:
+        # relative to the results root (paths.log_dir): a copied results folder stays valid
+        ckpt = f"{RESULTS_ROOT}/runs/teacher/checkpoints/last.ckpt"
+        return [
+            *self.common,
+            *self.student,
+            *self.method_extra(cell),
+            f"loss={cell}",
+            f"seed={seed}",
+            f"teacher.checkpoint={ckpt}",
+            *self.location("runs", f"{cell}-s{seed}"),
+        ]
