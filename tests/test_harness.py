@@ -324,3 +324,17 @@ def test_second_run_on_a_results_folder_is_refused(tmp_path):
         pass
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and "is finished" in proc.stdout
+
+
+# ----------------------------------------------------------------------------- issue 13
+def test_table_cells_come_from_the_loss_presets(monkeypatch):
+    """Every table method (CE and each CAM method with both loss presets) without and with KD, in
+    registry order; a new method with its presets is a cell of a profile without ``cells``."""
+    from distill import presets
+
+    methods = presets.table_methods()
+    assert harness.table_cells() == [m + kd for m in methods for kd in ("", "_kd")]
+    assert harness.table_cells()[:2] == ["ce", "ce_kd"]
+    monkeypatch.setattr(presets, "table_methods", lambda: [*methods, "newcam"])
+    assert Profile.load("smoke").cells[-2:] == ["newcam", "newcam_kd"]
+    assert "newcam" not in Profile.load("cpu-mini").cells  # pinned to its committed run

@@ -13,12 +13,12 @@ from distill.harness.cli import main
 from distill.harness.cost_model import cost
 from distill.harness.lock import LOCK_NAME, results_lock, running_holder
 from distill.harness.profiles import (
-    ALL_CELLS,
     PROFILE_DIR,
     RESULTS_ROOT,
     ROOT,
     HarnessError,
     Profile,
+    table_cells,
 )
 from distill.harness.reporting import PAPER_ERRORS, check_report_configs, collect, pooled_sd, report
 from distill.harness.runner import (
@@ -42,7 +42,6 @@ from distill.harness.runs import (
 )
 
 __all__ = [
-    "ALL_CELLS",
     "IGNORED_KEYS",
     "LOCK_NAME",
     "LOG_NAME",
@@ -73,4 +72,5 @@ __all__ = [
     "run_teacher",
     "running_holder",
     "saved_config",
+    "table_cells",
 ]
