@@ -1,8 +1,8 @@
 """Reproduction harness for the Shap-CAM paper's CIFAR-10 table (WRN-40-2 -> WRN-16-2): what
 it does and its commands are in :mod:`distill.harness.cli` (``python -m distill.harness -h``).
 
-Modules, one job each: :mod:`~distill.harness.profiles` (the profiles in ``configs/harness/``;
-the overrides of each step and cell),
+Modules, one job each: :mod:`~distill.harness.profiles` (the profiles, Hydra configs in
+``configs/harness/`` with the schema :class:`Profile`; the overrides of each step and cell),
 :mod:`~distill.harness.runs` (a run directory's saved config and metrics),
 :mod:`~distill.harness.lock` (the results-folder lock), :mod:`~distill.harness.runner` (running the
 steps as processes), :mod:`~distill.harness.reporting` (table and chart),
@@ -18,6 +18,7 @@ from distill.harness.profiles import (
     ROOT,
     HarnessError,
     Profile,
+    compose_profile,
     table_cells,
 )
 from distill.harness.reporting import PAPER_ERRORS, check_report_configs, collect, pooled_sd, report
@@ -57,6 +58,7 @@ __all__ = [
     "check_same_config",
     "collect",
     "compose",
+    "compose_profile",
     "config_mismatch",
     "cost",
     "failure_summary",

@@ -1,5 +1,10 @@
-"""Harness profiles: a reproduction protocol (cells, seeds, Hydra overrides per step and cell),
-read from ``configs/harness/<name>.yaml`` or any YAML file.
+"""Harness profiles: a reproduction protocol (cells, seeds, Hydra overrides per step and cell).
+
+A profile is a Hydra config in ``configs/harness/`` whose schema is :class:`Profile`, stored in
+Hydra's ConfigStore as ``harness_profile`` and named first in each profile's defaults list.
+:meth:`Profile.load` composes it with Hydra's compose API and merges it onto the schema once more
+(so a ``--profile PATH.yaml`` without that defaults entry is checked too): a misspelled key or a
+value of the wrong type is refused with OmegaConf's message, which names the key.
 
 The table's cells are not listed here: they are ``distill.presets.table_methods()`` without and
 with KD, so a CAM method with its two loss presets needs no harness edit.
@@ -9,11 +14,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-import yaml
+from hydra.core.config_store import ConfigStore
 
 ROOT = Path(__file__).resolve().parents[2]
 PROFILE_DIR = ROOT / "configs" / "harness"
+SCHEMA_NAME = "harness_profile"  # the schema's name in Hydra's ConfigStore
 RESULTS_ROOT = "${paths.log_dir}"  # how paths under the results folder are stored in configs
 
 
@@ -31,7 +38,8 @@ def table_cells() -> list[str]:
 
 @dataclass
 class Profile:
-    """A reproduction protocol: which cells, seeds and Hydra overrides."""
+    """A reproduction protocol: which cells, seeds and Hydra overrides (also the profile files'
+    schema: every key of a profile file is a field here, with this type)."""
 
     name: str
     seeds: list[int]
@@ -54,7 +62,7 @@ class Profile:
         if not path.exists():
             known = sorted(p.stem for p in Path(directory).glob("*.yaml"))
             raise HarnessError(f"unknown profile {name!r}; choose one of {known}")
-        data = yaml.safe_load(path.read_text())
+        data = compose_profile(path)
         if results_dir is not None:
             data["results_dir"] = results_dir
         profile = cls(**data)
@@ -100,3 +108,26 @@ class Profile:
             f"teacher.checkpoint={ckpt}",
             *self.location("runs", f"{cell}-s{seed}"),
         ]
+
+
+ConfigStore.instance().store(name=SCHEMA_NAME, node=Profile)
+
+
+def compose_profile(path: Path) -> dict[str, Any]:
+    """The profile file ``path`` composed by Hydra and checked against :class:`Profile`, as
+    plain data (``${...}`` in an override is kept as written: it is resolved by ``train.py``)."""
+    import yaml
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import HydraException
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        with initialize_config_dir(str(path.resolve().parent), version_base="1.3"):
+            cfg = compose(config_name=path.name)
+        cfg = OmegaConf.merge(OmegaConf.structured(Profile), cfg)
+        data = OmegaConf.to_container(cfg, resolve=False, throw_on_missing=True)
+    except (HydraException, OmegaConfBaseException, yaml.YAMLError) as err:
+        raise HarnessError(f"invalid profile {path}: {err}") from err
+    assert isinstance(data, dict)
+    return {str(k): v for k, v in data.items()}
