@@ -1,4 +1,5 @@
-"""Reproduction harness: profiles, refusal of foreign runs, report values, and a smoke run."""
+"""Reproduction harness: profiles (Hydra configs with a schema), refusal of foreign runs, report
+values, and a smoke run."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import yaml
 
 from distill import harness
 from distill.harness import HarnessError, Profile
+from distill.harness.reporting import _noise_note
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -76,10 +78,10 @@ def test_noise_is_pooled_over_cells():
     assert harness.pooled_sd([rows[2]])[1] == 0
     # 2 sd sqrt(1/2 + 1/3) = 0.537: a 0.7 difference is beyond noise, 0.5 is not
     base = rows[0]
-    assert harness._noise_note({**rows[1], "mean": 9.5}, base, sd) == "within seed noise"
-    assert harness._noise_note(rows[1], base, sd) == "beyond 2 standard errors"
-    assert harness._noise_note(rows[2], base, float("nan")) == "single seeds: noise unknown"
-    assert harness._noise_note(base, base, sd) == ""
+    assert _noise_note({**rows[1], "mean": 9.5}, base, sd) == "within seed noise"
+    assert _noise_note(rows[1], base, sd) == "beyond 2 standard errors"
+    assert _noise_note(rows[2], base, float("nan")) == "single seeds: noise unknown"
+    assert _noise_note(base, base, sd) == ""
 
 
 def test_run_with_a_different_config_is_refused(tmp_path):
@@ -323,3 +325,108 @@ def test_second_run_on_a_results_folder_is_refused(tmp_path):
         pass
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and "is finished" in proc.stdout
+
+
+# ----------------------------------------------------------------------------- issue 13
+PROFILE_DIR = ROOT / "configs" / "harness"
+DEFAULTS = {
+    "cells": None,
+    "common": [],
+    "teacher": [],
+    "student": [],
+    "precompute": [],
+    "method_overrides": {},
+    "n_jobs": 1,
+    "results_dir": "results",
+    "description": "",
+}
+
+
+@pytest.mark.parametrize("name", ["smoke", "cpu-mini", "paper"])
+def test_profiles_are_hydra_configs_with_the_values_of_their_yaml(name):
+    """Composed by Hydra with the schema, each profile holds exactly what its YAML says (the
+    schema's defaults for absent keys; absent ``cells``: every table cell), by name or by path."""
+    path = PROFILE_DIR / f"{name}.yaml"
+    raw = yaml.safe_load(path.read_text())
+    assert raw.pop("defaults") == ["harness_profile", "_self_"]
+    expected = {**DEFAULTS, **raw}
+    expected["cells"] = expected["cells"] or harness.table_cells()
+    assert vars(Profile.load(name)) == expected
+    assert vars(Profile.load(str(path))) == expected
+
+
+def test_interpolations_in_profile_overrides_are_kept_for_train_py(tmp_path):
+    """``${...}`` in an override is passed to train.py as written (Hydra does not resolve it)."""
+    override = "teacher.checkpoint=${paths.log_dir}/runs/teacher/checkpoints/last.ckpt"
+    (tmp_path / "p.yaml").write_text(f"name: p\nseeds: [0]\nstudent: ['{override}']\n")
+    assert Profile.load(str(tmp_path / "p.yaml")).student == [override]
+
+
+def test_table_cells_come_from_the_loss_presets(monkeypatch):
+    """Every table method (CE and each CAM method with both loss presets) without and with KD, in
+    registry order; a new method with its presets is a cell of a profile without ``cells``."""
+    from distill import presets
+
+    methods = presets.table_methods()
+    assert harness.table_cells() == [m + kd for m in methods for kd in ("", "_kd")]
+    assert harness.table_cells()[:2] == ["ce", "ce_kd"]
+    monkeypatch.setattr(presets, "table_methods", lambda: [*methods, "newcam"])
+    assert Profile.load("smoke").cells[-2:] == ["newcam", "newcam_kd"]
+    assert "newcam" not in Profile.load("cpu-mini").cells  # pinned to its committed run
+
+
+BAD_PROFILES = {
+    "misspelled": ("cellz: [ce]", r"Key 'cellz' not in 'Profile'\n\s*full_key: cellz"),
+    "wrong type": (
+        "n_jobs: two",
+        r"Value 'two' .* could not be converted to Integer\n\s*full_key: n_jobs",
+    ),
+    "wrong item": (
+        "seeds: [0, one]",
+        r"'one' .* could not be converted to Integer\n\s*full_key: seeds\[1\]",
+    ),
+    "not a list": ("cells: ce", r"full_key: cells"),
+    "no name": ("seeds: [0]", r"Missing mandatory value: name"),
+}
+
+
+@pytest.mark.parametrize("schema_entry", [True, False], ids=["defaults-entry", "plain-yaml"])
+@pytest.mark.parametrize("case", list(BAD_PROFILES))
+def test_bad_profile_key_or_type_is_refused_naming_the_key(tmp_path, case, schema_entry):
+    """A misspelled key or a wrong type is refused with OmegaConf's message naming the key, for a
+    profile with the schema in its defaults list (Hydra's composition) and for a plain YAML file
+    given as ``--profile PATH.yaml`` (merged onto the schema)."""
+    line, message = BAD_PROFILES[case]
+    head = "defaults:\n  - harness_profile\n  - _self_\n" if schema_entry else ""
+    body = "seeds: [0]\n" if case in ("misspelled", "wrong type", "not a list") else ""
+    name = "" if case == "no name" else "name: bad\n"
+    (tmp_path / "bad.yaml").write_text(head + name + body + line + "\n")
+    with pytest.raises(
+        HarnessError, match=f"invalid profile {tmp_path / 'bad.yaml'}: (?s:.*){message}"
+    ):
+        Profile.load(str(tmp_path / "bad.yaml"))
+    with pytest.raises(HarnessError, match=message):
+        Profile.load("bad", directory=tmp_path)
+
+
+def test_cli_refuses_a_bad_profile_key_briefly(tmp_path):
+    (tmp_path / "typo.yaml").write_text("name: typo\nseeds: [0]\nseed: [1]\n")
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "distill.harness",
+            "status",
+            "--profile",
+            str(tmp_path / "typo.yaml"),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.startswith("error: invalid profile") and "full_key: seed\n" in proc.stderr
+    (tmp_path / "typo.yaml").write_text("name: typo\nseeds: [0\n")  # not YAML
+    assert Profile.load("smoke").name == "smoke"
+    with pytest.raises(HarnessError, match="(?s)invalid profile .*expected ',' or ']'"):
+        Profile.load(str(tmp_path / "typo.yaml"))

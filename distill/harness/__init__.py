@@ -1,0 +1,78 @@
+"""Reproduction harness for the Shap-CAM paper's CIFAR-10 table (WRN-40-2 -> WRN-16-2): what
+it does and its commands are in :mod:`distill.harness.cli` (``python -m distill.harness -h``).
+
+Modules, one job each: :mod:`~distill.harness.profiles` (the profiles, Hydra configs in
+``configs/harness/`` with the schema :class:`Profile`; the overrides of each step and cell),
+:mod:`~distill.harness.runs` (a run directory's saved config and metrics),
+:mod:`~distill.harness.lock` (the results-folder lock), :mod:`~distill.harness.runner` (running the
+steps as processes), :mod:`~distill.harness.reporting` (table and chart),
+:mod:`~distill.harness.cost_model` (the cost model) and :mod:`~distill.harness.cli`.
+"""
+
+from distill.harness.cli import main
+from distill.harness.cost_model import cost
+from distill.harness.lock import LOCK_NAME, results_lock, running_holder
+from distill.harness.profiles import (
+    PROFILE_DIR,
+    RESULTS_ROOT,
+    ROOT,
+    HarnessError,
+    Profile,
+    compose_profile,
+    table_cells,
+)
+from distill.harness.reporting import PAPER_ERRORS, check_report_configs, collect, pooled_sd, report
+from distill.harness.runner import (
+    LOG_NAME,
+    Failure,
+    Runner,
+    failure_summary,
+    pending_cells,
+    run,
+    run_cells,
+    run_precompute,
+    run_teacher,
+)
+from distill.harness.runs import (
+    IGNORED_KEYS,
+    check_same_config,
+    compose,
+    config_mismatch,
+    read_metrics,
+    saved_config,
+)
+
+__all__ = [
+    "IGNORED_KEYS",
+    "LOCK_NAME",
+    "LOG_NAME",
+    "PAPER_ERRORS",
+    "PROFILE_DIR",
+    "RESULTS_ROOT",
+    "ROOT",
+    "Failure",
+    "HarnessError",
+    "Profile",
+    "Runner",
+    "check_report_configs",
+    "check_same_config",
+    "collect",
+    "compose",
+    "compose_profile",
+    "config_mismatch",
+    "cost",
+    "failure_summary",
+    "main",
+    "pending_cells",
+    "pooled_sd",
+    "read_metrics",
+    "report",
+    "results_lock",
+    "run",
+    "run_cells",
+    "run_precompute",
+    "run_teacher",
+    "running_holder",
+    "saved_config",
+    "table_cells",
+]

@@ -1,0 +1,67 @@
+"""Reproduction harness for the Shap-CAM paper's CIFAR-10 table (WRN-40-2 -> WRN-16-2).
+
+``python -m distill.harness run --profile cpu-mini`` trains (or reuses) the teacher, precomputes the
+cached teacher maps, and trains every cell of the table for every seed, each as its own
+``train.py`` process (``--n-jobs N`` runs N at once) whose output goes to ``<run dir>/harness.log``.
+A cell that dies does not stop the others: the failed ones are listed at the end (with their log)
+and the exit status is 1. Finished runs are skipped, interrupted runs resume from ``last.ckpt``, and
+a run directory made with a different configuration is refused (by ``run``, ``status`` and
+``report``). One ``run`` at a time per results folder (a lock file, ``.harness.lock``). Paths under
+the results folder are stored relative to it (``${paths.log_dir}/...``), so a copied or moved
+results folder stays valid. ``python -m distill.harness report --profile cpu-mini`` writes
+``results/<profile>/table.md``, ``table.csv`` and ``chart.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from distill.harness.cost_model import cost
+from distill.harness.lock import running_holder
+from distill.harness.profiles import ROOT, HarnessError, Profile
+from distill.harness.reporting import report
+from distill.harness.runner import failure_summary, pending_cells, run
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m distill.harness", description=__doc__)
+    parser.add_argument("command", choices=["run", "report", "status", "cost"])
+    parser.add_argument(
+        "--profile", default="cpu-mini", help="a name in configs/harness/ or a .yaml"
+    )
+    parser.add_argument("--n-jobs", type=int, default=None, help="cells trained at once")
+    parser.add_argument("--dry-run", action="store_true", help="print the commands only")
+    parser.add_argument("--results-dir", default=None, help="default: the profile's (results)")
+    parser.add_argument(
+        "--step-times",
+        default=str(ROOT / "benchmarks" / "results" / "step_times_cpu.json"),
+        help="cost: JSON from benchmarks/bench_distill.py --json",
+    )
+    args = parser.parse_args(argv)
+    try:
+        profile = Profile.load(args.profile, results_dir=args.results_dir)
+        if args.command == "run":
+            failures = run(profile, args.n_jobs, args.dry_run)
+            print(f"report: {report(profile)}")
+            if failures:
+                print(failure_summary(failures), file=sys.stderr)
+                return 1
+        elif args.command == "report":
+            print(report(profile).read_text())
+        elif args.command == "cost":
+            print(cost(profile, Path(args.step_times)))
+        else:
+            if holder := running_holder(profile.out):
+                print(f"a harness run is in progress in {profile.out} ({holder})")
+            pending = pending_cells(profile)
+            for seed, cells in pending.items():
+                print(f"seed {seed}: pending {cells}")
+            if not pending:
+                print(f"every run of profile {profile.name!r} is finished")
+    except HarnessError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0

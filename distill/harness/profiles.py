@@ -1,0 +1,133 @@
+"""Harness profiles: a reproduction protocol (cells, seeds, Hydra overrides per step and cell).
+
+A profile is a Hydra config in ``configs/harness/`` whose schema is :class:`Profile`, stored in
+Hydra's ConfigStore as ``harness_profile`` and named first in each profile's defaults list.
+:meth:`Profile.load` composes it with Hydra's compose API and merges it onto the schema once more
+(so a ``--profile PATH.yaml`` without that defaults entry is checked too): a misspelled key or a
+value of the wrong type is refused with OmegaConf's message, which names the key.
+
+The table's cells are not listed here: they are ``distill.presets.table_methods()`` without and
+with KD, so a CAM method with its two loss presets needs no harness edit.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+
+ROOT = Path(__file__).resolve().parents[2]
+PROFILE_DIR = ROOT / "configs" / "harness"
+SCHEMA_NAME = "harness_profile"  # the schema's name in Hydra's ConfigStore
+RESULTS_ROOT = "${paths.log_dir}"  # how paths under the results folder are stored in configs
+
+
+class HarnessError(RuntimeError):
+    """Bad profile/cell names, or results that cannot be trusted."""
+
+
+def table_cells() -> list[str]:
+    """Every cell of the paper's table, in table order: each method of
+    :func:`distill.presets.table_methods` without and with KD (``m``, ``m_kd``)."""
+    from distill.presets import table_methods  # imports cams (torch): only when it is needed
+
+    return [method + kd for method in table_methods() for kd in ("", "_kd")]
+
+
+@dataclass
+class Profile:
+    """A reproduction protocol: which cells, seeds and Hydra overrides (also the profile files'
+    schema: every key of a profile file is a field here, with this type)."""
+
+    name: str
+    seeds: list[int]
+    cells: list[str] | None = None  # null or absent: every table cell (table_cells())
+    common: list[str] = field(default_factory=list)
+    teacher: list[str] = field(default_factory=list)
+    student: list[str] = field(default_factory=list)
+    precompute: list[str] = field(default_factory=list)
+    method_overrides: dict[str, list[str]] = field(default_factory=dict)
+    n_jobs: int = 1
+    results_dir: str = "results"
+    description: str = ""
+
+    @classmethod
+    def load(
+        cls, name: str, directory: Path = PROFILE_DIR, results_dir: str | None = None
+    ) -> Profile:
+        """Profile ``name`` from ``directory``, or from a YAML file when ``name`` ends in .yaml."""
+        path = Path(name) if name.endswith((".yaml", ".yml")) else Path(directory) / f"{name}.yaml"
+        if not path.exists():
+            known = sorted(p.stem for p in Path(directory).glob("*.yaml"))
+            raise HarnessError(f"unknown profile {name!r}; choose one of {known}")
+        data = compose_profile(path)
+        if results_dir is not None:
+            data["results_dir"] = results_dir
+        profile = cls(**data)
+        known = table_cells()
+        if profile.cells is None:
+            profile.cells = known
+        bad = [c for c in profile.cells if c not in known]
+        if bad:
+            raise HarnessError(f"profile {name!r} names unknown cells {bad}; known: {known}")
+        return profile
+
+    @property
+    def out(self) -> Path:
+        return (ROOT / self.results_dir / self.name).resolve()  # absolute results_dir wins
+
+    def run_dir(self, cell: str, seed: int) -> Path:
+        return self.out / "runs" / f"{cell}-s{seed}"
+
+    @property
+    def teacher_dir(self) -> Path:
+        return self.out / "runs" / "teacher"
+
+    def location(self, task: str, run: str) -> list[str]:
+        return [f"paths.log_dir={self.out}", f"task_name={task}", f"run_name={run}"]
+
+    def teacher_overrides(self) -> list[str]:
+        return [*self.common, *self.teacher, *self.location("runs", "teacher")]
+
+    def method_extra(self, cell: str) -> list[str]:
+        """Overrides for this cell's CAM method only (e.g. reduced permutations); spelled
+        ``++key=value`` so they compose with any loss preset."""
+        return list(self.method_overrides.get(cell.removesuffix("_kd"), []))
+
+    def cell_overrides(self, cell: str, seed: int) -> list[str]:
+        # relative to the results root (paths.log_dir): a copied results folder stays valid
+        ckpt = f"{RESULTS_ROOT}/runs/teacher/checkpoints/last.ckpt"
+        return [
+            *self.common,
+            *self.student,
+            *self.method_extra(cell),
+            f"loss={cell}",
+            f"seed={seed}",
+            f"teacher.checkpoint={ckpt}",
+            *self.location("runs", f"{cell}-s{seed}"),
+        ]
+
+
+ConfigStore.instance().store(name=SCHEMA_NAME, node=Profile)
+
+
+def compose_profile(path: Path) -> dict[str, Any]:
+    """The profile file ``path`` composed by Hydra and checked against :class:`Profile`, as
+    plain data (``${...}`` in an override is kept as written: it is resolved by ``train.py``)."""
+    import yaml
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import HydraException
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        with initialize_config_dir(str(path.resolve().parent), version_base="1.3"):
+            cfg = compose(config_name=path.name)
+        cfg = OmegaConf.merge(OmegaConf.structured(Profile), cfg)
+        data = OmegaConf.to_container(cfg, resolve=False, throw_on_missing=True)
+    except (HydraException, OmegaConfBaseException, yaml.YAMLError) as err:
+        raise HarnessError(f"invalid profile {path}: {err}") from err
+    assert isinstance(data, dict)
+    return {str(k): v for k, v in data.items()}

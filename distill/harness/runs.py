@@ -1,0 +1,99 @@
+"""A run directory as the harness sees it: its saved config, compared with the one the profile
+composes (paths under the results folder made relative first), and its ``metrics.json``."""
+
+from __future__ import annotations
+
+import copy
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from distill.harness.profiles import RESULTS_ROOT, ROOT, HarnessError
+
+IGNORED_KEYS = ("paths", "hydra", "run_name", "ckpt_path", "logger", "callbacks")
+
+
+def _relative(value: Any, root: str) -> Any:
+    """``value`` with the results root ``root`` spelled ``${paths.log_dir}`` in every string."""
+    if isinstance(value, dict):
+        return {k: _relative(v, root) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_relative(v, root) for v in value]
+    if isinstance(value, str) and (value == root or value.startswith(root + "/")):
+        return RESULTS_ROOT + value[len(root) :]
+    return value
+
+
+def _comparable(config: dict[str, Any]) -> dict[str, Any]:
+    """A config without run-location keys, with paths under its results root made relative.
+
+    The root is the config's own ``paths.log_dir`` (the results folder it was written in), so runs
+    saved with absolute paths by older versions compare equal after the folder is copied.
+    """
+    root = str((config.get("paths") or {}).get("log_dir") or "")
+    kept = {k: v for k, v in config.items() if k not in IGNORED_KEYS}
+    if not root or "${" in root:
+        return kept
+    return _relative(kept, root.rstrip("/"))
+
+
+_COMPOSED: dict[tuple[str, ...], dict[str, Any]] = {}
+
+
+def compose(overrides: Sequence[str]) -> dict[str, Any]:
+    """The composed training config for ``overrides`` (comparable form, see :func:`_comparable`)."""
+    key = tuple(overrides)
+    if key not in _COMPOSED:
+        from hydra import compose as hydra_compose
+        from hydra import initialize_config_dir
+        from omegaconf import OmegaConf
+
+        with initialize_config_dir(str(ROOT / "configs"), version_base="1.3"):
+            cfg = hydra_compose("train", overrides=list(overrides))
+        _COMPOSED[key] = _comparable(OmegaConf.to_container(cfg, resolve=False))
+    return copy.deepcopy(_COMPOSED[key])
+
+
+def saved_config(run_dir: Path) -> dict[str, Any] | None:
+    """The config saved in ``run_dir`` (comparable form), or None when there is none."""
+    path = run_dir / ".hydra" / "config.yaml"
+    if not path.exists():
+        return None
+    return _comparable(yaml.safe_load(path.read_text()) or {})
+
+
+def _diff_keys(a: Any, b: Any, prefix: str = "") -> list[str]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        keys = sorted(set(a) | set(b))
+        return [d for k in keys for d in _diff_keys(a.get(k), b.get(k), f"{prefix}{k}.")]
+    return [] if a == b else [prefix.rstrip(".")]
+
+
+def config_mismatch(run_dir: Path, overrides: Sequence[str]) -> str | None:
+    """Why ``run_dir``'s saved config differs from what ``overrides`` compose to (None: same, or
+    nothing saved yet)."""
+    found = saved_config(run_dir)
+    if found is None:
+        return None
+    diff = _diff_keys(compose(overrides), found)
+    return f"{run_dir} (differs in {', '.join(diff[:8])})" if diff else None
+
+
+def check_same_config(run_dir: Path, overrides: Sequence[str]) -> None:
+    """Refuse a run directory whose saved config differs from what the profile asks for."""
+    mismatch = config_mismatch(run_dir, overrides)
+    if mismatch:
+        raise HarnessError(
+            f"{mismatch} holds a run with a different config; it is not reused or merged: "
+            "move it away, or run this profile into another results folder (--results-dir)"
+        )
+
+
+def read_metrics(run_dir: Path) -> dict[str, Any] | None:
+    path = run_dir / "metrics.json"
+    if not path.exists():
+        return None
+    return json.loads(path.read_text())
