@@ -34,3 +34,12 @@ def test_registry_builds_by_name_and_refuses_foreign_options():
     with pytest.raises(ValueError, match="'layercam' takes no option 'n_permutations'; its "
                        "options: utility, relu, fast_path"):
         cams.build("layercam", Tiny(), "conv", n_permutations=3)
+
+
+def test_harness_cells_follow_the_registry():
+    from distill.harness.profiles import Profile, table_cells
+
+    cells = table_cells()
+    assert cells == [m + kd for m in ["ce", *cams.METHODS] for kd in ("", "_kd")]
+    assert {"layercam", "layercam_kd"} <= set(cells)
+    assert Profile.load("smoke").cells == cells  # the smoke profile runs every table cell

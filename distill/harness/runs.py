@@ -13,7 +13,15 @@ import yaml
 
 from distill.harness.profiles import RESULTS_ROOT, ROOT, HarnessError
 
-IGNORED_KEYS = ("paths", "hydra", "run_name", "ckpt_path", "logger", "callbacks")
+IGNORED_KEYS = (
+    "paths",
+    "hydra",
+    "run_name",
+    "ckpt_path",
+    "logger",
+    "callbacks",
+    "allow_changed_config",
+)
 
 
 def _relative(value: Any, root: str) -> Any:
