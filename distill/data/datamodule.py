@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from distill.data.augment import AugParams, normalize
+from distill.data.augment import AugParams, normalize_images
 from distill.data.sources import (
     CIFARArrays,
     DataError,
@@ -305,7 +305,7 @@ class CIFAR10DataModule(pl.LightningDataModule):
                 aug = aug.to(images.device)
                 images = aug.apply(images)
                 batch["aug"] = aug
-            batch["image"] = normalize(images)
+            batch["image"] = normalize_images(images)
         return batch
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:

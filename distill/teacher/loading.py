@@ -1,48 +1,32 @@
-"""Glue between the training code and :mod:`cams`: building CAM methods by name, teacher loading."""
+"""Finding, verifying and loading a teacher checkpoint (frozen, eval mode).
+
+* :func:`resolve_teacher_checkpoint` — ``teacher.checkpoint``, or the finished run of
+  ``python train.py experiment=teacher`` for this data (else the command that trains it).
+* :func:`teacher_digest` — the checkpoint's SHA-256, verified against its ``.sha256`` sidecar.
+* :func:`load_teacher` — its ``net.*`` weights into the teacher architecture, frozen.
+* :func:`check_teacher_data` — refuse a teacher whose run recorded other training images.
+
+Every refusal is a :class:`TeacherError` naming the file and the fix.
+"""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
 
-import cams
 from distill.integrity import IntegrityError, checksum_path, sha256_file
-from distill.losses import LossConfigError
 
-
-def cam_options(method: str) -> list[str]:
-    """The keyword options the CAM class of ``method`` takes (from its constructor signature)."""
-    return list(cams.method_options(method))
-
-
-def build_cam(method: str, model: nn.Module, layer: str, options: Mapping[str, Any] | None = None):
-    """A :mod:`cams` method by its preset name (``gradcam``, ``gradcampp``, ...).
-
-    Raises :class:`LossConfigError` for an unknown method, an option the method does not take
-    (listing those it takes) or a value its constructor refuses.
-    """
-    if method not in cams.METHODS:
-        raise LossConfigError(
-            f"unknown CAM method loss.method={method!r}; choose one of {sorted(cams.METHODS)}"
-        )
-    options = dict(options or {})
-    takes = cam_options(method)
-    unknown = sorted(set(options) - set(takes))
-    name = cams.METHODS[method].__name__
-    if unknown:
-        raise LossConfigError(
-            f"{name} (loss.method={method}) takes no option {', '.join(unknown)} "
-            f"(set in loss.cam / loss.student_cam / loss.teacher_cam); it takes: "
-            f"{', '.join(takes)}"
-        )
-    try:
-        return cams.METHODS[method](model, layer, **options)
-    except ValueError as err:
-        raise LossConfigError(f"{name} (loss.method={method}): {err}") from None
+__all__ = [
+    "TeacherError",
+    "check_teacher_data",
+    "load_teacher",
+    "resolve_teacher_checkpoint",
+    "teacher_digest",
+]
 
 
 class TeacherError(RuntimeError):
@@ -73,7 +57,7 @@ def teacher_digest(checkpoint: str | Path) -> str:
         raise TeacherError(str(err)) from None
 
 
-def load_teacher(net: nn.Module, checkpoint: str | Path, arch: str = "") -> nn.Module:
+def load_teacher(net: nn.Module, checkpoint: str | Path) -> nn.Module:
     """Load a Lightning checkpoint's ``net.*`` weights into ``net``; freeze it in eval mode.
 
     The file is verified first (:func:`teacher_digest`); unreadable files raise
@@ -106,7 +90,7 @@ def load_teacher(net: nn.Module, checkpoint: str | Path, arch: str = "") -> nn.M
         found = ckpt.get("hyper_parameters", {}).get("arch", "another architecture")
         raise TeacherError(
             f"teacher checkpoint {path} holds {found}, which does not fit teacher.model "
-            f"{arch or type(net).__name__}: set teacher.model to the checkpoint's architecture "
+            f"{type(net).__name__}: set teacher.model to the checkpoint's architecture "
             f"or point teacher.checkpoint at a matching run ({str(err).splitlines()[0]})"
         ) from None
     net.eval()
@@ -135,3 +119,20 @@ def resolve_teacher_checkpoint(checkpoint: str | None, run_dir: str, train_comma
         f"no trained teacher found at {run} (teacher.checkpoint is not set). Train it first:\n"
         f"    {train_command}\nor pass teacher.checkpoint=PATH"
     )
+
+
+def check_teacher_data(checkpoint: str | Path, dataset_id: str | None) -> None:
+    """Refuse a teacher whose run recorded other training images than ``dataset_id`` (the
+    ``dataset_id`` of ``<run>/metrics.json`` beside ``<run>/checkpoints/<file>``); teachers
+    without a run record are not checked."""
+    record = Path(checkpoint).parent.parent / "metrics.json"
+    try:
+        theirs = json.loads(record.read_text()).get("dataset_id")
+    except (OSError, ValueError):
+        return
+    if theirs and dataset_id and theirs != dataset_id:
+        raise TeacherError(
+            f"teacher {checkpoint} was trained on dataset {theirs}, this run "
+            f"uses {dataset_id}: train a teacher on this data (python train.py experiment=teacher "
+            "with the same data.* options) or set teacher.checkpoint to one trained on it"
+        )
