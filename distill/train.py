@@ -33,7 +33,6 @@ from distill.checkpointing import (
     ResumeCheckpoint,
     RunInterrupted,
     find_resume_checkpoint,
-    make_resumable,
     verify_checkpoint,
 )
 from distill.config_checks import ConfigError, check_saved_config, data_key, validate_options
@@ -229,7 +228,6 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     datamodule.load()  # decode now: bad data fails before anything else is built
     if teacher:
         check_teacher_data(teacher["teacher_checkpoint"], getattr(datamodule, "dataset_id", None))
-    make_resumable(datamodule)  # mid-epoch resume continues at the exact batch
     module = build_module(cfg, instantiate(cfg.model))
     ckpt_path = resolve_ckpt_path(cfg, output_dir)
     if ckpt_path is not None:
