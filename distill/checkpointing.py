@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import itertools
 import re
 import signal
 import time
@@ -42,7 +41,6 @@ from distill.integrity import (
 
 __all__ = [
     "ChecksummedCheckpointIO",
-    "ResumableLoader",
     "ResumeCheckpoint",
     "RunInterrupted",
     "find_resume_checkpoint",
@@ -131,51 +129,6 @@ def find_resume_checkpoint(run_dir: Path) -> Path | None:
     candidates += [p for p in run_dir.glob("hpc_ckpt_*.ckpt") if _HPC.fullmatch(p.name)]
     found = [p for p in candidates if p.is_file()]
     return max(found, key=lambda p: p.stat().st_mtime_ns) if found else None
-
-
-# ----------------------------------------------------------------------------- data position
-
-
-class ResumableLoader:
-    """Training loader that Lightning resumes mid-epoch at the exact batch.
-
-    Lightning stores :meth:`state_dict` in every checkpoint and, when it restarts inside an epoch,
-    calls :meth:`load_state_dict` before iterating; the next iteration then runs the saved epoch's
-    order and skips the batches already trained on. Valid for loaders whose batch ``b`` of epoch
-    ``e`` depends only on ``(seed, e, b)`` — this project's ``IndexBatchSampler`` — and skipping
-    costs only the index gathers of the skipped batches (augmentation happens after transfer).
-    """
-
-    def __init__(self, loader: Any, trainer: pl.Trainer) -> None:
-        self.loader, self.trainer = loader, trainer
-        self.sampler = loader.sampler  # Lightning calls sampler.set_epoch
-        self._skip = 0
-
-    def __len__(self) -> int:
-        return len(self.loader)
-
-    def __iter__(self) -> Any:
-        skip, self._skip = self._skip, 0
-        return itertools.islice(iter(self.loader), skip, None)
-
-    def state_dict(self) -> dict[str, int]:
-        """Epoch and number of batches of it whose optimizer step is done."""
-        done = self.trainer.fit_loop.epoch_loop.batch_progress.current.processed
-        return {"epoch": int(getattr(self.sampler, "epoch", 0)), "batches": int(done)}
-
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        self.sampler.set_epoch(int(state["epoch"]))
-        self._skip = int(state["batches"])
-
-
-def make_resumable(datamodule: pl.LightningDataModule) -> None:
-    """Wrap ``datamodule.train_dataloader`` (on this instance) in :class:`ResumableLoader`."""
-    original = datamodule.train_dataloader
-
-    def train_dataloader() -> ResumableLoader:
-        return ResumableLoader(original(), datamodule.trainer)
-
-    datamodule.train_dataloader = train_dataloader  # type: ignore[method-assign]
 
 
 # ----------------------------------------------------------------------------- callback

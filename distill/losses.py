@@ -17,9 +17,8 @@ import math
 import torch.nn.functional as F
 from torch import Tensor
 
-from cams import normalize
-
-MAP_NORMS = ("l2", "minmax", "none")
+import cams
+from cams.utils import NORMALIZATIONS
 
 
 class LossConfigError(ValueError):
@@ -42,22 +41,23 @@ def check_alpha(alpha: float) -> float:
 def explanation_loss(student_maps: Tensor, teacher_maps: Tensor, norm: str = "l2") -> Tensor:
     """``mean_b sum_p (N(L_s)_bp - N(L_t)_bp)^2`` for maps of shape (B, h, w).
 
-    ``norm`` is ``"l2"`` (flatten and divide by the L2 norm, as attention transfer does),
-    ``"minmax"`` (per-map rescale to [0, 1]) or ``"none"``. The teacher maps are detached.
+    ``norm`` is one of :data:`cams.utils.NORMALIZATIONS` (:func:`cams.normalize`): ``"l2"``
+    (flatten and divide by the L2 norm, as attention transfer does), ``"minmax"`` (per-map
+    rescale to [0, 1]) or ``"none"``. The teacher maps are detached.
     """
-    if norm not in MAP_NORMS:
-        raise LossConfigError(f"unknown map normalization {norm!r}; choose one of {MAP_NORMS}")
+    if norm not in NORMALIZATIONS:
+        raise LossConfigError(f"unknown map normalization {norm!r}; choose one of {NORMALIZATIONS}")
     if student_maps.shape != teacher_maps.shape:
         raise LossConfigError(
             f"student maps {tuple(student_maps.shape)} and teacher maps "
             f"{tuple(teacher_maps.shape)} differ in shape: choose target layers with the same "
             "resolution (loss.student_layer / loss.teacher_layer)"
         )
-    diff = normalize(student_maps, norm) - normalize(teacher_maps.detach(), norm)
+    diff = cams.normalize(student_maps, norm) - cams.normalize(teacher_maps.detach(), norm)
     return diff.flatten(1).pow(2).sum(1).mean()
 
 
-def kd_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float = 4.0) -> Tensor:
+def kd_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float) -> Tensor:
     """Hinton KD term ``T^2 * KL(softmax(t/T) || softmax(s/T))``, averaged over the batch."""
     log_p_s = F.log_softmax(student_logits / temperature, dim=1)
     log_p_t = F.log_softmax(teacher_logits.detach() / temperature, dim=1)

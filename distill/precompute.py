@@ -2,11 +2,13 @@
 
     python -m distill.precompute loss=shapcam_kd data=cifar10_folder teacher.checkpoint=PATH
 
-Takes the same overrides as ``train.py``, so the cache it writes has exactly the fingerprint the
-training run will look for. Shards are written as they finish; rerunning after an interruption
-computes only the missing shards (and any whose checksum no longer matches). "teacher maps ready"
-is printed only after every shard has been verified. Bad input (no data, no teacher, a cache
-directory holding another configuration's maps) prints one message naming the fix, exit status 2.
+Takes the same overrides as ``train.py`` and builds only the teacher
+(:meth:`distill.teacher.Teacher.from_config`, the object training uses), so the cache it writes
+has exactly the fingerprint the training run will look for. Shards are written as they finish;
+rerunning after an interruption computes only the missing shards (and any whose checksum no
+longer matches). "teacher maps ready" is printed only after every shard has been verified. Bad
+input (no data, no teacher, a cache directory holding another configuration's maps) prints one
+message naming the fix, exit status 2.
 """
 
 from __future__ import annotations
@@ -17,9 +19,9 @@ import hydra
 import torch
 from omegaconf import DictConfig
 
-from distill.data.augment import normalize
+from distill.data.augment import normalize_images
 from distill.integrity import IntegrityError
-from distill.teacher_maps import CacheError, ForeignCacheError
+from distill.teacher import CacheError, ForeignCacheError, Teacher, cached_indices
 from distill.train import USER_ERRORS, instantiate
 
 
@@ -30,17 +32,14 @@ def precompute(cfg: DictConfig) -> str:
     datamodule = instantiate(cfg.data)
     datamodule.prepare_data()
     datamodule.setup("fit")
-    module = instantiate(cfg.module, net=instantiate(cfg.model))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    teacher_cam = module.teacher_cam
-    module.teacher.to(device)
-    cache = module.map_cache(datamodule)
+    teacher = Teacher.from_config(cfg).to(device)
+    cache = teacher.cache_for(datamodule)
 
     def compute(images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        x = normalize(images.to(device))
-        return teacher_cam(x, labels.to(device))
+        return teacher.explain(normalize_images(images.to(device)), labels.to(device))
 
-    indices = module.cached_indices(datamodule)
+    indices = cached_indices(datamodule)
     print(
         f"teacher maps: {cfg.loss.method} at {cfg.loss.teacher_layer}, "
         f"{len(indices)} training images -> {cache.directory}"

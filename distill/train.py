@@ -13,7 +13,6 @@ the resume checkpoint, build, fit. Every checkpoint is written atomically with a
 
 from __future__ import annotations
 
-import inspect
 import json
 import os
 import sys
@@ -34,12 +33,10 @@ from distill.checkpointing import (
     ResumeCheckpoint,
     RunInterrupted,
     find_resume_checkpoint,
-    make_resumable,
     verify_checkpoint,
 )
 from distill.config_checks import ConfigError, check_saved_config, data_key, validate_options
 from distill.data.sources import DataError
-from distill.explain import TeacherError, resolve_teacher_checkpoint, teacher_digest
 from distill.integrity import IntegrityError, atomic_write
 from distill.losses import LossConfigError
 from distill.modules.classifier import (
@@ -47,7 +44,13 @@ from distill.modules.classifier import (
     NonFiniteLossError,
     check_checkpoint_compatible,
 )
-from distill.teacher_maps import CacheError
+from distill.teacher import (
+    CacheError,
+    TeacherError,
+    check_teacher_data,
+    resolve_teacher_checkpoint,
+    teacher_digest,
+)
 
 __all__ = ["CONFIG_DIR", "USER_ERRORS", "main", "repo_root", "train"]
 
@@ -127,15 +130,9 @@ def build_callbacks(cfg: DictConfig, has_logger: bool) -> list[pl.Callback]:
     return callbacks
 
 
-def build_module(
-    cfg: DictConfig, net: torch.nn.Module, datamodule: pl.LightningDataModule
-) -> pl.LightningModule:
-    """``instantiate(cfg.module, net=net)``, plus ``datamodule`` when the class accepts it."""
-    cls = hydra.utils.get_class(cfg.module._target_)
-    kwargs: dict[str, Any] = {"net": net}
-    if "datamodule" in inspect.signature(cls).parameters:
-        kwargs["datamodule"] = datamodule
-    return instantiate(cfg.module, **kwargs)
+def build_module(cfg: DictConfig, net: torch.nn.Module) -> pl.LightningModule:
+    """The LightningModule of ``cfg.module`` around ``net``."""
+    return instantiate(cfg.module, net=net)
 
 
 def resolve_ckpt_path(cfg: DictConfig, output_dir: Path) -> str | None:
@@ -176,25 +173,6 @@ def resolve_teacher(cfg: DictConfig) -> dict[str, str]:
         cfg.teacher.resolved_checkpoint = path
         cfg.teacher.sha256 = digest
     return {"teacher_checkpoint": path, "teacher_sha256": digest}
-
-
-def check_teacher_data(teacher: dict[str, str], datamodule: Any) -> None:
-    """Refuse a teacher whose run recorded other training images than this run's (its
-    ``metrics.json`` ``dataset_id``); teachers without a run record are not checked."""
-    if not teacher:
-        return
-    record = Path(teacher["teacher_checkpoint"]).parent.parent / "metrics.json"
-    try:
-        theirs = json.loads(record.read_text()).get("dataset_id")
-    except (OSError, ValueError):
-        return
-    ours = getattr(datamodule, "dataset_id", None)
-    if theirs and ours and theirs != ours:
-        raise TeacherError(
-            f"teacher {teacher['teacher_checkpoint']} was trained on dataset {theirs}, this run "
-            f"uses {ours}: train a teacher on this data (python train.py experiment=teacher with "
-            "the same data.* options) or set teacher.checkpoint to one trained on it"
-        )
 
 
 def _last_checkpoint(trainer: pl.Trainer, output_dir: Path) -> Path:
@@ -248,10 +226,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
     datamodule = instantiate(cfg.data)
     datamodule.load()  # decode now: bad data fails before anything else is built
-    check_teacher_data(teacher, datamodule)
-    make_resumable(datamodule)  # mid-epoch resume continues at the exact batch
-    net = instantiate(cfg.model)
-    module = build_module(cfg, net, datamodule)
+    if teacher:
+        check_teacher_data(teacher["teacher_checkpoint"], getattr(datamodule, "dataset_id", None))
+    module = build_module(cfg, instantiate(cfg.model))
     ckpt_path = resolve_ckpt_path(cfg, output_dir)
     if ckpt_path is not None:
         check_checkpoint_compatible(ckpt_path, module)

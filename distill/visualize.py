@@ -10,7 +10,7 @@ from torch import Tensor
 from torchvision.utils import make_grid, save_image
 
 import cams
-from distill.data.augment import denormalize
+from distill.data.augment import denormalize_images
 
 
 def cam_grid(images: Tensor, teacher: Tensor, student: Tensor) -> Tensor:
@@ -25,7 +25,8 @@ def cam_grid(images: Tensor, teacher: Tensor, student: Tensor) -> Tensor:
 
 def log_cam_grid(module: Any, image: Tensor, teacher: Tensor, student: Tensor) -> Path:
     """Save the grid as PNG in the run directory and send it to image-capable loggers."""
-    grid = cam_grid(denormalize(image.float().cpu()).clamp(0, 1), teacher.cpu(), student.cpu())
+    images = denormalize_images(image.float().cpu()).clamp(0, 1)
+    grid = cam_grid(images, teacher.cpu(), student.cpu())
     epoch = module.current_epoch
     path = Path(module.trainer.default_root_dir) / "cam_grids" / f"epoch_{epoch:03d}.png"
     path.parent.mkdir(parents=True, exist_ok=True)

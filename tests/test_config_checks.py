@@ -11,8 +11,8 @@ from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, OmegaConf
 
 from distill.config_checks import config_diff
-from distill.explain import cam_options
 from distill.integrity import sha256_file, write_checksum
+from distill.loss_config import cam_options
 from distill.train import CONFIG_DIR, USER_ERRORS, train
 from tests.conftest import run_python
 
@@ -61,7 +61,6 @@ BAD_OPTIONS = [
     (["data.batch_size=0"], r"data\.batch_size must be an integer >= 1, got 0"),
     (["data.batch_size=-5"], r"data\.batch_size must be an integer >= 1, got -5"),
     (["data.batch_size=2.5"], r"data\.batch_size must be an integer"),
-    (["loss=gradcam", "loss.alpha=abc"], r"loss\.alpha must be a finite number >= 0, got 'abc'"),
     (["loss=gradcam", "module.compile=true"], r"module\.compile=true .*module\.compile=false"),
 ]
 
@@ -70,6 +69,43 @@ BAD_OPTIONS = [
 def test_bad_option_is_refused_naming_the_key(tmp_path, teacher_ckpt, overrides, match) -> None:
     refused(tiny(tmp_path, *overrides, teacher=teacher_ckpt), match)
     assert not list(tmp_path.rglob("metrics.json"))
+
+
+SCHEMA_REFUSALS = [  # refused by Hydra at composition, against distill.loss_config.LossConfig
+    ("loss.alpha=abc", "Value 'abc' of type 'str' could not be converted to Float", "loss.alpha"),
+    ("loss.kd.temperature=hot", "could not be converted to Float", "loss.kd.temperature"),
+    ("loss.fresh_orderings=maybe", "Value 'maybe' is not a valid bool", "loss.fresh_orderings"),
+    ("loss.alpah=1", "Key 'alpah' not in 'LossConfig'", "loss.alpah"),
+    ("loss.kd.enabld=true", "Key 'enabld' not in 'KDConfig'", "loss.kd.enabld"),
+]
+
+
+@pytest.mark.parametrize(("override", "cause", "key"), SCHEMA_REFUSALS)
+def test_loss_schema_refuses_typos_and_wrong_types(tmp_path, override, cause, key) -> None:
+    from hydra.errors import ConfigCompositionException
+
+    with pytest.raises(ConfigCompositionException, match=key.replace(".", r"\.")) as info:
+        tiny(tmp_path, "loss=gradcam_kd", override)
+    assert cause in str(info.value.__cause__) and f"full_key: {key}" in str(info.value.__cause__)
+
+
+def test_cli_schema_error_names_the_key(tmp_path) -> None:
+    res = run_python(["train.py", "loss=gradcam", "loss.alpha=abc", f"paths.log_dir={tmp_path}"])
+    assert res.returncode == 1 and "full_key: loss.alpha" in res.stderr
+    assert "could not be converted to Float" in res.stderr
+
+
+def test_loss_defaults_live_in_the_schema() -> None:
+    """ce.yaml lists no loss key but ``name``: every default comes from LossConfig."""
+    from dataclasses import asdict
+
+    from distill.loss_config import LossConfig
+
+    with initialize_config_dir(CONFIG_DIR, version_base="1.3"):
+        composed = OmegaConf.to_container(compose("train", overrides=["loss=ce"]).loss)
+    assert composed == asdict(LossConfig())
+    ce_yaml = OmegaConf.load(Path(CONFIG_DIR) / "loss" / "ce.yaml")
+    assert set(ce_yaml) == {"defaults", "name"}
 
 
 def test_fc_cam_layers_are_refused_before_training(tmp_path, teacher_ckpt) -> None:

@@ -19,12 +19,12 @@ from distill.data import (
     DataError,
     IndexBatchSampler,
     decode_images,
-    denormalize,
+    denormalize_images,
     list_image_folder,
     load_folder,
     load_torchvision,
     make_synthetic,
-    normalize,
+    normalize_images,
     split_indices,
 )
 from distill.data import sources as sources_mod
@@ -116,13 +116,13 @@ def test_normalization_constants_and_values() -> None:
     assert pytest.approx((63.0 / 255, 62.1 / 255, 66.7 / 255)) == CIFAR10_STD
     x = torch.zeros(1, 3, 2, 2, dtype=torch.uint8)
     x[:, :, 0, 0] = 255
-    out = normalize(x)
+    out = normalize_images(x)
     for c in range(3):
         assert out[0, c, 1, 1].item() == pytest.approx(-CIFAR10_MEAN[c] / CIFAR10_STD[c], rel=1e-6)
         assert out[0, c, 0, 0].item() == pytest.approx(
             (1 - CIFAR10_MEAN[c]) / CIFAR10_STD[c], rel=1e-6
         )
-    torch.testing.assert_close(denormalize(out), x.float() / 255)
+    torch.testing.assert_close(denormalize_images(out), x.float() / 255)
 
 
 # ----------------------------------------------------------------------------- splits
@@ -184,14 +184,14 @@ def test_batches_carry_original_indices_and_match_images() -> None:
         idx = batch["index"]
         seen += idx.tolist()
         assert torch.equal(batch["label"], dm.train_labels[idx])
-        expected = normalize(aug.apply(dm.train_images[idx]))
+        expected = normalize_images(aug.apply(dm.train_images[idx]))
         torch.testing.assert_close(batch["image"], expected)
     assert sorted(seen) == dm.train_indices.tolist()
     val = [dm.transform_batch(b) for b in dm.val_dataloader()]
     assert all(b["aug"] is None for b in val)
     val_idx = torch.cat([b["index"] for b in val])
     assert torch.equal(val_idx, dm.val_indices)  # not shuffled
-    torch.testing.assert_close(val[0]["image"], normalize(dm.train_images[val[0]["index"]]))
+    torch.testing.assert_close(val[0]["image"], normalize_images(dm.train_images[val[0]["index"]]))
     test = [dm.transform_batch(b) for b in dm.test_dataloader()]
     assert torch.equal(torch.cat([b["index"] for b in test]), torch.arange(30))
     assert torch.equal(torch.cat([b["label"] for b in test]), dm.test_labels)
@@ -300,7 +300,7 @@ def test_folder_cache_and_id_follow_the_image_contents(
 ) -> None:
     """Replaced image contents (old mtime kept) and swapped class folders re-decode and change
     ``dataset_id`` (hence the teacher-map fingerprint); a copy elsewhere keeps the id."""
-    from distill.teacher_maps import teacher_fingerprint
+    from distill.teacher.cache import teacher_fingerprint
 
     root, cache = image_folder(per_class=(2, 1)), tmp_path / "cache"
     first = load_folder(root, cache)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from distill.teacher_maps import MapCache
+from distill.teacher.cache import MapCache
 from tests.conftest import run_python
 
 

@@ -11,11 +11,10 @@ from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, OmegaConf
 
 from distill.data.augment import AugParams
-from distill.explain import TeacherError
 from distill.modules.student import StudentModule
 from distill.precompute import precompute
 from distill.presets import loss_presets, table_methods
-from distill.teacher_maps import CacheError
+from distill.teacher import CacheError, TeacherError
 from distill.train import CONFIG_DIR, train
 
 PRESETS = [p for p in loss_presets() if p != "ce"]  # every preset of configs/loss
@@ -127,24 +126,24 @@ def test_cached_teacher_maps_equal_online_maps(tmp_path, teacher_ckpt):
     dm = hydra.utils.instantiate(cfg.data)
     dm.prepare_data()
     dm.setup("fit")
-    module.load_cache(dm)
-    from distill.data.augment import normalize
+    module.teacher.load_cache(dm)
+    from distill.data.augment import normalize_images
 
-    assert len(module.cached_maps) == 40  # only the training split is precomputed
+    assert len(module.teacher.cached_maps) == 40  # only the training split is precomputed
     idx = dm.train_indices[torch.tensor([3, 0, 17, 39])]
     batch = {
-        "image": normalize(dm.train_images[idx]),
+        "image": normalize_images(dm.train_images[idx]),
         "label": dm.train_labels[idx],
         "index": idx,
         "aug": AugParams.identity(4),
     }
-    _, from_cache = module.teacher_outputs(batch, need_logits=False)
+    _, from_cache = module.teacher.outputs(batch, need_logits=False)
     online = student(cfg)
-    _, live = online.teacher_outputs(batch, need_logits=False)
+    _, live = online.teacher.outputs(batch, need_logits=False)
     torch.testing.assert_close(from_cache, live, rtol=1e-4, atol=1e-5)
     outside = torch.tensor(sorted(set(range(64)) - set(dm.train_indices.tolist()))[:2])
     with pytest.raises(CacheError, match="another training split"):
-        module.cached_teacher_maps(outside, None)
+        module.teacher.cached(outside, None)
 
 
 def test_missing_cache_names_the_precompute_command(tmp_path, teacher_ckpt):

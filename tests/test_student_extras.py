@@ -60,7 +60,7 @@ def test_precompute_command_drops_a_foreign_cache_dir(monkeypatch):
 
     from hydra.core.hydra_config import HydraConfig
 
-    from distill.modules.student import precompute_command
+    from distill.teacher import precompute_command
 
     task = ["loss=shapcam_kd", "loss.cache_dir=/data/other", "seed=1"]
     fake = SimpleNamespace(overrides=SimpleNamespace(task=task))

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from distill.data.augment import AugParams
-from distill.teacher_maps import CacheError, MapCache, align_maps, teacher_fingerprint
+from distill.teacher.cache import CacheError, MapCache, align_maps, teacher_fingerprint
 
 
 def pooled_map(images: torch.Tensor) -> torch.Tensor:

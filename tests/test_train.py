@@ -76,7 +76,7 @@ def test_unknown_option_lists_choices() -> None:
 
 def test_module_instantiated_from_config_matches_defaults() -> None:
     cfg = compose_cfg("data=synthetic")
-    module = build_module(cfg, wrn16_2(), datamodule=None)  # type: ignore[arg-type]
+    module = build_module(cfg, wrn16_2())
     conf = module.configure_optimizers()
     opt, sched = conf["optimizer"], conf["lr_scheduler"]["scheduler"]
     plain = ClassifierModule(wrn16_2()).configure_optimizers()

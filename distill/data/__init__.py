@@ -1,6 +1,12 @@
 """CIFAR-10 data: sources decoded once into uint8 tensors, batched augmentation, datamodule."""
 
-from distill.data.augment import CIFAR10_MEAN, CIFAR10_STD, AugParams, denormalize, normalize
+from distill.data.augment import (
+    CIFAR10_MEAN,
+    CIFAR10_STD,
+    AugParams,
+    denormalize_images,
+    normalize_images,
+)
 from distill.data.datamodule import CIFAR10DataModule, IndexBatchSampler, ResidentDataset
 from distill.data.sources import (
     CIFAR10_CLASSES,
@@ -25,12 +31,12 @@ __all__ = [
     "IndexBatchSampler",
     "ResidentDataset",
     "decode_images",
-    "denormalize",
+    "denormalize_images",
     "list_image_folder",
     "load_folder",
     "load_torchvision",
     "make_synthetic",
-    "normalize",
+    "normalize_images",
     "split_indices",
     "stratified_subset",
 ]

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-__all__ = ["CIFAR10_MEAN", "CIFAR10_STD", "AugParams", "denormalize", "normalize"]
+__all__ = ["CIFAR10_MEAN", "CIFAR10_STD", "AugParams", "denormalize_images", "normalize_images"]
 
 # attention-transfer's CIFAR-10 statistics (0..1 scale)
 CIFAR10_MEAN: tuple[float, float, float] = (125.3 / 255, 123.0 / 255, 113.9 / 255)
@@ -25,15 +25,15 @@ def _channel_stats(x: Tensor) -> tuple[Tensor, Tensor]:
     return mean, std
 
 
-def normalize(images: Tensor) -> Tensor:
+def normalize_images(images: Tensor) -> Tensor:
     """uint8 (B, 3, H, W) in 0..255 (or float in 0..1) -> float32 ``(x/255 - mean) / std``."""
     x = images.float() / 255.0 if images.dtype == torch.uint8 else images.float()
     mean, std = _channel_stats(x)
     return (x - mean) / std
 
 
-def denormalize(x: Tensor) -> Tensor:
-    """Inverse of :func:`normalize`: float (B, 3, H, W) -> float in 0..1."""
+def denormalize_images(x: Tensor) -> Tensor:
+    """Inverse of :func:`normalize_images`: float (B, 3, H, W) -> float in 0..1."""
     mean, std = _channel_stats(x)
     return x * std + mean
 
@@ -125,3 +125,8 @@ class AugParams:
         idx = self.source_index(h, w).to(t.device).reshape(b, 1, h * w).expand(b, c, h * w)
         out = t.reshape(b, c, h * w).gather(2, idx).reshape(b, c, h, w)
         return out.squeeze(1) if squeeze else out
+
+
+# Old name of normalize_images, kept only because benchmarks/alpha_scale.py imports it (cams has
+# its own, unrelated ``normalize`` for maps); drop it once that script imports normalize_images.
+normalize = normalize_images

@@ -10,7 +10,9 @@ Every batch is a dict (see docs/CONTRACTS.md)::
      "index": long (B,) index into the full training (or test) set, "aug": AugParams | None}
 
 Shuffling and augmentation are deterministic functions of ``(seed, epoch, batch number, rank)``,
-so a seeded run resumed from an epoch-end checkpoint sees the same batches as an uninterrupted one.
+and the training loader (:class:`ResumableLoader`) records the data position in every checkpoint,
+so a seeded run resumed from any checkpoint, also one written mid-epoch, sees the same batches as
+an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from distill.data.augment import AugParams, normalize
+from distill.data.augment import AugParams, normalize_images
 from distill.data.sources import (
     CIFARArrays,
     DataError,
@@ -34,7 +36,7 @@ from distill.data.sources import (
 )
 from distill.data.splits import split_indices
 
-__all__ = ["CIFAR10DataModule", "IndexBatchSampler", "ResidentDataset"]
+__all__ = ["CIFAR10DataModule", "IndexBatchSampler", "ResidentDataset", "ResumableLoader"]
 
 SOURCES = ("torchvision", "folder", "synthetic")
 _MIX = 0x9E3779B97F4A7C15  # odd 64-bit constant for seed mixing
@@ -72,6 +74,7 @@ class IndexBatchSampler:
         self.drop_last, self.augment = drop_last, augment
         self.rank, self.world_size = rank, world_size
         self.epoch = 0
+        self.skip = 0  # batches of the next iteration to leave out (resume inside an epoch)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -98,11 +101,42 @@ class IndexBatchSampler:
         return idx
 
     def __iter__(self) -> Iterator[tuple[Tensor, int | None]]:
+        """Batches ``skip, ..., len - 1`` of this epoch (``skip`` is reset: used once)."""
         order = self.epoch_order()
-        for b in range(len(self)):
+        start, self.skip = self.skip, 0
+        for b in range(start, len(self)):
             batch = order[b * self.batch_size : (b + 1) * self.batch_size]
             aug_seed = mix_seed(self.seed, self.epoch, b, self.rank, 1) if self.augment else None
             yield batch, aug_seed
+
+
+class ResumableLoader:
+    """The training loader, resumable by Lightning mid-epoch at the exact batch.
+
+    Lightning stores :meth:`state_dict` in every checkpoint and, when it restarts inside an epoch,
+    calls :meth:`load_state_dict` before iterating; the next iteration then runs the saved epoch's
+    order from the first batch not yet trained on (the sampler's batch ``b`` of epoch ``e``
+    depends only on ``(seed, e, b)``, so the skipped batches are never gathered).
+    """
+
+    def __init__(self, loader: DataLoader, trainer: pl.Trainer) -> None:
+        self.loader, self.trainer = loader, trainer
+        self.sampler: IndexBatchSampler = loader.sampler  # Lightning calls sampler.set_epoch
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter(self.loader)
+
+    def state_dict(self) -> dict[str, int]:
+        """Epoch and number of batches of it whose optimizer step is done."""
+        done = self.trainer.fit_loop.epoch_loop.batch_progress.current.processed
+        return {"epoch": int(self.sampler.epoch), "batches": int(done)}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.sampler.set_epoch(int(state["epoch"]))
+        self.sampler.skip = int(state["batches"])
 
 
 class ResidentDataset(Dataset):
@@ -284,8 +318,11 @@ class CIFAR10DataModule(pl.LightningDataModule):
             self._resident[split], batch_size=None, sampler=sampler, collate_fn=_identity
         )
 
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train", self.train_indices, train=True)
+    def train_dataloader(self) -> DataLoader | ResumableLoader:
+        """Shuffled, augmented batches; resumable mid-epoch when a trainer is attached."""
+        loader = self._loader("train", self.train_indices, train=True)
+        trainer = getattr(self, "trainer", None)
+        return loader if trainer is None else ResumableLoader(loader, trainer)
 
     def val_dataloader(self) -> DataLoader | list:
         if len(self.val_indices) == 0:
@@ -305,7 +342,7 @@ class CIFAR10DataModule(pl.LightningDataModule):
                 aug = aug.to(images.device)
                 images = aug.apply(images)
                 batch["aug"] = aug
-            batch["image"] = normalize(images)
+            batch["image"] = normalize_images(images)
         return batch
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:

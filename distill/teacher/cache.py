@@ -47,9 +47,6 @@ class ForeignCacheError(CacheError):
         self.directory, self.diff = directory, diff
 
 
-file_sha256 = sha256_file  # SHA-256 hex digest of a file (kept for importers of this name)
-
-
 def fingerprint_hash(fingerprint: Mapping[str, Any]) -> str:
     """Stable hash of a JSON-serializable fingerprint."""
     text = json.dumps(dict(fingerprint), sort_keys=True, default=str)

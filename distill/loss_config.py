@@ -1,0 +1,143 @@
+"""The ``loss`` config group: one schema (defaults written once), its Hydra registration, and
+building the configured CAM methods.
+
+:class:`LossConfig` (with :class:`KDConfig`) is the structured config of the group: it is stored
+in Hydra's ConfigStore as ``loss/_schema`` and ``configs/loss/ce.yaml`` lists it first in its
+defaults, so every preset is validated against it at composition. A misspelt key
+(``loss.alpah=1``) or a value of the wrong type (``loss.alpha=abc``) is refused by Hydra naming
+the key; new keys are refused too (``+loss.x=1``), except inside the free-form CAM option dicts
+``cam`` / ``student_cam`` / ``teacher_cam`` (checked against :func:`cams.method_options` when the
+CAMs are built, :func:`build_cam`). Option domains (``alpha >= 0``, ``kd.beta`` in [0, 1], ...)
+are checked at start-up by :mod:`distill.config_checks`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import nn
+
+import cams
+from cams.utils import NORMALIZATIONS
+from distill.losses import LossConfigError, check_alpha
+
+__all__ = [
+    "SCHEMA_NAME",
+    "TEACHER_MAP_SOURCES",
+    "KDConfig",
+    "LossConfig",
+    "build_cam",
+    "cam_options",
+    "register_configs",
+]
+
+SCHEMA_NAME = "_schema"  # configs/loss/ce.yaml: defaults: [_schema, _self_]
+TEACHER_MAP_SOURCES = ("online", "cache")
+
+
+@dataclass
+class KDConfig:
+    """Hinton KD (attention-transfer convention):
+    ``(1 - beta) * CE + beta * T^2 * KL(softmax(t / T) || softmax(s / T))``."""
+
+    enabled: bool = False
+    temperature: float = 4.0  # T > 0
+    beta: float = 0.9  # KD weight in [0, 1]; the CE weight is 1 - beta
+
+
+@dataclass
+class LossConfig:
+    """Every key of the ``loss`` group with its default (documented in ``configs/loss/ce.yaml``).
+
+    The objective is ``classification + alpha * || N(L_s) - N(L_t) ||^2`` on true-class CAMs of
+    ``method`` at ``student_layer`` / ``teacher_layer`` (see :mod:`distill.losses`).
+    """
+
+    name: str = "ce"
+    method: str | None = None  # a cams.METHODS name; None: no explanation term
+    alpha: float = 0.0
+    norm: str = "l2"  # cams.utils.NORMALIZATIONS
+    student_layer: str = "block3"
+    teacher_layer: str = "block3"
+    teacher_maps: str = "online"  # TEACHER_MAP_SOURCES
+    map_align: str = "nearest"
+    cache_dir: str | None = None
+    fresh_orderings: bool = True
+    cam: dict[str, Any] = field(default_factory=dict)
+    student_cam: dict[str, Any] = field(default_factory=dict)
+    teacher_cam: dict[str, Any] = field(default_factory=dict)
+    kd: KDConfig = field(default_factory=KDConfig)
+    agreement_batches: int = 2
+    grid_every_n_epochs: int = 10
+
+    @classmethod
+    def from_mapping(cls, data: Mapping[str, Any]) -> LossConfig:
+        """A validated config from a composed ``loss`` node or a plain dict (missing keys take
+        their defaults). Raises :class:`LossConfigError` for unknown keys, wrong types,
+        a bad ``alpha``, ``norm`` or ``teacher_maps``."""
+        from omegaconf import OmegaConf
+        from omegaconf.errors import OmegaConfBaseException
+
+        try:
+            merged = OmegaConf.merge(OmegaConf.structured(cls), data)
+            cfg: LossConfig = OmegaConf.to_object(merged)  # type: ignore[assignment]
+        except OmegaConfBaseException as err:
+            raise LossConfigError(f"bad loss options: {str(err).splitlines()[0]}") from None
+        cfg.alpha = check_alpha(cfg.alpha)
+        if cfg.norm not in NORMALIZATIONS:
+            raise LossConfigError(f"loss.norm must be one of {NORMALIZATIONS}, got {cfg.norm!r}")
+        if cfg.teacher_maps not in TEACHER_MAP_SOURCES:
+            raise LossConfigError(
+                f"loss.teacher_maps must be 'online' or 'cache', got {cfg.teacher_maps!r}"
+            )
+        return cfg
+
+    def as_dict(self) -> dict[str, Any]:
+        """Plain nested dict (for hyper-parameters and logs)."""
+        from dataclasses import asdict
+
+        return asdict(self)
+
+    def options(self, side: str) -> dict[str, Any]:
+        """CAM options for ``side`` ("student" or "teacher"): shared ``cam`` + side-specific."""
+        return {**self.cam, **getattr(self, f"{side}_cam")}
+
+
+def register_configs() -> None:
+    """Store :class:`LossConfig` as ``loss/_schema`` in Hydra's ConfigStore (idempotent)."""
+    from hydra.core.config_store import ConfigStore
+
+    ConfigStore.instance().store(group="loss", name=SCHEMA_NAME, node=LossConfig)
+
+
+def cam_options(method: str) -> list[str]:
+    """The keyword options the CAM class of ``method`` takes (from its constructor signature)."""
+    return list(cams.method_options(method))
+
+
+def build_cam(method: str, model: nn.Module, layer: str, options: Mapping[str, Any] | None = None):
+    """A :mod:`cams` method by its preset name (``gradcam``, ``gradcampp``, ...).
+
+    Raises :class:`LossConfigError` for an unknown method, an option the method does not take
+    (listing those it takes) or a value its constructor refuses.
+    """
+    if method not in cams.METHODS:
+        raise LossConfigError(
+            f"unknown CAM method loss.method={method!r}; choose one of {sorted(cams.METHODS)}"
+        )
+    options = dict(options or {})
+    takes = cam_options(method)
+    unknown = sorted(set(options) - set(takes))
+    name = cams.METHODS[method].__name__
+    if unknown:
+        raise LossConfigError(
+            f"{name} (loss.method={method}) takes no option {', '.join(unknown)} "
+            f"(set in loss.cam / loss.student_cam / loss.teacher_cam); it takes: "
+            f"{', '.join(takes)}"
+        )
+    try:
+        return cams.METHODS[method](model, layer, **options)
+    except ValueError as err:
+        raise LossConfigError(f"{name} (loss.method={method}): {err}") from None

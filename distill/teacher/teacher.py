@@ -1,0 +1,191 @@
+"""The teacher of a student run as one object: frozen network, its CAM, and its map source.
+
+Both :class:`distill.modules.student.StudentModule` and ``python -m distill.precompute`` build a
+:class:`Teacher` from the same config keys (``module.teacher_net``, ``module.teacher_checkpoint``,
+``module.teacher_run_dir``, ``module.teacher_command``, ``module.cache_root`` and ``loss``), so
+the cache the precompute writes is exactly the one training looks for (:meth:`Teacher.cache_for`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from distill.loss_config import LossConfig, build_cam
+from distill.teacher.cache import (
+    CacheError,
+    ForeignCacheError,
+    MapCache,
+    align_maps,
+    teacher_fingerprint,
+)
+from distill.teacher.loading import load_teacher, resolve_teacher_checkpoint
+
+__all__ = ["Teacher", "cached_indices", "precompute_command"]
+
+DEFAULT_CACHE_ROOT = "cache/teacher_maps"
+
+
+def cached_indices(datamodule: Any) -> Tensor:
+    """Dataset indices whose teacher maps are cached: the training split, sorted (row ``i`` of
+    the cache holds the map of dataset index ``cached_indices(dm)[i]``)."""
+    return datamodule.train_indices.sort().values
+
+
+def precompute_command(drop_cache_dir: bool = False) -> str:
+    """The precompute command with this run's own Hydra overrides (without ``loss.cache_dir``
+    when that directory holds another configuration's maps: repeating it would fail again)."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        task = list(HydraConfig.get().overrides.task)
+    except (ImportError, ValueError):
+        return "python -m distill.precompute <the same overrides as this run>"
+    if drop_cache_dir:
+        task = [o for o in task if not o.lstrip("+~").startswith("loss.cache_dir=")]
+    return f"python -m distill.precompute {' '.join(task)}"
+
+
+class Teacher(nn.Module):
+    """A frozen teacher: ``net`` (eval mode, no grad, never trained), the CAM of ``loss.method``
+    at ``loss.teacher_layer`` (None without an explanation term), and where its maps come from
+    (``loss.teacher_maps``):
+
+    * ``online`` — the CAM on the student's (augmented) batch;
+    * ``cache`` — precomputed maps of the un-augmented training images, looked up by dataset
+      index and pushed through the batch's crop/flip (:func:`~distill.teacher.cache.align_maps`).
+
+    The cache identity is the fingerprint (checkpoint SHA-256, method, layer, CAM options without
+    execution options, dataset identity, indices covered); its directory is
+    ``<cache_root>/<key[:16]>`` or ``loss.cache_dir`` when set.
+    """
+
+    def __init__(
+        self,
+        net: nn.Module,
+        checkpoint: str | Path,
+        loss: LossConfig | Mapping[str, Any],
+        cache_root: str | Path = DEFAULT_CACHE_ROOT,
+    ) -> None:
+        super().__init__()
+        cfg = loss if isinstance(loss, LossConfig) else LossConfig.from_mapping(loss)
+        self.checkpoint = str(checkpoint)
+        self.net = load_teacher(net, self.checkpoint)
+        self.method, self.layer = cfg.method, cfg.teacher_layer
+        self.options = cfg.options("teacher")
+        self.source, self.map_align = cfg.teacher_maps, cfg.map_align
+        self.cache_dir = cfg.cache_dir
+        self.cache_root = Path(cache_root)
+        self.cam = build_cam(cfg.method, self.net, self.layer, self.options) if cfg.method else None
+        self.register_buffer("cached_maps", torch.empty(0), persistent=False)
+        self.register_buffer("cache_position", torch.empty(0, dtype=torch.long), persistent=False)
+
+    # ----------------------------------------------------------------- construction
+    @classmethod
+    def load(
+        cls,
+        net: nn.Module,
+        loss: LossConfig | Mapping[str, Any],
+        checkpoint: str | None = None,
+        run_dir: str = "",
+        train_command: str = "python train.py experiment=teacher",
+        cache_root: str | Path = DEFAULT_CACHE_ROOT,
+    ) -> Teacher:
+        """``checkpoint``, or the finished teacher run in ``run_dir`` (else a
+        :class:`~distill.teacher.loading.TeacherError` with ``train_command``), loaded into
+        ``net``."""
+        path = resolve_teacher_checkpoint(checkpoint, run_dir, train_command)
+        return cls(net, path, loss, cache_root)
+
+    @classmethod
+    def from_config(cls, cfg: Any) -> Teacher:
+        """The teacher of a composed training config (``cfg.module`` of a student run)."""
+        import hydra
+
+        module = cfg.module
+        return cls.load(
+            hydra.utils.instantiate(module.teacher_net),
+            cfg.loss,
+            module.get("teacher_checkpoint"),
+            module.teacher_run_dir,
+            module.teacher_command,
+            module.cache_root,
+        )
+
+    def train(self, mode: bool = True) -> Teacher:
+        """The teacher stays in eval mode whatever its parent does."""
+        return super().train(False)
+
+    # ----------------------------------------------------------------- outputs
+    @torch.no_grad()
+    def logits(self, x: Tensor) -> Tensor:
+        return self.net(x)
+
+    def explain(self, x: Tensor, y: Tensor) -> Tensor:
+        """Online maps (B, h, w) of the classes ``y`` for images ``x`` (detached)."""
+        return self.cam(x, y).detach()
+
+    def outputs(
+        self, batch: Mapping[str, Any], need_logits: bool
+    ) -> tuple[Tensor | None, Tensor | None]:
+        """Teacher logits (if ``need_logits``) and maps (if it has a CAM) for a training batch;
+        online maps and logits come from one CAM pass."""
+        x, y = batch["image"], batch["label"]
+        if self.cam is not None and self.source == "online":
+            out = self.cam.compute(x, y)
+            return out.logits.detach(), out.maps.detach()
+        maps = None if self.cam is None else self.cached(batch["index"], batch.get("aug"))
+        return (self.logits(x) if need_logits else None), maps
+
+    # ----------------------------------------------------------------- offline cache
+    def fingerprint(self, datamodule: Any) -> dict[str, Any]:
+        """Everything a cached map of ``datamodule``'s training split depends on."""
+        return teacher_fingerprint(
+            self.checkpoint,
+            self.method,
+            self.layer,
+            self.options,
+            datamodule.dataset_id,
+            cached_indices(datamodule),
+        )
+
+    def cache_for(self, datamodule: Any) -> MapCache:
+        """The cache of this teacher's maps for ``datamodule`` (directory from the fingerprint
+        unless ``loss.cache_dir`` is set)."""
+        fingerprint = self.fingerprint(datamodule)
+        root = Path(self.cache_dir or self.cache_root)
+        cache = MapCache(root, fingerprint, fingerprint["num_samples"])
+        if self.cache_dir is None:
+            cache.directory = cache.directory / cache.key[:16]
+        return cache
+
+    def load_cache(self, datamodule: Any) -> None:
+        """Load the verified cache and the dataset-index -> cache-row table; a missing, foreign
+        or broken cache raises :class:`CacheError` ending with the precompute command."""
+        indices = cached_indices(datamodule)
+        try:
+            maps = self.cache_for(datamodule).load()
+        except CacheError as err:
+            command = precompute_command(drop_cache_dir=isinstance(err, ForeignCacheError))
+            raise CacheError(f"{err}\nPrecompute the teacher maps with:\n    {command}") from None
+        position = torch.full((datamodule.num_train_total,), -1, dtype=torch.long)
+        position[indices] = torch.arange(len(indices))
+        device = self.cached_maps.device
+        self.cached_maps, self.cache_position = maps.to(device), position.to(device)
+
+    def cached(self, index: Tensor, aug: Any) -> Tensor:
+        """Cached maps of dataset ``index`` pushed through the batch's crop/flip ``aug``."""
+        if self.cache_position.numel() == 0:
+            raise CacheError("teacher maps come from the cache, but no cache is loaded")
+        rows = self.cache_position[index]
+        if bool((rows < 0).any()):
+            missing = index[rows < 0][:5].tolist()
+            raise CacheError(
+                f"no cached teacher map for dataset indices {missing}: the cache was "
+                "built for another training split; precompute it for this one"
+            )
+        return align_maps(self.cached_maps[rows], aug, mode=self.map_align)
