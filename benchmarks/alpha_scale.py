@@ -18,10 +18,10 @@ import torch.nn.functional as F
 
 import cams
 from distill.data import CIFAR10DataModule
-from distill.data.augment import normalize
-from distill.explain import load_teacher
+from distill.data.augment import normalize_images
 from distill.losses import explanation_loss
 from distill.models import WideResNet
+from distill.teacher import load_teacher
 from distill.train import repo_root
 
 # measurement choices that differ from a method's defaults; every other method runs as built
@@ -57,7 +57,7 @@ def main() -> None:
         dm.setup("fit")
     idx = torch.randperm(len(dm.train_labels), generator=torch.Generator().manual_seed(0))
     idx = idx[: args.batch]
-    x, y = normalize(dm.train_images[idx]), dm.train_labels[idx]
+    x, y = normalize_images(dm.train_images[idx]), dm.train_labels[idx]
     teacher = load_teacher(WideResNet(args.teacher_depth, 2), args.teacher)
     print("| method | CE | cam term | ‖∇cam‖ / ‖∇CE‖ (mean over student seeds) |")
     print("|---|---|---|---|")

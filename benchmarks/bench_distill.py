@@ -99,8 +99,8 @@ def student_module(name: str, extra: dict):  # -> StudentModule
             WideResNet(16, 2), WideResNet(40, 2), loss_cfg, teacher_checkpoint=str(ckpt)
         )
     if loss_cfg["method"] and loss_cfg["teacher_maps"] == "cache":
-        module.cached_maps = torch.rand(50_000, 8, 8)
-        module.cache_position = torch.arange(50_000)
+        module.teacher.cached_maps = torch.rand(50_000, 8, 8)
+        module.teacher.cache_position = torch.arange(50_000)
     return module
 
 

@@ -125,8 +125,3 @@ class AugParams:
         idx = self.source_index(h, w).to(t.device).reshape(b, 1, h * w).expand(b, c, h * w)
         out = t.reshape(b, c, h * w).gather(2, idx).reshape(b, c, h, w)
         return out.squeeze(1) if squeeze else out
-
-
-# Old name of normalize_images, kept only because benchmarks/alpha_scale.py imports it (cams has
-# its own, unrelated ``normalize`` for maps); drop it once that script imports normalize_images.
-normalize = normalize_images

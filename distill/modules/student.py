@@ -106,23 +106,6 @@ class StudentModule(ClassifierModule):
         """The teacher's CAM method (None without an explanation term)."""
         return self.teacher.cam
 
-    # benchmarks/bench_distill.py fills an in-memory cache through these two names
-    @property
-    def cached_maps(self) -> Tensor:
-        return self.teacher.cached_maps
-
-    @cached_maps.setter
-    def cached_maps(self, maps: Tensor) -> None:
-        self.teacher.cached_maps = maps
-
-    @property
-    def cache_position(self) -> Tensor:
-        return self.teacher.cache_position
-
-    @cache_position.setter
-    def cache_position(self, position: Tensor) -> None:
-        self.teacher.cache_position = position
-
     # ----------------------------------------------------------------- setup
     def _check_map_shapes(self) -> None:
         """Stop before training when student and teacher maps differ in size (one 32x32 probe)."""
