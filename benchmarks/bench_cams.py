@@ -86,6 +86,7 @@ def _runner(spec: dict[str, Any], model: torch.nn.Module) -> Any:
             with torch.no_grad():
                 for start in range(0, total, CHUNK):
                     model(chunk[: min(CHUNK, total - start)])
+
         return bare
     import pytorch_grad_cam as pgc
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputReST, ClassifierOutputTarget
@@ -117,13 +118,21 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
     if spec["impl"] != "bare" and spec["method"] not in ("ScoreCAM",):
         run(x[:2], targets[:2])  # warm-up (also traces the fast path once)
     best = min(timed(lambda: run(x, targets)) for _ in range(spec["repeats"]))
-    return {**spec, "batch": batch, "seconds": best, "maps_per_s": batch / best,
-            "base_mb": base, "peak_mb": peak_rss_mb(), "extra_mb": peak_rss_mb() - base,
-            "load": load_avg()[0]}
+    return {
+        **spec,
+        "batch": batch,
+        "seconds": best,
+        "maps_per_s": batch / best,
+        "base_mb": base,
+        "peak_mb": peak_rss_mb(),
+        "extra_mb": peak_rss_mb() - base,
+        "load": load_avg()[0],
+    }
 
 
-def _paired(spec: dict[str, Any], model: torch.nn.Module, x: torch.Tensor,
-            targets: torch.Tensor) -> dict[str, Any]:
+def _paired(
+    spec: dict[str, Any], model: torch.nn.Module, x: torch.Tensor, targets: torch.Tensor
+) -> dict[str, Any]:
     """ScoreCAM vs its bare K-forward cost, alternated on slices of ``n`` samples so that a
     changing machine load affects both alike; returns the ratio of the summed times."""
     ours = _runner({**spec, "impl": "ours"}, model)
@@ -131,15 +140,22 @@ def _paired(spec: dict[str, Any], model: torch.nn.Module, x: torch.Tensor,
     n, total = spec["n"], {"ours": 0.0, "bare": 0.0}
     for r in range(spec["rounds"]):
         sl = slice(r * n, (r + 1) * n)
-        for name, fn in (("ours", ours), ("bare", bare)) if r % 2 == 0 else \
-                (("bare", bare), ("ours", ours)):
+        for name, fn in (
+            (("ours", ours), ("bare", bare)) if r % 2 == 0 else (("bare", bare), ("ours", ours))
+        ):
             total[name] += timed(lambda fn=fn, sl=sl: fn(x[sl], targets[sl]))
-    return {**spec, "ours_s": total["ours"], "bare_s": total["bare"],
-            "ratio": total["ours"] / total["bare"], "load": load_avg()[0]}
+    return {
+        **spec,
+        "ours_s": total["ours"],
+        "bare_s": total["bare"],
+        "ratio": total["ours"] / total["bare"],
+        "load": load_avg()[0],
+    }
 
 
-def _alternated(spec: dict[str, Any], model: torch.nn.Module, x: torch.Tensor,
-                targets: torch.Tensor) -> dict[str, Any]:
+def _alternated(
+    spec: dict[str, Any], model: torch.nn.Module, x: torch.Tensor, targets: torch.Tensor
+) -> dict[str, Any]:
     """cams vs pytorch-grad-cam on the same batch, calls alternated for ``rounds`` rounds (a
     changing machine load affects both alike); the ratio of the summed times."""
     import copy
@@ -153,14 +169,20 @@ def _alternated(spec: dict[str, Any], model: torch.nn.Module, x: torch.Tensor,
         order = (("ours", ours), ("theirs", theirs))
         for name, fn in order if r % 2 == 0 else order[::-1]:
             total[name] += timed(lambda fn=fn: fn(x, targets))
-    return {**spec, "ours_s": total["ours"], "theirs_s": total["theirs"],
-            "speedup": total["theirs"] / total["ours"], "load": load_avg()[0]}
+    return {
+        **spec,
+        "ours_s": total["ours"],
+        "theirs_s": total["theirs"],
+        "speedup": total["theirs"] / total["ours"],
+        "load": load_avg()[0],
+    }
 
 
 def _measure(spec: dict[str, Any]) -> dict[str, Any]:
     cmd = [sys.executable, __file__, "--worker", json.dumps(spec)]
-    out = subprocess.run(cmd, capture_output=True, text=True, check=False,
-                         env={**os.environ, "TQDM_DISABLE": "1"})
+    out = subprocess.run(
+        cmd, capture_output=True, text=True, check=False, env={**os.environ, "TQDM_DISABLE": "1"}
+    )
     if out.returncode != 0:
         return {**spec, "error": out.stderr.strip().splitlines()[-1:]}
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -170,8 +192,12 @@ def _plan(args: argparse.Namespace) -> list[dict[str, Any]]:
     plan = []
     for setting in args.only or list(SETTINGS):
         for method in OURS:
-            spec = {"setting": setting, "impl": "ours", "method": method,
-                    "repeats": 1 if method in SLOW else args.repeats}
+            spec = {
+                "setting": setting,
+                "impl": "ours",
+                "method": method,
+                "repeats": 1 if method in SLOW else args.repeats,
+            }
             if method == "ShapCAM":
                 if setting != "wrn":
                     continue
@@ -181,14 +207,23 @@ def _plan(args: argparse.Namespace) -> list[dict[str, Any]]:
         for method in _theirs():
             if method == "ScoreCAM" and setting == "resnet18" and args.skip_pgc_scorecam_resnet18:
                 continue
-            plan.append({"setting": setting, "impl": "pytorch-grad-cam", "method": method,
-                         "repeats": 1 if method == "ScoreCAM" else args.repeats})
+            plan.append(
+                {
+                    "setting": setting,
+                    "impl": "pytorch-grad-cam",
+                    "method": method,
+                    "repeats": 1 if method == "ScoreCAM" else args.repeats,
+                }
+            )
     return plan
 
 
 def _table(results: list[dict[str, Any]]) -> str:
-    lines = ["| setting | method | cams maps/s | pytorch-grad-cam maps/s | speed-up | "
-             "cams peak / extra MB | pgc peak / extra MB |", "|---|---|---|---|---|---|---|"]
+    lines = [
+        "| setting | method | cams maps/s | pytorch-grad-cam maps/s | speed-up | "
+        "cams peak / extra MB | pgc peak / extra MB |",
+        "|---|---|---|---|---|---|---|",
+    ]
     get = {(r["setting"], r["impl"], r["method"]): r for r in results}
     for setting in SETTINGS:
         for method in OURS:
@@ -211,13 +246,18 @@ def _table(results: list[dict[str, Any]]) -> str:
                 ratio = f"{ours['maps_per_s'] / theirs['maps_per_s']:.2f}x"
             name = method
             if bare and "error" not in bare and "error" not in ours:
-                name += f" (bare K-forward: {bare['maps_per_s']:.3g} maps/s, " \
-                        f"cams/bare time {bare['maps_per_s'] / ours['maps_per_s']:.3f})"
+                name += (
+                    f" (bare K-forward: {bare['maps_per_s']:.3g} maps/s, "
+                    f"cams/bare time {bare['maps_per_s'] / ours['maps_per_s']:.3f})"
+                )
             if method == "ShapCAM" and "error" not in ours:
-                name += f" (10^4 perms, {ours['batch']} maps; 50,000 maps ≈ " \
-                        f"{50_000 / ours['maps_per_s'] / 60:.1f} min)"
-            lines.append(f"| {setting} | {name} | {o_speed} | {t_speed} | {ratio} | {o_mem} | "
-                         f"{t_mem} |")
+                name += (
+                    f" (10^4 perms, {ours['batch']} maps; 50,000 maps ≈ "
+                    f"{50_000 / ours['maps_per_s'] / 60:.1f} min)"
+                )
+            lines.append(
+                f"| {setting} | {name} | {o_speed} | {t_speed} | {ratio} | {o_mem} | {t_mem} |"
+            )
     return "\n".join(lines)
 
 
@@ -227,18 +267,32 @@ def main() -> None:
     parser.add_argument("--only", nargs="*", choices=list(SETTINGS))
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--shapcam-maps", type=int, default=1024)
-    parser.add_argument("--skip-pgc-scorecam-resnet18", action="store_true",
-                        help="skip pytorch-grad-cam's ScoreCAM on resnet18 (~209 s, ~9 GB)")
-    parser.add_argument("--paired", action="store_true",
-                        help="only the alternated ScoreCAM vs bare K-forward comparison")
-    parser.add_argument("--alternated", action="store_true",
-                        help="only cams vs pytorch-grad-cam speed-ups, calls alternated")
-    parser.add_argument("--threads", type=int, default=0,
-                        help="torch threads per measurement (0: torch's default)")
+    parser.add_argument(
+        "--skip-pgc-scorecam-resnet18",
+        action="store_true",
+        help="skip pytorch-grad-cam's ScoreCAM on resnet18 (~209 s, ~9 GB)",
+    )
+    parser.add_argument(
+        "--paired",
+        action="store_true",
+        help="only the alternated ScoreCAM vs bare K-forward comparison",
+    )
+    parser.add_argument(
+        "--alternated",
+        action="store_true",
+        help="only cams vs pytorch-grad-cam speed-ups, calls alternated",
+    )
+    parser.add_argument(
+        "--threads", type=int, default=0, help="torch threads per measurement (0: torch's default)"
+    )
     parser.add_argument("--methods", nargs="*", help="only these methods (e.g. ScoreCAM)")
     parser.add_argument("--json", type=Path, help="write all results here")
-    parser.add_argument("--table", type=Path, nargs="*",
-                        help="print the table of earlier --json files (no measurement)")
+    parser.add_argument(
+        "--table",
+        type=Path,
+        nargs="*",
+        help="print the table of earlier --json files (no measurement)",
+    )
     args = parser.parse_args()
     if args.worker:
         print(json.dumps(worker(json.loads(args.worker))))
@@ -250,15 +304,28 @@ def main() -> None:
         for setting, n in (("wrn", 8), ("resnet18", 1)):
             if args.only and setting not in args.only:
                 continue
-            spec = {"setting": setting, "impl": "paired", "method": "ScoreCAM", "n": n,
-                    "rounds": 4, "threads": args.threads, "repeats": 1}
+            spec = {
+                "setting": setting,
+                "impl": "paired",
+                "method": "ScoreCAM",
+                "n": n,
+                "rounds": 4,
+                "threads": args.threads,
+                "repeats": 1,
+            }
             print(json.dumps(_measure(spec)), flush=True)
         return
     if args.alternated:
         for setting in args.only or list(SETTINGS):
             for method in args.methods or [m for m in _theirs() if m not in SLOW]:
-                spec = {"setting": setting, "impl": "alternated", "method": method,
-                        "rounds": 6, "threads": args.threads, "repeats": 1}
+                spec = {
+                    "setting": setting,
+                    "impl": "alternated",
+                    "method": method,
+                    "rounds": 6,
+                    "threads": args.threads,
+                    "repeats": 1,
+                }
                 print(json.dumps(_measure(spec)), flush=True)
         return
     results = []

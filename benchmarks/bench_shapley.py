@@ -84,7 +84,13 @@ def run_throughput(args: argparse.Namespace) -> dict[str, float]:
         targets = logits.argmax(1)
         with stopwatch() as est, torch.no_grad():
             phi = additive_game_shapley(
-                base, contrib, targets, "prob", args.perms, generator=done, chunk_size=args.chunk,
+                base,
+                contrib,
+                targets,
+                "prob",
+                args.perms,
+                generator=done,
+                chunk_size=args.chunk,
                 num_threads=None,  # --threads sets them
             )
         t_shap += est.seconds

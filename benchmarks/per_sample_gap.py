@@ -63,11 +63,13 @@ def main() -> None:
     nonzero = (norms > 0).all(0)  # a ReLU can zero one definition's map entirely
     rel = (coupled - per_sample).flatten(1).norm(dim=1) / norms.amax(0).clamp_min(1e-12)
     cos = F.cosine_similarity(coupled.flatten(1), per_sample.flatten(1), dim=1)[nonzero]
-    print(f"WRN-16-2 block3, train mode, batch {args.batch}: relative L2 difference (to the "
-          f"larger map) median {rel.median():.1%}, max {rel.max():.1%}; cosine over the "
-          f"{int(nonzero.sum())} samples where both maps are nonzero: min {cos.min():.3f}, "
-          f"median {cos.median():.3f}; maps all-zero in one definition only: "
-          f"{int((norms > 0).sum(0).eq(1).sum())}")
+    print(
+        f"WRN-16-2 block3, train mode, batch {args.batch}: relative L2 difference (to the "
+        f"larger map) median {rel.median():.1%}, max {rel.max():.1%}; cosine over the "
+        f"{int(nonzero.sum())} samples where both maps are nonzero: min {cos.min():.3f}, "
+        f"median {cos.median():.3f}; maps all-zero in one definition only: "
+        f"{int((norms > 0).sum(0).eq(1).sum())}"
+    )
 
 
 if __name__ == "__main__":

@@ -17,7 +17,23 @@ from cams.utility import UTILITIES, Utility, get_utility
 from cams.utils import normalize, overlay, upsample
 
 __all__ = [
-    "METHODS", "UTILITIES", "BaseCAM", "CAMOutput", "GradCAM", "GradCAMPlusPlus", "LayerCAM",
-    "ScoreCAM", "ShapCAM", "ShapleyCAM", "Utility", "build", "get_method", "get_utility",
-    "method_options", "normalize", "overlay", "register", "upsample",
+    "METHODS",
+    "UTILITIES",
+    "BaseCAM",
+    "CAMOutput",
+    "GradCAM",
+    "GradCAMPlusPlus",
+    "LayerCAM",
+    "ScoreCAM",
+    "ShapCAM",
+    "ShapleyCAM",
+    "Utility",
+    "build",
+    "get_method",
+    "get_utility",
+    "method_options",
+    "normalize",
+    "overlay",
+    "register",
+    "upsample",
 ]

@@ -44,8 +44,9 @@ def resolve_target_layer(model: nn.Module, target_layer: nn.Module | str) -> tup
                 return name, module
         raise ValueError("target_layer is not a submodule of the model")
     if not isinstance(target_layer, str):
-        raise TypeError("target_layer must be a module or a dotted name, "
-                        f"got {type(target_layer).__name__}")
+        raise TypeError(
+            f"target_layer must be a module or a dotted name, got {type(target_layer).__name__}"
+        )
     modules = dict(model.named_modules())
     if target_layer in modules:
         return target_layer, modules[target_layer]
@@ -85,8 +86,10 @@ def check_targets(targets: TargetsLike, batch: int, device: torch.device) -> Ten
         try:
             targets = torch.as_tensor(targets)
         except (TypeError, ValueError, RuntimeError):
-            raise TypeError("targets must be class indices (an int, a sequence of ints or an "
-                            f"integer tensor), got {type(targets).__name__}") from None
+            raise TypeError(
+                "targets must be class indices (an int, a sequence of ints or an "
+                f"integer tensor), got {type(targets).__name__}"
+            ) from None
     if targets.dtype == torch.bool or targets.is_floating_point() or targets.is_complex():
         raise TypeError(f"targets must be an integer tensor, got {targets.dtype}")
     if targets.dim() == 0:
@@ -98,8 +101,10 @@ def check_targets(targets: TargetsLike, batch: int, device: torch.device) -> Ten
 
 def check_range(targets: Tensor, num_classes: int) -> None:
     if targets.numel() and (int(targets.min()) < 0 or int(targets.max()) >= num_classes):
-        raise ValueError(f"targets must lie in [0, {num_classes}), got values in "
-                         f"[{int(targets.min())}, {int(targets.max())}]")
+        raise ValueError(
+            f"targets must lie in [0, {num_classes}), got values in "
+            f"[{int(targets.min())}, {int(targets.max())}]"
+        )
 
 
 @contextmanager
@@ -110,8 +115,9 @@ def preserve_state(model: nn.Module) -> Iterator[None]:
     tensor that an autograd graph saved is ever modified in place.
     """
     modes = [(m, m.training) for m in model.modules()]
-    buffers = [(m, name, b) for m in model.modules() for name, b in m._buffers.items()
-               if b is not None]
+    buffers = [
+        (m, name, b) for m in model.modules() for name, b in m._buffers.items() if b is not None
+    ]
     for m, name, b in buffers:
         m._buffers[name] = b.clone()
     try:
@@ -183,8 +189,9 @@ class _Capture:
             return None
         if not isinstance(output, Tensor) or output.dim() != 4:
             got = tuple(output.shape) if isinstance(output, Tensor) else type(output).__name__
-            raise ValueError(f"target layer {self.name!r} must output a 4-D tensor (B, C, h, w), "
-                             f"got {got}")
+            raise ValueError(
+                f"target layer {self.name!r} must output a 4-D tensor (B, C, h, w), got {got}"
+            )
         if self.needs_grad:
             torch.set_grad_enabled(True)  # the head always runs with grad; restored after forward
             if not output.requires_grad:
@@ -210,8 +217,15 @@ class BaseCAM:
     _needs_grad: ClassVar[bool] = True  # maps need ∂U/∂A
     _reruns: ClassVar[bool] = False  # extra evaluations of the network
 
-    def __init__(self, model: nn.Module, target_layer: nn.Module | str, *,
-                 utility: str | None = None, relu: bool = True, fast_path: bool = True) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        target_layer: nn.Module | str,
+        *,
+        utility: str | None = None,
+        relu: bool = True,
+        fast_path: bool = True,
+    ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         self.model = model
@@ -223,18 +237,22 @@ class BaseCAM:
         self.last_path = ""  # "fast" or "generic": which path the last call used
 
     def __repr__(self) -> str:
-        return (f"{type(self).__name__}(target_layer={self.target_name!r}, "
-                f"utility={self.utility.name!r}, relu={self.relu})")
+        return (
+            f"{type(self).__name__}(target_layer={self.target_name!r}, "
+            f"utility={self.utility.name!r}, relu={self.relu})"
+        )
 
     # ------------------------------------------------------------------ public API
-    def __call__(self, x: Tensor, targets: TargetsLike = None, *,
-                 create_graph: bool = False) -> Tensor:
+    def __call__(
+        self, x: Tensor, targets: TargetsLike = None, *, create_graph: bool = False
+    ) -> Tensor:
         """Maps (B, h, w) on ``x``'s device; leaves modes, ``.grad`` and buffers as found."""
         with preserve_state(self.model):
             return self._run(x, targets, create_graph=create_graph, keep_logits=False).maps
 
-    def compute(self, x: Tensor, targets: TargetsLike = None, *,
-                create_graph: bool = False) -> CAMOutput:
+    def compute(
+        self, x: Tensor, targets: TargetsLike = None, *, create_graph: bool = False
+    ) -> CAMOutput:
         """One forward that a training loop can reuse: ``CAMOutput(maps, logits)``.
 
         ``logits`` carry the autograd graph when grad mode is on; in train mode BatchNorm running
@@ -259,18 +277,21 @@ class BaseCAM:
         usable = head is not None and head.usable(fwd.activation, stats, self.model)
         return (head, stats) if usable else (None, None)
 
-    def _run(self, x: Tensor, targets: TargetsLike, *, create_graph: bool,
-             keep_logits: bool) -> CAMOutput:
+    def _run(
+        self, x: Tensor, targets: TargetsLike, *, create_graph: bool, keep_logits: bool
+    ) -> CAMOutput:
         check_input(x)
         tgt = check_targets(targets, x.shape[0], x.device)
         grad_on = torch.is_grad_enabled()
         create_graph = bool(create_graph) and grad_on
-        fwd = self._forward(x, body_graph=create_graph or (keep_logits and grad_on),
-                            create_graph=create_graph)
+        fwd = self._forward(
+            x, body_graph=create_graph or (keep_logits and grad_on), create_graph=create_graph
+        )
         logits = fwd.logits
         if logits.dim() != 2 or logits.shape[0] != x.shape[0]:
-            raise ValueError("the model must return logits (B, K), "
-                             f"got shape {tuple(logits.shape)}")
+            raise ValueError(
+                f"the model must return logits (B, K), got shape {tuple(logits.shape)}"
+            )
         if tgt is None:
             tgt = logits.detach().argmax(1)
         check_range(tgt, logits.shape[1])
@@ -278,8 +299,11 @@ class BaseCAM:
         maps = self._maps(x, fwd, tgt, create_graph)
         if self.relu:
             maps = torch.relu(maps)
-        frozen = fwd.synthetic and not x.requires_grad and not any(
-            p.requires_grad for p in self.model.parameters())
+        frozen = (
+            fwd.synthetic
+            and not x.requires_grad
+            and not any(p.requires_grad for p in self.model.parameters())
+        )
         if not create_graph or frozen:
             maps = maps.detach()
         if not (keep_logits and grad_on) or frozen:
@@ -298,23 +322,32 @@ class BaseCAM:
         handle = self.target_layer.register_forward_hook(cap.hook)
         prev = torch.is_grad_enabled()
         try:
-            with batchnorm_patch(self.model, lambda: cap.count > 0, stats, after,
-                                 detach=not create_graph, after_target_only=after_only):
+            with batchnorm_patch(
+                self.model,
+                lambda: cap.count > 0,
+                stats,
+                after,
+                detach=not create_graph,
+                after_target_only=after_only,
+            ):
                 torch.set_grad_enabled(body_graph)
                 logits = self.model(x)
         finally:
             torch.set_grad_enabled(prev)
             handle.remove()
         if cap.count != 1 or cap.activation is None:
-            raise ValueError(f"target layer {self.target_name!r} ran {cap.count} times in one "
-                             "forward; "
-                             "choose a layer that runs exactly once")
+            raise ValueError(
+                f"target layer {self.target_name!r} ran {cap.count} times in one "
+                "forward; "
+                "choose a layer that runs exactly once"
+            )
         if not isinstance(logits, Tensor):
             raise ValueError(f"the model must return a logits tensor, got {type(logits).__name__}")
         return Forward(logits, cap.activation, cap.synthetic, stats, bool(after), rng)
 
-    def _held_stats_rerun(self, x: Tensor, fwd: Forward, create_graph: bool
-                          ) -> tuple[Tensor, Tensor]:
+    def _held_stats_rerun(
+        self, x: Tensor, fwd: Forward, create_graph: bool
+    ) -> tuple[Tensor, Tensor]:
         """``(logits, leaf)``: the network rerun with the target's output replaced by ``leaf``
         (the value of ``A``) and the after-target BatchNorm layers frozen to the main forward's
         batch statistics, in the same modes and with the same RNG state (dropout masks).
@@ -337,8 +370,11 @@ class BaseCAM:
         prev = torch.is_grad_enabled()
         handle = self.target_layer.register_forward_hook(replace)
         try:
-            with (preserve_state(self.model), _replayed_rng(fwd.rng, x.device),
-                  frozen_batchnorm(self.model, after, active=lambda: fired)):
+            with (
+                preserve_state(self.model),
+                _replayed_rng(fwd.rng, x.device),
+                frozen_batchnorm(self.model, after, active=lambda: fired),
+            ):
                 torch.set_grad_enabled(create_graph)
                 logits = self.model(x)
         finally:
@@ -346,8 +382,9 @@ class BaseCAM:
             handle.remove()
         return logits, leaf
 
-    def _grads(self, x: Tensor, fwd: Forward, targets: Tensor, create_graph: bool, hvp: bool
-               ) -> tuple[Tensor, Tensor | None]:
+    def _grads(
+        self, x: Tensor, fwd: Forward, targets: Tensor, create_graph: bool, hvp: bool
+    ) -> tuple[Tensor, Tensor | None]:
         """Per-sample ``g = ∂U/∂A`` and, if ``hvp``, ``H·A = ∂(g·A)/∂A`` (A held fixed as the
         vector); train-mode BatchNorm statistics after the target are held constant."""
         head, stats = self._fast(fwd)
@@ -363,18 +400,25 @@ class BaseCAM:
             logits, wrt = self._held_stats_rerun(x, fwd, create_graph)
         with torch.enable_grad():
             u = self.utility.value(logits, targets).sum()
-            (g,) = torch.autograd.grad(u, wrt, create_graph=create_graph or hvp,
-                                       retain_graph=True, allow_unused=True)
+            (g,) = torch.autograd.grad(
+                u, wrt, create_graph=create_graph or hvp, retain_graph=True, allow_unused=True
+            )
             if g is None:
-                raise ValueError("the model output does not depend on target layer "
-                                 f"{self.target_name!r}")
+                raise ValueError(
+                    f"the model output does not depend on target layer {self.target_name!r}"
+                )
             if not hvp:
                 return g, None
             if not g.requires_grad:
                 return g, torch.zeros_like(wrt)
-            (h,) = torch.autograd.grad(g, wrt, grad_outputs=fwd.activation,
-                                       create_graph=create_graph, retain_graph=True,
-                                       allow_unused=True)
+            (h,) = torch.autograd.grad(
+                g,
+                wrt,
+                grad_outputs=fwd.activation,
+                create_graph=create_graph,
+                retain_graph=True,
+                allow_unused=True,
+            )
         return (g if create_graph else g.detach()), (torch.zeros_like(wrt) if h is None else h)
 
     def _maps(self, x: Tensor, fwd: Forward, targets: Tensor, create_graph: bool) -> Tensor:

@@ -29,20 +29,29 @@ def train_batchnorms(model: nn.Module) -> list[_BatchNorm]:
 
     Raises ``ValueError`` for a ``SyncBatchNorm`` that synchronizes across processes: its
     statistics are global, and the per-sample maps would need them recorded across ranks."""
-    found = [m for m in model.modules() if isinstance(m, _BatchNorm)
-             and (m.training or m.running_mean is None)]
+    found = [
+        m
+        for m in model.modules()
+        if isinstance(m, _BatchNorm) and (m.training or m.running_mean is None)
+    ]
     if any(isinstance(m, nn.SyncBatchNorm) and _syncs(m) for m in found):
-        raise ValueError("CAMs of a model whose SyncBatchNorm layers synchronize across processes "
-                         "in train mode are not supported (the per-sample maps need the global "
-                         "batch statistics): use BatchNorm per process (trainer.sync_batchnorm="
-                         "false) or eval mode")
+        raise ValueError(
+            "CAMs of a model whose SyncBatchNorm layers synchronize across processes "
+            "in train mode are not supported (the per-sample maps need the global "
+            "batch statistics): use BatchNorm per process (trainer.sync_batchnorm="
+            "false) or eval mode"
+        )
     return found
 
 
 def _syncs(m: nn.SyncBatchNorm) -> bool:
     dist = torch.distributed
-    return bool(m.training and dist.is_available() and dist.is_initialized()
-                and dist.get_world_size(m.process_group) > 1)
+    return bool(
+        m.training
+        and dist.is_available()
+        and dist.is_initialized()
+        and dist.get_world_size(m.process_group) > 1
+    )
 
 
 def _shape(x: Tensor) -> list[int]:
@@ -63,8 +72,9 @@ def _batch_stats(x: Tensor) -> tuple[Tensor, Tensor]:
 
 
 @contextmanager
-def _patched(modules: list[_BatchNorm], make: Callable[[_BatchNorm, Callable], Callable]
-             ) -> Iterator[None]:
+def _patched(
+    modules: list[_BatchNorm], make: Callable[[_BatchNorm, Callable], Callable]
+) -> Iterator[None]:
     saved = []
     for m in modules:
         had = "forward" in m.__dict__
@@ -83,9 +93,15 @@ def _patched(modules: list[_BatchNorm], make: Callable[[_BatchNorm, Callable], C
 
 
 @contextmanager
-def batchnorm_patch(model: nn.Module, after_target: Callable[[], bool], record: Stats,
-                    after: set[nn.Module], *, detach: bool = True,
-                    after_target_only: bool = False) -> Iterator[None]:
+def batchnorm_patch(
+    model: nn.Module,
+    after_target: Callable[[], bool],
+    record: Stats,
+    after: set[nn.Module],
+    *,
+    detach: bool = True,
+    after_target_only: bool = False,
+) -> Iterator[None]:
     """Main CAM forward: record the batch statistics ``(mean, biased var)`` of every train-mode
     BatchNorm call into ``record`` (only the calls after the target with ``after_target_only``:
     reruns that replace the target's output recompute the rest, and recording costs a pass over
@@ -100,9 +116,11 @@ def batchnorm_patch(model: nn.Module, after_target: Callable[[], bool], record: 
             elif after_target_only:
                 return orig(x)
             mean, var = _batch_stats(x)
-            record.setdefault(m, []).append((mean.detach(), var.detach()) if detach
-                                            else (mean, var))
+            record.setdefault(m, []).append(
+                (mean.detach(), var.detach()) if detach else (mean, var)
+            )
             return orig(x)
+
         return forward
 
     with _patched(train_batchnorms(model), make):
@@ -110,8 +128,9 @@ def batchnorm_patch(model: nn.Module, after_target: Callable[[], bool], record: 
 
 
 @contextmanager
-def frozen_batchnorm(model: nn.Module, stats: Stats,
-                     active: Callable[[], bool] | None = None) -> Iterator[None]:
+def frozen_batchnorm(
+    model: nn.Module, stats: Stats, active: Callable[[], bool] | None = None
+) -> Iterator[None]:
     """Every model call inside uses the recorded statistics for the recorded modules (for the
     calls where ``active()`` is true, if given; the others run unchanged and are not counted)."""
     calls: dict[nn.Module, int] = {}
@@ -125,6 +144,7 @@ def frozen_batchnorm(model: nn.Module, stats: Stats,
             calls[m] = i + 1
             mean, var = stats[m][i % len(stats[m])]
             return _normalize(m, x, mean, var)
+
         return forward
 
     try:

@@ -33,14 +33,26 @@ from cams.utility import Utility
 __all__ = ["Head", "detect_head", "grad_hvp"]
 
 _ACT_MODULES: dict[type, str] = {
-    nn.ReLU: "relu", nn.ReLU6: "relu6", nn.LeakyReLU: "leaky", nn.ELU: "elu",
-    nn.Sigmoid: "sigmoid", nn.Tanh: "tanh", nn.SiLU: "silu",
-    nn.Identity: "identity", nn.Dropout: "dropout", nn.Dropout2d: "dropout",
+    nn.ReLU: "relu",
+    nn.ReLU6: "relu6",
+    nn.LeakyReLU: "leaky",
+    nn.ELU: "elu",
+    nn.Sigmoid: "sigmoid",
+    nn.Tanh: "tanh",
+    nn.SiLU: "silu",
+    nn.Identity: "identity",
+    nn.Dropout: "dropout",
+    nn.Dropout2d: "dropout",
     nn.BatchNorm2d: "bn",
 }
 _ACT_FUNCTIONS: dict[Any, str] = {
-    F.relu: "relu", torch.relu: "relu", torch.sigmoid: "sigmoid", torch.tanh: "tanh",
-    F.silu: "silu", F.sigmoid: "sigmoid", F.tanh: "tanh",
+    F.relu: "relu",
+    torch.relu: "relu",
+    torch.sigmoid: "sigmoid",
+    torch.tanh: "tanh",
+    F.silu: "silu",
+    F.sigmoid: "sigmoid",
+    F.tanh: "tanh",
 }
 _ACT_METHODS = {"relu": "relu", "relu_": "relu", "sigmoid": "sigmoid", "tanh": "tanh"}
 _RESHAPE_FUNCTIONS = {torch.flatten, torch.reshape, torch.squeeze}
@@ -67,8 +79,9 @@ class Head:
     linear: nn.Linear
     modules: tuple[nn.Module, ...] = ()  # every module called after the target
 
-    def usable(self, activation: Tensor, bn_stats: BNStats | None = None,
-               model: nn.Module | None = None) -> bool:
+    def usable(
+        self, activation: Tensor, bn_stats: BNStats | None = None, model: nn.Module | None = None
+    ) -> bool:
         """Run-time checks: no hooks, modes of BN/dropout, pool covers the map, channel count.
 
         A BatchNorm that uses batch statistics is per-position only with frozen statistics: it
@@ -80,8 +93,11 @@ class Head:
             return False
         for op in self.ops:
             m = op.module
-            if op.kind == "bn" and (m.training or m.running_mean is None) and (
-                    bn_stats is None or m not in bn_stats):
+            if (
+                op.kind == "bn"
+                and (m.training or m.running_mean is None)
+                and (bn_stats is None or m not in bn_stats)
+            ):
                 return False
             if op.kind == "dropout" and m.training and m.p > 0:
                 return False
@@ -180,7 +196,8 @@ def _pool(node: fx.Node, modules: dict[str, nn.Module]) -> tuple[bool, tuple[int
         divisor = args[5] if len(args) > 5 else node.kwargs.get("divisor_override")
         return kernel is not None and _as_pair(padding) == (0, 0) and divisor is None, kernel
     if (node.op == "call_method" and node.target == "mean") or (
-            node.op == "call_function" and node.target is torch.mean):
+        node.op == "call_function" and node.target is torch.mean
+    ):
         dims = args[0] if args else node.kwargs.get("dim")
         return isinstance(dims, (tuple, list)) and set(dims) in _SPATIAL, None
     return False, None
@@ -191,7 +208,8 @@ def _is_reshape(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
         m = modules[node.target]
         return isinstance(m, nn.Flatten) and m.start_dim in (1, -3) or isinstance(m, nn.Identity)
     return (node.op == "call_method" and node.target in _RESHAPE_METHODS) or (
-        node.op == "call_function" and node.target in _RESHAPE_FUNCTIONS)
+        node.op == "call_function" and node.target in _RESHAPE_FUNCTIONS
+    )
 
 
 def _walk(graph: fx.Graph, target: str, modules: dict[str, nn.Module]) -> Head | None:
@@ -234,8 +252,9 @@ def detect_head(model: nn.Module, target_name: str) -> Head | None:
     return _walk(graph, target_name, modules)
 
 
-def chain(ops: tuple[_Op, ...], a: Tensor, order: int, bn_stats: BNStats | None = None
-          ) -> tuple[Tensor, Tensor | None, Tensor | None]:
+def chain(
+    ops: tuple[_Op, ...], a: Tensor, order: int, bn_stats: BNStats | None = None
+) -> tuple[Tensor, Tensor | None, Tensor | None]:
     """``(f(a), f'(a), f''(a))`` of the element-wise chain; ``None`` derivatives mean 1 and 0.
 
     Composition rule for ``f = φ ∘ g``: ``f' = φ'(g)·g'``, ``f'' = φ''(g)·g'² + φ'(g)·g''``.
@@ -246,8 +265,11 @@ def chain(ops: tuple[_Op, ...], a: Tensor, order: int, bn_stats: BNStats | None 
             continue
         if op.kind == "bn":
             m = op.module
-            mean, var = (bn_stats[m] if bn_stats is not None and m in bn_stats
-                         else (m.running_mean, m.running_var))
+            mean, var = (
+                bn_stats[m]
+                if bn_stats is not None and m in bn_stats
+                else (m.running_mean, m.running_var)
+            )
             scale = torch.rsqrt(var + m.eps)
             if m.weight is not None:
                 scale = scale * m.weight
@@ -280,8 +302,11 @@ def _activation(op: _Op, v: Tensor, order: int) -> tuple[Tensor, Tensor | None, 
     if kind == "elu":
         ex = m.alpha * torch.expm1(v.clamp(max=0))
         pos = v > 0
-        return torch.where(pos, v, ex), torch.where(pos, 1.0, ex + m.alpha).to(v.dtype), \
-            torch.where(pos, 0.0, ex + m.alpha).to(v.dtype) if order >= 2 else None
+        return (
+            torch.where(pos, v, ex),
+            torch.where(pos, 1.0, ex + m.alpha).to(v.dtype),
+            torch.where(pos, 0.0, ex + m.alpha).to(v.dtype) if order >= 2 else None,
+        )
     s = torch.sigmoid(v) if kind in ("sigmoid", "silu") else torch.tanh(v)
     if kind == "sigmoid":
         s1 = s * (1 - s)
@@ -293,8 +318,15 @@ def _activation(op: _Op, v: Tensor, order: int) -> tuple[Tensor, Tensor | None, 
     return v * s, s + v * ds, (ds * (2 + v * (1 - 2 * s)) if order >= 2 else None)
 
 
-def grad_hvp(head: Head, a: Tensor, logits: Tensor, targets: Tensor, utility: Utility,
-             hvp: bool, bn_stats: BNStats | None = None) -> tuple[Tensor, Tensor | None]:
+def grad_hvp(
+    head: Head,
+    a: Tensor,
+    logits: Tensor,
+    targets: Tensor,
+    utility: Utility,
+    hvp: bool,
+    bn_stats: BNStats | None = None,
+) -> tuple[Tensor, Tensor | None]:
     """Closed-form ``g = ∂U/∂A`` and (if ``hvp``) ``H·A`` for ``y = W · mean_hw f(A) + b``.
 
     With ``q = ∂U/∂y``, ``G = Wᵀq`` and ``n = h·w``::

@@ -44,9 +44,16 @@ class GradCAM(BaseCAM):
         variant: "mean" (default), "hires" or "elementwise".
     """
 
-    def __init__(self, model: nn.Module, target_layer: nn.Module | str, *,
-                 utility: str | None = None, relu: bool = True, variant: str = "mean",
-                 fast_path: bool = True) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        target_layer: nn.Module | str,
+        *,
+        utility: str | None = None,
+        relu: bool = True,
+        variant: str = "mean",
+        fast_path: bool = True,
+    ) -> None:
         super().__init__(model, target_layer, utility=utility, relu=relu, fast_path=fast_path)
         self.variant = check_choice("variant", variant, VARIANTS)
 

@@ -57,6 +57,8 @@ def build(name: str, model: nn.Module, target_layer: nn.Module | str, **options:
     known = method_options(cls)
     unknown = sorted(set(options) - set(known))
     if unknown:
-        raise ValueError(f"CAM method {name!r} takes no option {', '.join(map(repr, unknown))}; "
-                         f"its options: {', '.join(known)}")
+        raise ValueError(
+            f"CAM method {name!r} takes no option {', '.join(map(repr, unknown))}; "
+            f"its options: {', '.join(known)}"
+        )
     return cls(model, target_layer, **options)

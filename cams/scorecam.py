@@ -49,9 +49,16 @@ class ScoreCAM(BaseCAM):
     _needs_grad = False
     _reruns = True
 
-    def __init__(self, model: nn.Module, target_layer: nn.Module | str, *,
-                 utility: str | None = None, relu: bool = True, batch_size: int = 64,
-                 max_channels: int | None = None) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        target_layer: nn.Module | str,
+        *,
+        utility: str | None = None,
+        relu: bool = True,
+        batch_size: int = 64,
+        max_channels: int | None = None,
+    ) -> None:
         super().__init__(model, target_layer, utility=utility, relu=relu, fast_path=False)
         self.batch_size = check_positive_int("batch_size", batch_size)
         self.max_channels = check_positive_int("max_channels", max_channels, optional=True)
@@ -79,8 +86,9 @@ class ScoreCAM(BaseCAM):
         for start in range(0, b * k, self.batch_size):
             stop = min(start + self.batch_size, b * k)
             rows = torch.arange(start, stop, device=x.device) // k
-            m = F.interpolate(flat[start:stop], size=x.shape[-2:], mode="bilinear",
-                              align_corners=True)
+            m = F.interpolate(
+                flat[start:stop], size=x.shape[-2:], mode="bilinear", align_corners=True
+            )
             lo, hi = m.amin((2, 3), keepdim=True), m.amax((2, 3), keepdim=True)
             m = (m - lo) / (hi - lo + 1e-8)
             out[start:stop] = self.utility.value(self.model(x[rows] * m), targets[rows])

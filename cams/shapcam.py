@@ -85,12 +85,23 @@ class ShapCAM(BaseCAM):
     _needs_grad = False
     _reruns = True
 
-    def __init__(self, model: nn.Module, target_layer: nn.Module | str, *,
-                 utility: str | None = None, relu: bool = False, n_permutations: int = 10_000,
-                 antithetic: bool = False, baseline: str = "mean",
-                 seed: int | torch.Generator | None = 0, exact: bool = False,
-                 batch_size: int = 256, chunk_size: int | None = None,
-                 num_threads: int | None = 1, fast_path: bool = True) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        target_layer: nn.Module | str,
+        *,
+        utility: str | None = None,
+        relu: bool = False,
+        n_permutations: int = 10_000,
+        antithetic: bool = False,
+        baseline: str = "mean",
+        seed: int | torch.Generator | None = 0,
+        exact: bool = False,
+        batch_size: int = 256,
+        chunk_size: int | None = None,
+        num_threads: int | None = 1,
+        fast_path: bool = True,
+    ) -> None:
         super().__init__(model, target_layer, utility=utility, relu=relu, fast_path=fast_path)
         check_positive_int("n_permutations", n_permutations)
         check_positive_int("batch_size", batch_size)
@@ -128,22 +139,35 @@ class ShapCAM(BaseCAM):
         def value_fn(masks: Tensor) -> Tensor:
             with torch.no_grad(), self._rerun(fwd):
                 return generic(masks)
+
         return value_fn
 
     # ------------------------------------------------------------------ internals
-    def _run(self, x: Tensor, targets: TargetsLike, *, create_graph: bool,
-             keep_logits: bool) -> CAMOutput:
+    def _run(
+        self, x: Tensor, targets: TargetsLike, *, create_graph: bool, keep_logits: bool
+    ) -> CAMOutput:
         """The generic path on a model without batch statistics runs the batch in chunks of
         ``batch_size`` samples: each sample's map is independent of the others then, and peak
         memory does not grow with the batch (one full-batch forward would)."""
-        if (create_graph or self.head() is not None or train_batchnorms(self.model)
-                or not isinstance(x, Tensor) or x.dim() != 4 or x.shape[0] <= self.batch_size):
+        if (
+            create_graph
+            or self.head() is not None
+            or train_batchnorms(self.model)
+            or not isinstance(x, Tensor)
+            or x.dim() != 4
+            or x.shape[0] <= self.batch_size
+        ):
             return super()._run(x, targets, create_graph=create_graph, keep_logits=keep_logits)
         tgt = check_targets(targets, x.shape[0], x.device)
-        parts = [super(ShapCAM, self)._run(
-            x[s:s + self.batch_size], None if tgt is None else tgt[s:s + self.batch_size],
-            create_graph=False, keep_logits=keep_logits)
-            for s in range(0, x.shape[0], self.batch_size)]
+        parts = [
+            super(ShapCAM, self)._run(
+                x[s : s + self.batch_size],
+                None if tgt is None else tgt[s : s + self.batch_size],
+                create_graph=False,
+                keep_logits=keep_logits,
+            )
+            for s in range(0, x.shape[0], self.batch_size)
+        ]
         return CAMOutput(torch.cat([p.maps for p in parts]), torch.cat([p.logits for p in parts]))
 
     def _base(self, a: Tensor) -> Tensor:
@@ -155,8 +179,9 @@ class ShapCAM(BaseCAM):
         return torch.zeros_like(a[:, :, :1, :1])
 
     @staticmethod
-    def _additive(head: Head, a: Tensor, base: Tensor, stats: BNStats | None
-                  ) -> tuple[Tensor, Tensor]:
+    def _additive(
+        head: Head, a: Tensor, base: Tensor, stats: BNStats | None
+    ) -> tuple[Tensor, Tensor]:
         """``(y(∅) (B, K), u (B, P, K))`` of the additive game."""
         weight, bias = head.linear.weight, head.linear.bias
         f_base = head.features(base, stats)
@@ -166,8 +191,9 @@ class ShapCAM(BaseCAM):
         delta = (head.features(a, stats) - f_base).flatten(2).transpose(1, 2)
         return base_logits, delta @ weight.t() / delta.shape[1]
 
-    def _additive_values(self, base_logits: Tensor, contrib: Tensor, targets: Tensor,
-                         masks: Tensor) -> Tensor:
+    def _additive_values(
+        self, base_logits: Tensor, contrib: Tensor, targets: Tensor, masks: Tensor
+    ) -> Tensor:
         masks = masks.to(device=contrib.device, dtype=contrib.dtype)
         logits = base_logits[:, None] + torch.einsum("mp,bpk->bmk", masks, contrib)
         b, m, k = logits.shape
@@ -175,6 +201,7 @@ class ShapCAM(BaseCAM):
 
     def _rerun_logits(self, x_i: Tensor, acts: Tensor) -> Tensor:
         """Logits with the target layer's output replaced by ``acts`` (m, C, h, w)."""
+
         def run(inp: Tensor) -> Tensor:
             handle = self.target_layer.register_forward_hook(lambda *_: acts)
             try:
@@ -201,11 +228,12 @@ class ShapCAM(BaseCAM):
             for i in range(a.shape[0]):
                 vals = []
                 for s in range(0, masks.shape[0], self.batch_size):
-                    acts = torch.where(masks[s:s + self.batch_size], a[i], base[i])
+                    acts = torch.where(masks[s : s + self.batch_size], a[i], base[i])
                     logits = self._rerun_logits(x[i], acts)
                     vals.append(self.utility.value(logits, targets[i].expand(acts.shape[0])))
                 rows.append(torch.cat(vals))
             return torch.stack(rows)
+
         return value_fn
 
     def _maps(self, x: Tensor, fwd: Forward, targets: Tensor, create_graph: bool) -> Tensor:
@@ -218,13 +246,21 @@ class ShapCAM(BaseCAM):
                 self.last_path = "fast"
                 base_logits, contrib = self._additive(head, a, base, stats)
                 if self.exact:
-                    phi = exact_shapley(lambda m: self._additive_values(
-                        base_logits, contrib, targets, m), h * w)
+                    phi = exact_shapley(
+                        lambda m: self._additive_values(base_logits, contrib, targets, m), h * w
+                    )
                 else:
                     phi = additive_game_shapley(
-                        base_logits, contrib, targets, self.utility.name, self.n_permutations,
-                        antithetic=self.antithetic, generator=self.seed,
-                        chunk_size=self.chunk_size, num_threads=self.num_threads)
+                        base_logits,
+                        contrib,
+                        targets,
+                        self.utility.name,
+                        self.n_permutations,
+                        antithetic=self.antithetic,
+                        generator=self.seed,
+                        chunk_size=self.chunk_size,
+                        num_threads=self.num_threads,
+                    )
             else:
                 with self._rerun(fwd):
                     game = self._generic_game(x, a, base, targets)
@@ -232,6 +268,11 @@ class ShapCAM(BaseCAM):
                         phi = exact_shapley(game, h * w)
                     else:
                         phi = permutation_shapley(
-                            game, h * w, self.n_permutations, antithetic=self.antithetic,
-                            generator=self.seed, chunk_size=self.chunk_size or 64)
+                            game,
+                            h * w,
+                            self.n_permutations,
+                            antithetic=self.antithetic,
+                            generator=self.seed,
+                            chunk_size=self.chunk_size or 64,
+                        )
         return phi.view(b, h, w).to(a.dtype)

@@ -37,15 +37,20 @@ def normalize(maps: Tensor, kind: str = "minmax", eps: float = 1e-12) -> Tensor:
         flat = flat - low[:, None]
         scale = flat.amax(1)
     else:
-        raise ValueError(f"unknown normalization {kind!r}; "
-                         f"choose one of {', '.join(NORMALIZATIONS)}")
+        raise ValueError(
+            f"unknown normalization {kind!r}; choose one of {', '.join(NORMALIZATIONS)}"
+        )
     ok = scale > eps
     safe = torch.where(ok, scale, torch.ones_like(scale))
     return torch.where(ok[:, None], flat / safe[:, None], torch.zeros_like(flat)).view_as(maps)
 
 
-def upsample(maps: Tensor, size: int | tuple[int, int], mode: str = "bilinear",
-             align_corners: bool | None = False) -> Tensor:
+def upsample(
+    maps: Tensor,
+    size: int | tuple[int, int],
+    mode: str = "bilinear",
+    align_corners: bool | None = False,
+) -> Tensor:
     """Resize maps (B, h, w) to ``size`` (e.g. the input's (H, W)) with ``F.interpolate``."""
     _check_maps(maps)
     if isinstance(size, int):
@@ -72,7 +77,8 @@ def overlay(images: Tensor, maps: Tensor, alpha: float = 0.5) -> Tensor:
     """
     _check_maps(maps)
     if images.dim() != 4 or images.shape[1] != 3 or images.shape[0] != maps.shape[0]:
-        raise ValueError(f"images must be (B, 3, H, W) with B = {maps.shape[0]}, "
-                         f"got {tuple(images.shape)}")
+        raise ValueError(
+            f"images must be (B, 3, H, W) with B = {maps.shape[0]}, got {tuple(images.shape)}"
+        )
     heat = normalize(upsample(maps.to(images.dtype), images.shape[-2:]), "minmax")
     return ((1 - alpha) * images + alpha * jet(heat).permute(0, 3, 1, 2)).clamp(0, 1)

@@ -31,8 +31,10 @@ def test_registry_builds_by_name_and_refuses_foreign_options():
         cam = cams.build(name, Tiny(), "conv", **cls.quick_options)
         assert isinstance(cam, cls) and cls.method_name == name
         assert "utility" in cams.method_options(name)
-    with pytest.raises(ValueError, match="'layercam' takes no option 'n_permutations'; its "
-                       "options: utility, relu, fast_path"):
+    with pytest.raises(
+        ValueError,
+        match="'layercam' takes no option 'n_permutations'; its options: utility, relu, fast_path",
+    ):
         cams.build("layercam", Tiny(), "conv", n_permutations=3)
 
 

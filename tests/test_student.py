@@ -70,9 +70,7 @@ def test_every_preset_composes_into_a_student(preset, tmp_path, teacher_ckpt):
     assert cfg.loss.teacher_maps == ("cache" if method == "shapcam" else "online")
 
 
-@pytest.mark.parametrize(
-    "preset", [f"{m}_kd" if i % 2 == 0 else m for i, m in enumerate(METHODS)]
-)
+@pytest.mark.parametrize("preset", [f"{m}_kd" if i % 2 == 0 else m for i, m in enumerate(METHODS)])
 def test_one_training_step_uses_every_term(preset, tmp_path, teacher_ckpt):
     cfg = tiny(
         tmp_path,

@@ -30,7 +30,8 @@ def _module(tmp_path, teacher_ckpt, *extra: str) -> StudentModule:
 
 
 def test_shapcam_student_orderings_change_every_step_and_repeat_on_rerun(
-        tmp_path, teacher_ckpt, steppable):
+    tmp_path, teacher_ckpt, steppable
+):
     torch.manual_seed(7)
     module = _module(tmp_path, teacher_ckpt)
     first = _seeds(module, [0, 1, 2, 1])
@@ -67,4 +68,5 @@ def test_precompute_command_drops_a_foreign_cache_dir(monkeypatch):
     monkeypatch.setattr(HydraConfig, "get", staticmethod(lambda: fake))
     assert precompute_command() == f"python -m distill.precompute {' '.join(task)}"
     assert precompute_command(drop_cache_dir=True) == (
-        "python -m distill.precompute loss=shapcam_kd seed=1")
+        "python -m distill.precompute loss=shapcam_kd seed=1"
+    )

@@ -59,6 +59,7 @@ def wrn(depth: int = 10, widen: int = 1) -> nn.Module:
     """The project's WideResNet when available, else :class:`LocalWRN`; BN statistics random."""
     try:
         from distill.models.wrn import WideResNet
+
         model: nn.Module = WideResNet(depth, widen)
     except ImportError:
         model = LocalWRN()

@@ -62,11 +62,14 @@ ACTS = [nn.ReLU(), nn.LeakyReLU(0.1), nn.ELU(0.7), nn.Sigmoid(), nn.Tanh(), nn.S
 
 def _cases() -> list[tuple[str, nn.Module, str, tuple[int, ...]]]:
     torch.manual_seed(0)
-    out = [("wrn-block3", wrn(), "block3", (2, 3, 16, 16)),
-           ("wrn-relu", wrn(), "relu", (2, 3, 16, 16)),
-           ("functional", FunctionalHead(), "conv", (2, 3, 4, 4))]
-    out += [(f"act-{type(a).__name__}", randomize_bn(ActHead(a)), "conv", (2, 3, 4, 4))
-            for a in ACTS]
+    out = [
+        ("wrn-block3", wrn(), "block3", (2, 3, 16, 16)),
+        ("wrn-relu", wrn(), "relu", (2, 3, 16, 16)),
+        ("functional", FunctionalHead(), "conv", (2, 3, 4, 4)),
+    ]
+    out += [
+        (f"act-{type(a).__name__}", randomize_bn(ActHead(a)), "conv", (2, 3, 4, 4)) for a in ACTS
+    ]
     return out
 
 
@@ -78,8 +81,9 @@ def _rel(a: Tensor, b: Tensor) -> float:
 
 
 @pytest.mark.parametrize("name,model,layer,shape", CASES, ids=[c[0] for c in CASES])
-def test_fast_equals_generic(name: str, model: nn.Module, layer: str,
-                             shape: tuple[int, ...]) -> None:
+def test_fast_equals_generic(
+    name: str, model: nn.Module, layer: str, shape: tuple[int, ...]
+) -> None:
     model.eval()
     torch.manual_seed(1)
     x = torch.randn(*shape) * 2

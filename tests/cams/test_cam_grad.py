@@ -71,8 +71,9 @@ def test_loss_on_maps_trains_a_train_mode_wrn(cls: type, opts: dict, layer: str)
     assert out.maps.requires_grad
     target_maps = torch.rand_like(out.maps)
     loss = F.mse_loss(cams.normalize(out.maps, "l2"), cams.normalize(target_maps, "l2"))
-    grads = torch.autograd.grad(loss, list(model.parameters()), allow_unused=True,
-                                retain_graph=True)
+    grads = torch.autograd.grad(
+        loss, list(model.parameters()), allow_unused=True, retain_graph=True
+    )
     body = model.conv1.weight
     g = dict(zip([id(p) for p in model.parameters()], grads, strict=True))
     assert g[id(body)] is not None and torch.isfinite(g[id(body)]).all()
@@ -116,6 +117,7 @@ def test_no_graph_without_create_graph(cls: type, opts: dict) -> None:
     cam = cls(model, "block3", **opts)
     maps = cam(torch.randn(2, 3, 16, 16), create_graph=False)
     assert not maps.requires_grad and maps.grad_fn is None
+
     def tensors(v: object) -> bool:
         if isinstance(v, dict):
             return any(tensors(k) or tensors(w) for k, w in v.items())
@@ -139,6 +141,8 @@ def test_full_gradcheck_shapleycam_train_mode_bn_parameters() -> None:
         swap_parameter(model.bn, "bias", b)
         return cam(x, TARGETS, create_graph=True)
 
-    inputs = (model.bn.weight.detach().clone().requires_grad_(),
-              model.bn.bias.detach().clone().requires_grad_())
+    inputs = (
+        model.bn.weight.detach().clone().requires_grad_(),
+        model.bn.bias.detach().clone().requires_grad_(),
+    )
     assert torch.autograd.gradcheck(maps, inputs, eps=1e-6, atol=1e-6, rtol=1e-4)

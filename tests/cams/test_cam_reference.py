@@ -33,8 +33,14 @@ PAIRS = [
 VARIANT = {"HiResCAM": "hires", "GradCAMElementWise": "elementwise"}
 
 
-def _theirs(name: str, model: nn.Module, layer: nn.Module, x: torch.Tensor, target: object,
-            size: tuple[int, int]) -> torch.Tensor:
+def _theirs(
+    name: str,
+    model: nn.Module,
+    layer: nn.Module,
+    x: torch.Tensor,
+    target: object,
+    size: tuple[int, int],
+) -> torch.Tensor:
     base = getattr(pgc, name)
 
     class LowRes(base):  # type: ignore[misc, valid-type]
@@ -56,8 +62,14 @@ def _compare(model: nn.Module, layer: str, x: torch.Tensor, pairs: list) -> None
         ours = cams.normalize(ours_cls(model, layer, utility=utility, **opts)(x, [c]), "minmax")
         theirs_model = copy.deepcopy(model)  # grad-cam writes .grad and switches to eval
         target = getattr(targets_mod, target_name)(c)
-        theirs = _theirs(name, theirs_model, dict(theirs_model.named_modules())[layer], x,
-                         target, tuple(ours.shape[-2:]))
+        theirs = _theirs(
+            name,
+            theirs_model,
+            dict(theirs_model.named_modules())[layer],
+            x,
+            target,
+            tuple(ours.shape[-2:]),
+        )
         assert theirs.shape == ours.shape, name
         diff = float((ours - theirs).abs().max())
         assert diff < 1e-4, (name, diff)

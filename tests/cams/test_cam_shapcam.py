@@ -145,12 +145,16 @@ def test_baseline_readings_match_exact_enumeration(model: nn.Module, baseline: s
         model(x)
     h.remove()
     a = acts["a"]  # (2, C, 2, 2): 4 players
-    fill = {"mean": a.mean((2, 3), keepdim=True), "global_mean": a.mean((1, 2, 3), keepdim=True),
-            "zero": torch.zeros_like(a[:, :, :1, :1])}[baseline]
+    fill = {
+        "mean": a.mean((2, 3), keepdim=True),
+        "global_mean": a.mean((1, 2, 3), keepdim=True),
+        "zero": torch.zeros_like(a[:, :, :1, :1]),
+    }[baseline]
 
     def game(masks: Tensor) -> Tensor:
-        return torch.stack([_worth(model, x, targets, torch.where(m.view(1, 1, 2, 2), a, fill))
-                            for m in masks], 1)
+        return torch.stack(
+            [_worth(model, x, targets, torch.where(m.view(1, 1, 2, 2), a, fill)) for m in masks], 1
+        )
 
     phi = cams.ShapCAM(model, "block3", exact=True, baseline=baseline)(x, targets)
     torch.testing.assert_close(phi.flatten(1), exact_shapley(game, 4), rtol=1e-5, atol=1e-7)

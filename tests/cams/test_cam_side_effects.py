@@ -10,7 +10,8 @@ import cams
 from tests.cams._models import wrn
 
 METHODS = [(cls, cls.quick_options) for cls in cams.METHODS.values()] + [
-    (cams.ShapCAM, {**cams.ShapCAM.quick_options, "fast_path": False})]
+    (cams.ShapCAM, {**cams.ShapCAM.quick_options, "fast_path": False})
+]
 IDS = [f"{c.__name__}{'-generic' if 'fast_path' in o else ''}" for c, o in METHODS]
 
 
@@ -46,7 +47,7 @@ def test_batch_independence(cls: type, opts: dict) -> None:
     targets = torch.tensor([3, 1, 4])
     cam = cls(model, "block3", **opts)
     together = cam(x, targets)
-    alone = torch.cat([cam(x[i:i + 1], targets[i:i + 1]) for i in range(3)])
+    alone = torch.cat([cam(x[i : i + 1], targets[i : i + 1]) for i in range(3)])
     torch.testing.assert_close(together, alone, rtol=1e-4, atol=1e-6)
     reordered = cam(x.flip(0), targets.flip(0)).flip(0)
     torch.testing.assert_close(together, reordered, rtol=1e-4, atol=1e-6)

@@ -46,10 +46,14 @@ def test_shapleycam_equals_gradcam_for_logit_before_gap(model: nn.Module) -> Non
             grad = cams.GradCAM(model, "relu", utility="logit", variant=variant, fast_path=fast)
             torch.testing.assert_close(shap(x), grad(x), rtol=1e-12, atol=1e-14)
     # ... and it differs with a softmax-based utility or a nonlinearity after A.
-    assert not torch.allclose(cams.ShapleyCAM(model, "relu", utility="rest")(x),
-                              cams.GradCAM(model, "relu", utility="rest")(x))
-    assert not torch.allclose(cams.ShapleyCAM(model, "block3", utility="prob")(x),
-                              cams.GradCAM(model, "block3", utility="prob")(x))
+    assert not torch.allclose(
+        cams.ShapleyCAM(model, "relu", utility="rest")(x),
+        cams.GradCAM(model, "relu", utility="rest")(x),
+    )
+    assert not torch.allclose(
+        cams.ShapleyCAM(model, "block3", utility="prob")(x),
+        cams.GradCAM(model, "block3", utility="prob")(x),
+    )
 
 
 @pytest.mark.parametrize("layer", ["relu", "block3"])
@@ -63,8 +67,13 @@ def test_rest_gradcam_decomposition(model: nn.Module, layer: str) -> None:
     with torch.no_grad():
         p = torch.softmax(model(x), 1)
     c = torch.tensor([1, 4])
-    per_class = torch.stack([cams.GradCAM(model, layer, relu=False, fast_path=False)(
-        x, torch.full((2,), k)) for k in range(10)], 1)  # (B, K, h, w)
+    per_class = torch.stack(
+        [
+            cams.GradCAM(model, layer, relu=False, fast_path=False)(x, torch.full((2,), k))
+            for k in range(10)
+        ],
+        1,
+    )  # (B, K, h, w)
     own = per_class[torch.arange(2), c]
     logprob = own - torch.einsum("bk,bkhw->bhw", p, per_class)  # = (1-p_c) ∂y_c - Σ_{k≠c} p_k ∂y_k
     for fast in (True, False):
@@ -89,9 +98,12 @@ def test_utility_closed_forms_match_autograd(name: str) -> None:
     got = u.hvp(y, c, t)
     torch.testing.assert_close(torch.zeros_like(hv) if got is None else got, hv)
     with torch.no_grad():
-        expected = {"logit": y[range(4), c], "prob": torch.softmax(y, 1)[range(4), c],
-                    "logprob": torch.log_softmax(y, 1)[range(4), c],
-                    "rest": y[range(4), c] + torch.log_softmax(y, 1)[range(4), c]}[name]
+        expected = {
+            "logit": y[range(4), c],
+            "prob": torch.softmax(y, 1)[range(4), c],
+            "logprob": torch.log_softmax(y, 1)[range(4), c],
+            "rest": y[range(4), c] + torch.log_softmax(y, 1)[range(4), c],
+        }[name]
         torch.testing.assert_close(u.value(y, c), expected)
 
 
@@ -99,8 +111,14 @@ def test_shapleycam_hvp_matches_explicit_hessian() -> None:
     """W = g - ½ H·A with the Hessian of U w.r.t. A built explicitly (tiny model)."""
     torch.manual_seed(0)
     conv = nn.Conv2d(2, 3, 3, padding=1)
-    layers = [conv, nn.BatchNorm2d(3), nn.Tanh(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
-              nn.Linear(3, 4)]
+    layers = [
+        conv,
+        nn.BatchNorm2d(3),
+        nn.Tanh(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(3, 4),
+    ]
     model = randomize_bn(nn.Sequential(*layers)).double().eval()
     x = torch.randn(1, 2, 3, 3, dtype=torch.float64)
     a = conv(x).detach()

@@ -39,7 +39,8 @@ HOOKS = {
     "fc-pre-hook": lambda m: m.fc.register_forward_pre_hook(_pre_scale),
     "model-forward-scale": lambda m: m.register_forward_hook(_scale_logits),
     "global-linear-scale": lambda m: nn.modules.module.register_module_forward_hook(
-        lambda mod, i, o: o / 0.3 if isinstance(mod, nn.Linear) else None),
+        lambda mod, i, o: o / 0.3 if isinstance(mod, nn.Linear) else None
+    ),
 }
 
 
@@ -103,11 +104,16 @@ def test_generic_reruns_evaluate_the_forward_function_with_a_skip_around_the_tar
 def _sync_bn_worker(rank: int, port: int, errors: Any) -> None:
     import torch.distributed as dist
 
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=2)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     try:
-        model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.SyncBatchNorm(4), nn.ReLU(),
-                              nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2)).train()
+        model = nn.Sequential(
+            nn.Conv2d(3, 4, 3),
+            nn.SyncBatchNorm(4),
+            nn.ReLU(),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+            nn.Linear(4, 2),
+        ).train()
         try:
             cams.GradCAM(model, "0")(torch.randn(3, 3, 6, 6), 0)
             errors.put("accepted")

@@ -52,7 +52,8 @@ class SkipNet(nn.Module):
 def _bn(a: Tensor, bn: nn.BatchNorm2d, mean: Tensor, var: Tensor) -> Tensor:
     shape = (1, -1, 1, 1)
     return (a - mean.view(shape)) * torch.rsqrt(var.view(shape) + bn.eps) * bn.weight.view(
-        shape) + bn.bias.view(shape)
+        shape
+    ) + bn.bias.view(shape)
 
 
 def _stats(t: Tensor) -> tuple[Tensor, Tensor]:
@@ -78,8 +79,9 @@ def _map(name: str, g: Tensor, h: Tensor | None, a: Tensor, variant: str) -> Ten
     """The method's formula on one sample's (1, K, h, w) tensors."""
     if name == "gradcampp":
         g2 = g * g
-        alpha = torch.where(g != 0, g2 / (2 * g2 + a.sum((2, 3), keepdim=True) * g2 * g + 1e-6),
-                            torch.zeros_like(g))
+        alpha = torch.where(
+            g != 0, g2 / (2 * g2 + a.sum((2, 3), keepdim=True) * g2 * g + 1e-6), torch.zeros_like(g)
+        )
         return torch.relu(((alpha * torch.relu(g)).sum((2, 3))[:, :, None, None] * a).sum(1))
     w = g if h is None else g - 0.5 * h
     if variant == "hires":
@@ -89,14 +91,15 @@ def _map(name: str, g: Tensor, h: Tensor | None, a: Tensor, variant: str) -> Ten
     return torch.relu((w.mean((2, 3), keepdim=True) * a).sum(1))
 
 
-def _reference(name: str, variant: str, head, a: Tensor, targets: Tensor,
-               create_graph: bool) -> Tensor:
+def _reference(
+    name: str, variant: str, head, a: Tensor, targets: Tensor, create_graph: bool
+) -> Tensor:
     """Per-sample maps: ``head(a_i, i)`` are the logits (1, K) of sample i as a function of its
     activation alone (every other quantity held)."""
     rest = name.startswith("shapley")
     maps = []
     for i, c in enumerate(targets.tolist()):
-        ai = a[i:i + 1]
+        ai = a[i : i + 1]
         var = ai if create_graph else ai.detach().requires_grad_()
         logits = head(var, i)
         u = _rest(logits, c) if rest else logits[0, c]
@@ -117,7 +120,8 @@ def _skip_head(model: SkipNet, x: Tensor, a: Tensor):
     mean, var = _stats(a)
     s = model.skip(x)  # train mode: the batch's statistics, as in the forward
     return lambda ai, i: model.fc(
-        (torch.relu(_bn(ai, model.bn_h, mean, var)) + s[i:i + 1]).mean((2, 3)))
+        (torch.relu(_bn(ai, model.bn_h, mean, var)) + s[i : i + 1]).mean((2, 3))
+    )
 
 
 def _rel(a: Tensor, b: Tensor) -> float:
@@ -137,37 +141,48 @@ def _setup(kind: str) -> tuple[nn.Module, nn.Module, Tensor, Tensor]:
 @pytest.mark.parametrize("fast_path", [True, False], ids=["fast", "generic"])
 @pytest.mark.parametrize("name,cls,opts", GRADIENT_METHODS, ids=IDS)
 def test_train_mode_maps_are_per_sample_on_a_preactivation_resnet(
-        name: str, cls: type, opts: dict, fast_path: bool) -> None:
+    name: str, cls: type, opts: dict, fast_path: bool
+) -> None:
     model, layer, x, y = _setup("wrn")
     reference_model = copy.deepcopy(model)
     cam = cls(model, "block3", fast_path=fast_path, **opts)
     maps = cam(x, y)
     assert cam.last_path == ("fast" if fast_path else "generic")
     a, _ = _capture(reference_model, reference_model.block3, x)
-    ref = _reference(name, opts.get("variant", "mean"), _wrn_head(reference_model, a), a, y,
-                     create_graph=False)
+    ref = _reference(
+        name, opts.get("variant", "mean"), _wrn_head(reference_model, a), a, y, create_graph=False
+    )
     assert _rel(maps, ref) <= 1e-5
 
 
 @pytest.mark.parametrize("name,cls,opts", GRADIENT_METHODS, ids=IDS)
 def test_train_mode_maps_are_per_sample_with_a_skip_around_the_target(
-        name: str, cls: type, opts: dict) -> None:
+    name: str, cls: type, opts: dict
+) -> None:
     model, layer, x, y = _setup("skip")
     reference_model = copy.deepcopy(model)
     cam = cls(model, "conv", **opts)
     maps = cam(x, y)
     assert cam.last_path == "generic"
     a, _ = _capture(reference_model, reference_model.conv, x)
-    ref = _reference(name, opts.get("variant", "mean"), _skip_head(reference_model, x, a), a, y,
-                     create_graph=False)
+    ref = _reference(
+        name,
+        opts.get("variant", "mean"),
+        _skip_head(reference_model, x, a),
+        a,
+        y,
+        create_graph=False,
+    )
     assert _rel(maps, ref) <= 1e-5
 
 
 @pytest.mark.parametrize("kind", ["wrn-fast", "wrn-generic", "skip"])
-@pytest.mark.parametrize("name,cls,opts", [GRADIENT_METHODS[0], GRADIENT_METHODS[2]],
-                         ids=["gradcam", "shapleycam"])
+@pytest.mark.parametrize(
+    "name,cls,opts", [GRADIENT_METHODS[0], GRADIENT_METHODS[2]], ids=["gradcam", "shapleycam"]
+)
 def test_loss_gradients_match_the_per_sample_reference(
-        name: str, cls: type, opts: dict, kind: str) -> None:
+    name: str, cls: type, opts: dict, kind: str
+) -> None:
     """Inside a loss (create_graph=True) the parameters receive the gradient of the per-sample
     maps, including the paths through the batch statistics; the logits stay the ordinary
     train-mode forward's."""
@@ -177,19 +192,18 @@ def test_loss_gradients_match_the_per_sample_reference(
     reference_model = copy.deepcopy(model)
     name_of_layer = "conv" if kind == "skip" else "block3"
     out = cls(model, name_of_layer, fast_path=kind != "wrn-generic", **opts).compute(
-        x, y, create_graph=True)
+        x, y, create_graph=True
+    )
     target = torch.rand_like(out.maps)
     loss = (cams.normalize(out.maps, "l2") - target).pow(2).sum() + F.cross_entropy(out.logits, y)
     grads = torch.autograd.grad(loss, list(model.parameters()), allow_unused=True)
 
     ref_layer = dict(reference_model.named_modules())[name_of_layer]
     a, logits = _capture(reference_model, ref_layer, x)
-    head = (_skip_head(reference_model, x, a) if kind == "skip"
-            else _wrn_head(reference_model, a))
+    head = _skip_head(reference_model, x, a) if kind == "skip" else _wrn_head(reference_model, a)
     ref_maps = _reference(name, "mean", head, a, y, create_graph=True)
     ref_loss = (cams.normalize(ref_maps, "l2") - target).pow(2).sum() + F.cross_entropy(logits, y)
-    ref_grads = torch.autograd.grad(ref_loss, list(reference_model.parameters()),
-                                    allow_unused=True)
+    ref_grads = torch.autograd.grad(ref_loss, list(reference_model.parameters()), allow_unused=True)
     torch.testing.assert_close(out.maps, ref_maps, rtol=1e-7, atol=1e-9)
     for (pname, _), g, r in zip(model.named_parameters(), grads, ref_grads, strict=True):
         assert (g is None) == (r is None), pname
@@ -251,8 +265,11 @@ def _eval_copy_with_batch_statistics(model: nn.Module, x: Tensor) -> nn.Module:
     def record(m: nn.Module, inp: tuple) -> None:
         seen[m] = _stats(inp[0])
 
-    hooks = [m.register_forward_pre_hook(record)
-             for m in other.modules() if isinstance(m, nn.BatchNorm2d)]
+    hooks = [
+        m.register_forward_pre_hook(record)
+        for m in other.modules()
+        if isinstance(m, nn.BatchNorm2d)
+    ]
     with torch.no_grad():
         other(x)
     for h in hooks:

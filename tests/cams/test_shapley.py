@@ -231,6 +231,7 @@ def test_float32_gradients_of_64_players_match_float64_autograd(utility: str) ->
     ref = grads(base, contrib, utility_fn(utility))  # log-space path, plain autograd
     assert rel_l2(fast, ref) < 1e-5
 
+
 def test_logit_utility_is_exact() -> None:
     game = make_game(utility="logit", symmetric=False)
     base, contrib = game.additive()
@@ -251,7 +252,6 @@ def test_large_logits_route_to_the_log_space_path() -> None:
     torch.testing.assert_close(phi.double(), ref, rtol=1e-4, atol=1e-6)
 
 
-
 def test_one_large_contribution_with_in_range_coalitions_is_exact() -> None:
     """Every coalition's relative logit is in [-80, 80] but one factor e^{u} would overflow."""
     base = torch.tensor([[0.0, -20.0]])  # target class 0: relative logit -20
@@ -270,6 +270,7 @@ def test_one_large_contribution_with_in_range_coalitions_is_exact() -> None:
     torch.testing.assert_close(phi.double(), exact_shapley(value, 3), rtol=1e-5, atol=1e-7)
     phi.sum().backward()  # efficiency: the sum is v(N) - v(0), a finite gradient
     assert base.grad is not None and torch.isfinite(base.grad).all()
+
 
 # ------------------------------------------------------------------------- properties
 
