@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from cams._base import BaseCAM, Forward, check_choice, weighted_sum
+from cams._base import BaseCAM, Forward, weighted_sum
+from cams._checks import check_choice
 from cams.registry import register
 
 __all__ = ["VARIANTS", "GradCAM", "combine"]

@@ -8,18 +8,16 @@ import torch
 from torch import Tensor, nn
 
 from cams._additive_shapley import additive_game_shapley
-from cams._base import (
-    BaseCAM,
-    CAMOutput,
-    Forward,
+from cams._base import BaseCAM, CAMOutput, Forward
+from cams._bn import train_batchnorms
+from cams._checks import (
     TargetsLike,
     check_choice,
     check_input,
+    check_positive_int,
     check_range,
     check_targets,
 )
-from cams._bn import train_batchnorms
-from cams._checks import check_positive_int
 from cams._head import BNStats, Head
 from cams._shapley import exact_shapley, permutation_shapley
 from cams.registry import register
