@@ -1,4 +1,6 @@
-"""Shared fixtures: repository paths, the shared CIFAR-10 copy, tiny image folders, subprocesses."""
+"""Shared fixtures and helpers: repository paths, the shared CIFAR-10 copy, tiny image folders,
+subprocesses, config composition (``compose_cfg``), the seconds-scale student config (``TINY``,
+``tiny``, fixture ``tiny_cfg``) and building the configured student (``student``)."""
 
 from __future__ import annotations
 
@@ -7,6 +9,7 @@ import subprocess
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -93,3 +96,58 @@ def teacher_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
     state = {f"net.{k}": v for k, v in WideResNet(10, 2).state_dict().items()}
     torch.save({"state_dict": state, "hyper_parameters": {"arch": "wrn10_2"}}, path)
     return path
+
+
+# ----------------------------------------------------------------------------- configs
+
+TINY = [  # a seconds-scale student run on synthetic data
+    "data=synthetic",
+    "data.synthetic_size=64",
+    "data.synthetic_test_size=32",
+    "data.batch_size=32",
+    "trainer=cpu",
+    "trainer.max_epochs=1",
+    "logger=csv",
+    "trainer.enable_progress_bar=false",
+    "print_config=false",
+    "teacher.model.depth=10",
+    "loss.agreement_batches=1",
+]
+
+
+def compose_cfg(*overrides: str, hydra: bool = False) -> Any:
+    """``train.yaml`` composed with ``overrides`` (with the ``hydra`` node when ``hydra``)."""
+    from hydra import compose, initialize_config_dir
+
+    from distill.train import CONFIG_DIR
+
+    with initialize_config_dir(CONFIG_DIR, version_base="1.3"):
+        return compose("train", overrides=list(overrides), return_hydra_config=hydra)
+
+
+def tiny(tmp_path: Path, ckpt: Path, *extra: str) -> Any:
+    """The TINY student config writing under ``tmp_path`` with teacher checkpoint ``ckpt``."""
+    return compose_cfg(
+        *TINY,
+        f"paths.log_dir={tmp_path}",
+        f"teacher.checkpoint={ckpt}",
+        f"module.cache_root={tmp_path}/cache",
+        *extra,
+    )
+
+
+@pytest.fixture
+def tiny_cfg(tmp_path: Path, teacher_ckpt: Path) -> Callable[..., Any]:
+    """Factory: ``tiny_cfg(*overrides)`` is :func:`tiny` for this test's tmp_path and teacher."""
+    return lambda *extra: tiny(tmp_path, teacher_ckpt, *extra)
+
+
+def student(cfg: Any) -> Any:
+    """Instantiate the configured student; re-raise the error Hydra wraps, as train.py does."""
+    import hydra
+    from hydra.errors import InstantiationException
+
+    try:
+        return hydra.utils.instantiate(cfg.module, net=hydra.utils.instantiate(cfg.model))
+    except InstantiationException as err:
+        raise err.__cause__ or err from None

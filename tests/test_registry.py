@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import pytest
-from hydra import compose, initialize_config_dir
 
 import cams
 from distill.presets import loss_presets, table_methods
-from distill.train import CONFIG_DIR
+from tests.conftest import compose_cfg
 
 
 def test_every_registered_method_has_both_presets_and_a_table_row():
@@ -16,12 +15,11 @@ def test_every_registered_method_has_both_presets_and_a_table_row():
 
 
 def test_every_preset_names_a_registered_method():
-    with initialize_config_dir(CONFIG_DIR, version_base="1.3"):
-        for preset in loss_presets():
-            loss = compose("train", overrides=[f"loss={preset}"]).loss
-            assert loss.name == preset
-            assert loss.method == (None if preset.startswith("ce") else preset.removesuffix("_kd"))
-            assert loss.kd.enabled == preset.endswith("_kd")
+    for preset in loss_presets():
+        loss = compose_cfg(f"loss={preset}").loss
+        assert loss.name == preset
+        assert loss.method == (None if preset.startswith("ce") else preset.removesuffix("_kd"))
+        assert loss.kd.enabled == preset.endswith("_kd")
 
 
 def test_registry_builds_by_name_and_refuses_foreign_options():

@@ -7,57 +7,17 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import OmegaConf
 
 from distill.data.augment import AugParams
-from distill.modules.student import StudentModule
 from distill.precompute import precompute
 from distill.presets import loss_presets, table_methods
 from distill.teacher import CacheError, TeacherError
-from distill.train import CONFIG_DIR, train
+from distill.train import train
+from tests.conftest import TINY, compose_cfg, student, tiny
 
 PRESETS = [p for p in loss_presets() if p != "ce"]  # every preset of configs/loss
 METHODS = table_methods()[1:]  # every registered CAM method with its two presets
-TINY = [
-    "data=synthetic",
-    "data.synthetic_size=64",
-    "data.synthetic_test_size=32",
-    "data.batch_size=32",
-    "trainer=cpu",
-    "trainer.max_epochs=1",
-    "logger=csv",
-    "trainer.enable_progress_bar=false",
-    "print_config=false",
-    "teacher.model.depth=10",
-    "loss.agreement_batches=1",
-]
-
-
-def compose_cfg(*overrides: str) -> DictConfig:
-    with initialize_config_dir(CONFIG_DIR, version_base="1.3"):
-        return compose("train", overrides=list(overrides))
-
-
-def tiny(tmp_path: Path, ckpt: Path, *extra: str) -> DictConfig:
-    return compose_cfg(
-        *TINY,
-        f"paths.log_dir={tmp_path}",
-        f"teacher.checkpoint={ckpt}",
-        f"module.cache_root={tmp_path}/cache",
-        *extra,
-    )
-
-
-def student(cfg: DictConfig) -> StudentModule:
-    """Instantiate the configured student; re-raise the error Hydra wraps, as train.py does."""
-    import hydra
-    from hydra.errors import InstantiationException
-
-    try:
-        return hydra.utils.instantiate(cfg.module, net=hydra.utils.instantiate(cfg.model))
-    except InstantiationException as err:
-        raise err.__cause__ or err from None
 
 
 @pytest.mark.parametrize("preset", PRESETS)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from distill.modules.student import StudentModule
-from tests.test_student import student, tiny
+from tests.conftest import student
 
 
 @pytest.fixture
@@ -25,21 +25,19 @@ def _seeds(module: StudentModule, steps: list[int], training: bool = True) -> li
     return seen
 
 
-def _module(tmp_path, teacher_ckpt, *extra: str) -> StudentModule:
-    return student(tiny(tmp_path, teacher_ckpt, "loss=shapcam", "loss.teacher_maps=online", *extra))
+def _module(tiny_cfg, *extra: str) -> StudentModule:
+    return student(tiny_cfg("loss=shapcam", "loss.teacher_maps=online", *extra))
 
 
-def test_shapcam_student_orderings_change_every_step_and_repeat_on_rerun(
-    tmp_path, teacher_ckpt, steppable
-):
+def test_shapcam_student_orderings_change_every_step_and_repeat_on_rerun(tiny_cfg, steppable):
     torch.manual_seed(7)
-    module = _module(tmp_path, teacher_ckpt)
+    module = _module(tiny_cfg)
     first = _seeds(module, [0, 1, 2, 1])
     assert len(set(first[:3])) == 3 and first[1] == first[3]
     torch.manual_seed(7)
-    assert _seeds(_module(tmp_path, teacher_ckpt), [0, 1, 2, 1]) == first  # same run: same draws
+    assert _seeds(_module(tiny_cfg), [0, 1, 2, 1]) == first  # same run: same draws
     torch.manual_seed(8)
-    assert not set(_seeds(_module(tmp_path, teacher_ckpt), [0, 1, 2])) & set(first)  # other run
+    assert not set(_seeds(_module(tiny_cfg), [0, 1, 2])) & set(first)  # other run
     assert _seeds(module, [0, 5], training=False) == [0, 0]  # validation: the configured seed
     x, y = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 3])
     maps = []
@@ -49,8 +47,8 @@ def test_shapcam_student_orderings_change_every_step_and_repeat_on_rerun(
     assert not torch.allclose(maps[0], maps[1])  # other orderings, other estimates
 
 
-def test_fixed_orderings_stay_available(tmp_path, teacher_ckpt, steppable):
-    module = _module(tmp_path, teacher_ckpt, "loss.fresh_orderings=false")
+def test_fixed_orderings_stay_available(tiny_cfg, steppable):
+    module = _module(tiny_cfg, "loss.fresh_orderings=false")
     assert _seeds(module, [0, 1, 2]) == [0, 0, 0]
 
 

@@ -8,9 +8,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
 
-from distill.train import CONFIG_DIR
+from tests.conftest import compose_cfg
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = [
@@ -27,17 +26,12 @@ TINY = [
 ]
 
 
-def compose_hydra(*overrides: str):
-    with initialize_config_dir(CONFIG_DIR, version_base="1.3"):
-        return compose("train", overrides=list(overrides), return_hydra_config=True)
-
-
 def test_launcher_and_sweeper_configs_compose():
-    assert compose_hydra("hydra/launcher=joblib").hydra.launcher._target_.endswith("JoblibLauncher")
-    assert compose_hydra("hydra/launcher=submitit_slurm").hydra.launcher._target_.endswith(
-        "SlurmLauncher"
-    )
-    cfg = compose_hydra("hparams_search=alpha_optuna", "loss=shapleycam_kd")
+    joblib = compose_cfg("hydra/launcher=joblib", hydra=True).hydra.launcher
+    assert joblib._target_.endswith("JoblibLauncher")
+    slurm = compose_cfg("hydra/launcher=submitit_slurm", hydra=True).hydra.launcher
+    assert slurm._target_.endswith("SlurmLauncher")
+    cfg = compose_cfg("hparams_search=alpha_optuna", "loss=shapleycam_kd", hydra=True)
     assert cfg.hydra.sweeper._target_.endswith("OptunaSweeper")
     assert cfg.optimized_metric == "val_error" and cfg.data.val_size > 0  # never the test set
     assert "loss.alpha" in cfg.hydra.sweeper.params

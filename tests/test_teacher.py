@@ -13,7 +13,7 @@ from distill.modules.student import StudentModule
 from distill.precompute import precompute
 from distill.teacher import Teacher, teacher_fingerprint
 from distill.teacher.cache import MapCache
-from tests.test_student import compose_cfg, student, tiny
+from tests.conftest import compose_cfg, student, tiny
 
 # Computed by the code before the teacher component existed (distill/teacher_maps.py at
 # 73f4fae) for the inputs of test_fingerprint_of_a_fixed_config_is_unchanged: caches written

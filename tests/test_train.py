@@ -8,9 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException, MissingConfigException
-from omegaconf import DictConfig
 
 from distill.models import WideResNet, wrn16_2, wrn40_2
 from distill.modules.classifier import (
@@ -19,14 +17,8 @@ from distill.modules.classifier import (
     NonFiniteLossError,
     check_checkpoint_compatible,
 )
-from distill.train import CONFIG_DIR, build_module, train
-from tests.conftest import run_python
-
-
-def compose_cfg(*overrides: str) -> DictConfig:
-    with initialize_config_dir(CONFIG_DIR, version_base="1.3"):
-        return compose("train", overrides=list(overrides))
-
+from distill.train import build_module, train
+from tests.conftest import compose_cfg, run_python
 
 # ----------------------------------------------------------------------------- configs
 
