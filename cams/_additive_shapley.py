@@ -74,11 +74,8 @@ def _exp_safe(base_rel: Tensor, contrib_rel: Tensor) -> Tensor:
 
 
 def _default_chunk(batch: int, n_classes: int) -> int:
-    """Orderings per chunk so that one scan state holds about 2^19 elements (2 MB in float32).
-
-    Measured at 2 threads (B = 32..256, 1,000 orderings, forward + backward): 20-30 % faster
-    than 2^17-element states, whose per-op threading overhead dominates; equal at 1 thread.
-    """
+    """Orderings per chunk so that one scan state holds about 2^19 elements (2 MB in float32):
+    large enough that per-op threading overhead does not dominate (timings in BENCHMARKS.md)."""
     return max(1, min(1024, (1 << 19) // max(1, batch * n_classes)))
 
 
@@ -121,9 +118,8 @@ def additive_game_shapley(
 
     Cost: per ordering ``P - 1`` steps of a gather, a product and a sum over ``(chunk, K-1, B)``
     tensors (memory-bound, many small ops).  On CPU the scans run with ``num_threads`` intra-op
-    threads (default 1): measured inside a training step on a 2-core VM, two threads were up to
-    ~15 % faster in most processes but 3-4x slower in some (an OpenMP barrier per small op
-    waits for a descheduled thread); one thread was steady.
+    threads (default 1: with many small ops, an OpenMP barrier per op can wait for a descheduled
+    thread; the measurements behind the default are in BENCHMARKS.md).
 
     Args:
         base_logits: ``(B, K)`` logits of the empty coalition :math:`y(0)`.
@@ -233,10 +229,9 @@ def _exp_scan_marginals(
     ``e_base``: ``(K', 1, B)``; ``e_contrib``: ``(K', P, B)``; ``perms``: ``(C, P)``.  The running
     state :math:`e^{r(\mathrm{Pre}_t)}` is laid out ``(K', C, B)``: a step gathers the added
     players' factors into a reused buffer, multiplies in place and sums ``K'`` contiguous slabs
-    to :math:`s_t = \sum_k e^{r_k}` (about 15 % faster than a ``(C, K', B)`` layout).  Player
-    ``pi_t`` gets ``v(Pre_{t+1}) - v(Pre_t)`` (end values taken as 0, see :func:`_sampled`),
-    added step by step so no ``(P, C, B)`` array is built (forward at 1,000 orderings, batch
-    128: 44 -> 29 ms, measured against storing the values and scattering them per chunk).
+    to :math:`s_t = \sum_k e^{r_k}` (contiguous slabs).  Player ``pi_t`` gets
+    ``v(Pre_{t+1}) - v(Pre_t)`` (end values taken as 0, see :func:`_sampled`), added step by
+    step so no ``(P, C, B)`` array is built.
     """
     cols = perms.t().contiguous()  # cols[t]: player added at step t of every ordering
     state = e_contrib.index_select(1, cols[0]).mul_(e_base)

@@ -249,7 +249,7 @@ def _add_chunk_marginals_(acc: Tensor, perms: Tensor, values: Tensor) -> Tensor:
     Same sums as :func:`_scatter_interior`, as marginals: player ``pi_t`` gets
     ``v(Pre_{t+1}) - v(Pre_t)`` with the end values taken as 0 here.  The differences and the
     chunk's per-player sums stay in the values' dtype (one scatter of ``P * C`` rows instead
-    of two float64 ones, 2-3x faster); only the ``(P, N)`` chunk total is added in float64.
+    of two float64 ones); only the ``(P, N)`` chunk total is added in float64.
     """
     marg = values.new_empty((values.shape[0] + 1, *values.shape[1:]))
     marg[0] = values[0]
