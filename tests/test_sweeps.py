@@ -9,21 +9,12 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import TINY as BASE_TINY
 from tests.conftest import compose_cfg
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = [
-    "data=synthetic",
-    "data.synthetic_size=64",
-    "data.synthetic_test_size=32",
-    "data.batch_size=16",
-    "trainer=cpu",
-    "trainer.max_epochs=1",
-    "logger=csv",
-    "trainer.enable_progress_bar=false",
-    "print_config=false",
-    "teacher.model.depth=10",
-]
+# the shared TINY config with batch 16 (several steps per epoch on 64 images, also per DDP rank)
+TINY = [o for o in BASE_TINY if not o.startswith("data.batch_size=")] + ["data.batch_size=16"]
 
 
 def test_launcher_and_sweeper_configs_compose():
