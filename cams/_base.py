@@ -245,18 +245,18 @@ class BaseCAM:
 
     def _forward(self, x: Tensor, *, body_graph: bool, create_graph: bool) -> Forward:
         cap = _Capture(self.target_name, self._needs_grad)
-        has_train_bn = bool(train_batchnorms(self.model))
+        batchnorms = train_batchnorms(self.model)
         stats: Stats = {}
         after: set[nn.Module] = set()
         # gradient reruns recompute the body in train mode; Shap-CAM's fast path needs only the
         # head's statistics; reruns of the whole network (generic Shap-CAM, ScoreCAM) need all
         after_only = self._needs_grad or self.head() is not None
-        rng = _rng_state(x.device) if has_train_bn else None
+        rng = _rng_state(x.device) if batchnorms else None
         handle = self.target_layer.register_forward_hook(cap.hook)
         prev = torch.is_grad_enabled()
         try:
             with batchnorm_patch(
-                self.model,
+                batchnorms,
                 lambda: cap.count > 0,
                 stats,
                 after,
@@ -299,14 +299,13 @@ class BaseCAM:
             torch.set_grad_enabled(True)
             return value.clone()  # in-place ops after the target must not touch ``value``
 
-        after = {m: fwd.stats[m] for m in fwd.stats}
         prev = torch.is_grad_enabled()
         handle = self.target_layer.register_forward_hook(replace)
         try:
             with (
                 preserve_state(self.model),
                 _replayed_rng(fwd.rng, x.device),
-                frozen_batchnorm(self.model, after, active=lambda: fired),
+                frozen_batchnorm(self.model, fwd.stats, active=lambda: fired),
             ):
                 torch.set_grad_enabled(create_graph)
                 logits = self.model(x)

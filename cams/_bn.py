@@ -94,7 +94,7 @@ def _patched(
 
 @contextmanager
 def batchnorm_patch(
-    model: nn.Module,
+    modules: list[_BatchNorm],
     after_target: Callable[[], bool],
     record: Stats,
     after: set[nn.Module],
@@ -102,11 +102,12 @@ def batchnorm_patch(
     detach: bool = True,
     after_target_only: bool = False,
 ) -> Iterator[None]:
-    """Main CAM forward: record the batch statistics ``(mean, biased var)`` of every train-mode
-    BatchNorm call into ``record`` (only the calls after the target with ``after_target_only``:
-    reruns that replace the target's output recompute the rest, and recording costs a pass over
-    the largest feature maps); modules called after the target are added to ``after``. The
-    module's own forward runs unchanged (running statistics updated once)."""
+    """Main CAM forward: record the batch statistics ``(mean, biased var)`` of every call of the
+    train-mode BatchNorm ``modules`` (:func:`train_batchnorms`) into ``record`` (only the calls
+    after the target with ``after_target_only``: reruns that replace the target's output
+    recompute the rest, and recording costs a pass over the largest feature maps); modules
+    called after the target are added to ``after``. The module's own forward runs unchanged
+    (running statistics updated once)."""
 
     def make(m: _BatchNorm, orig: Callable) -> Callable:
         def forward(x: Tensor) -> Tensor:
@@ -123,7 +124,7 @@ def batchnorm_patch(
 
         return forward
 
-    with _patched(train_batchnorms(model), make):
+    with _patched(modules, make):
         yield
 
 

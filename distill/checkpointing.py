@@ -108,7 +108,7 @@ class ChecksummedCheckpointIO(TorchCheckpointIO):
         pending = " ".join(dict.fromkeys([digest, *old])) + "\n"
         atomic_write(side, lambda fh: fh.write(pending.encode()))
         atomic_write(path, lambda fh: fh.write(data))
-        write_checksum(path)
+        write_checksum(path, digest)  # the bytes just written: no second read of the file
 
     def load_checkpoint(self, path: Any, *args: Any, **kwargs: Any) -> Any:
         verify_checkpoint(path, fix="resume another checkpoint or start fresh (ckpt_path=null)")

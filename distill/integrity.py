@@ -74,9 +74,10 @@ def atomic_write(path: str | Path, write: Callable[[IO[bytes]], None]) -> None:
         raise
 
 
-def write_checksum(path: str | Path) -> str:
-    """Write ``<path>.sha256`` (atomically) and return the digest."""
-    digest = sha256_file(path)
+def write_checksum(path: str | Path, digest: str | None = None) -> str:
+    """Write ``<path>.sha256`` (atomically) and return the digest (``digest``, when the caller
+    already hashed the bytes it wrote, else the file's)."""
+    digest = digest or sha256_file(path)
     atomic_write(checksum_path(path), lambda fh: fh.write(f"{digest}\n".encode()))
     return digest
 
