@@ -19,15 +19,25 @@ one batch, 10^4 permutations) and variants (online Shap-CAM teacher maps, Score-
 ``--alternated R`` is the robust ratio on a noisy machine: one process per preset builds both the
 preset's and ``ce_kd``'s modules and alternates their steps for ``R`` rounds after a warm-up, so
 load drifts hit both sides alike; the ratio is the preset's summed time over ``ce_kd``'s.
+
+Execution flags (applied to every preset, and to the ``ce_kd`` baseline unless
+``--baseline-fp32``): ``--bf16`` (bf16 autocast), ``--channels-last`` (student and teacher),
+``--memo`` (teacher logits and online maps served by a filled teacher-output memo: the warm-up
+step fills it, the timed steps hit it). ``--baseline-fp32`` keeps the alternated ``ce_kd``
+baseline at today's default before issue 14 (fp32, NCHW, no memo), for the "x faster than fp32
+ce_kd" goal.
 """
 
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
+import shutil
 import subprocess
 import sys
 import tempfile
+from dataclasses import asdict, dataclass
 from datetime import date
 from pathlib import Path
 
@@ -84,30 +94,61 @@ def make_batch(batch: int) -> dict:
     }
 
 
-def student_module(name: str, extra: dict):  # -> StudentModule
+@dataclass(frozen=True)
+class Mode:
+    """How a step runs: bf16 autocast, channels_last, teacher outputs from a filled memo."""
+
+    bf16: bool = False
+    channels_last: bool = False
+    memo: bool = False
+
+
+class _MemoData:
+    """The datamodule facts the teacher memo reads (CIFAR-10 training set, pad 4)."""
+
+    dataset_id, num_train_total, view_pad = "bench-random", 50_000, 4
+
+
+_TMP = tempfile.mkdtemp(prefix="bench_distill_")  # teacher checkpoint and memo of this process
+atexit.register(shutil.rmtree, _TMP, ignore_errors=True)
+
+
+def student_module(name: str, extra: dict, mode: Mode = Mode()):  # -> StudentModule
     import torch
 
     from distill.models import WideResNet
     from distill.modules.student import StudentModule
 
     loss_cfg = load_loss(name, extra)
-    with tempfile.TemporaryDirectory() as tmp:
-        ckpt = Path(tmp) / "teacher.ckpt"
+    ckpt = Path(_TMP) / "teacher.ckpt"
+    if not ckpt.exists():
         teacher = WideResNet(40, 2)
         torch.save({"state_dict": {f"net.{k}": v for k, v in teacher.state_dict().items()}}, ckpt)
-        module = StudentModule(
-            WideResNet(16, 2), WideResNet(40, 2), loss_cfg, teacher_checkpoint=str(ckpt)
-        )
+    module = StudentModule(
+        WideResNet(16, 2),
+        WideResNet(40, 2),
+        loss_cfg,
+        teacher_checkpoint=str(ckpt),
+        memo_root=f"{_TMP}/memo",
+        channels_last=mode.channels_last,
+    )
     if loss_cfg["method"] and loss_cfg["teacher_maps"] == "cache":
         module.teacher.cached_maps = torch.rand(50_000, 8, 8)
         module.teacher.cache_position = torch.arange(50_000)
+    if mode.channels_last:
+        module.net.to(memory_format=torch.channels_last)
+        module.teacher.net.to(memory_format=torch.channels_last)
+    if mode.memo:
+        module.teacher.enable_memo(_MemoData(), "bf16-mixed" if mode.bf16 else "32-true")
     return module
 
 
-def step_fn(preset: str, batch: int, device: str, bf16: bool):  # -> Callable[[], None]
+def step_fn(preset: str, batch: int, device: str, mode: Mode):  # -> Callable[[], None]
     import contextlib
 
     import torch
+
+    bf16 = mode.bf16
 
     torch.manual_seed(0)
     data = {k: v.to(device) for k, v in make_batch(batch).items()}
@@ -128,9 +169,11 @@ def step_fn(preset: str, batch: int, device: str, bf16: bool):  # -> Callable[[]
         from distill.models import WideResNet
         from distill.modules.classifier import ClassifierModule
 
-        module = ClassifierModule(WideResNet(40, 2))
+        module = ClassifierModule(WideResNet(40, 2), channels_last=mode.channels_last)
+        if mode.channels_last:
+            module.net.to(memory_format=torch.channels_last)
     else:
-        module = student_module(*PRESETS[preset])
+        module = student_module(*PRESETS[preset], mode)
     module.to(device).train()
     opt = torch.optim.SGD(module.net.parameters(), lr=0.01, momentum=0.9)
 
@@ -145,12 +188,12 @@ def step_fn(preset: str, batch: int, device: str, bf16: bool):  # -> Callable[[]
     return step
 
 
-def run_one(preset: str, batch: int, steps: int, device: str, bf16: bool) -> dict:
+def run_one(preset: str, batch: int, steps: int, device: str, mode: Mode) -> dict:
     import torch
 
     cuda = torch.device(device).type == "cuda"
     sync = device_sync(device)
-    step = step_fn(preset, batch, device, bf16)
+    step = step_fn(preset, batch, device, mode)
     step()  # warm-up
     times = sorted(timed(step, sync) for _ in range(steps))
     peak = torch.cuda.max_memory_allocated() if cuda else 0
@@ -162,12 +205,15 @@ def run_one(preset: str, batch: int, steps: int, device: str, bf16: bool) -> dic
     }
 
 
-def run_alternated(preset: str, batch: int, rounds: int, device: str, bf16: bool) -> dict:
-    """Steps of ``preset`` and ``ce_kd`` in turn, ``rounds`` times each after one warm-up."""
+def run_alternated(
+    preset: str, batch: int, rounds: int, device: str, mode: Mode, baseline: Mode
+) -> dict:
+    """Steps of ``preset`` (``mode``) and ``ce_kd`` (``baseline``) in turn, ``rounds`` times each
+    after one warm-up."""
     sync = device_sync(device)
     steps = {
-        "ce_kd": step_fn("ce_kd", batch, device, bf16),
-        preset: step_fn(preset, batch, device, bf16),
+        "ce_kd": step_fn("ce_kd", batch, device, baseline),
+        preset: step_fn(preset, batch, device, mode),
     }
     totals = dict.fromkeys(steps, 0.0)
     for step in steps.values():
@@ -188,6 +234,9 @@ def child(args: argparse.Namespace, *flags: str) -> dict:
     """Run this script with ``flags`` (+ batch/device/bf16) in a fresh process; its JSON line."""
     cmd = [sys.executable, __file__, *flags, "--batch", str(args.batch), "--device", args.device]
     cmd += ["--bf16"] if args.bf16 else []
+    cmd += ["--channels-last"] if args.channels_last else []
+    cmd += ["--memo"] if args.memo else []
+    cmd += ["--baseline-fp32"] if args.baseline_fp32 else []
     out = subprocess.run(cmd, capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -227,6 +276,13 @@ def main() -> None:
     parser.add_argument("--presets", nargs="*", default=DEFAULT_ORDER)
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast (precision=bf16-mixed)")
+    parser.add_argument("--channels-last", action="store_true", help="student+teacher NHWC")
+    parser.add_argument("--memo", action="store_true", help="teacher outputs from a filled memo")
+    parser.add_argument(
+        "--baseline-fp32",
+        action="store_true",
+        help="alternated ce_kd baseline in fp32, NCHW, without memo (whatever the other flags)",
+    )
     parser.add_argument("--json", default=None, help="write step times for `harness cost` here")
     parser.add_argument(
         "--alternated",
@@ -238,12 +294,14 @@ def main() -> None:
     parser.add_argument("--one", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--pair", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    mode = Mode(args.bf16, args.channels_last, args.memo)
+    baseline = Mode() if args.baseline_fp32 else mode
     if args.pair:
-        result = run_alternated(args.pair, args.batch, args.alternated, args.device, args.bf16)
+        result = run_alternated(args.pair, args.batch, args.alternated, args.device, mode, baseline)
         print(json.dumps(result))
         return
     if args.one:
-        print(json.dumps(run_one(args.one, args.batch, args.steps, args.device, args.bf16)))
+        print(json.dumps(run_one(args.one, args.batch, args.steps, args.device, mode)))
         return
     unknown = [p for p in args.presets if p not in PRESETS and p not in SPECIAL]
     if unknown:
@@ -251,7 +309,7 @@ def main() -> None:
     if args.alternated:
         alternated(args)
         return
-    info = {**machine(), "device": args.device, "bf16": args.bf16}
+    info = {**machine(), "device": args.device, **asdict(mode)}
     results = []
     for preset in args.presets:
         results.append(child(args, "--one", preset, "--steps", str(steps_for(preset, args.steps))))

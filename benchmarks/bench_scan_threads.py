@@ -46,7 +46,7 @@ def one_process(batch: int, rounds: int) -> dict[str, dict[str, float]]:
 
     estimator: dict[str, float] = defaultdict(float)
     timed_estimator(estimator)
-    step = bench_distill.step_fn(PRESET, batch, "cpu", False)
+    step = bench_distill.step_fn(PRESET, batch, "cpu", bench_distill.Mode())
     cams_ = (step.module.teacher_cam, step.module.student_cam)
     sums: dict[str, dict[str, float]] = {k: defaultdict(float) for k in SETTINGS}
     for round_ in range(rounds + 1):  # round 0 warms both settings up

@@ -64,6 +64,8 @@ class LossConfig:
     teacher_maps: str = "online"  # TEACHER_MAP_SOURCES
     map_align: str = "nearest"
     cache_dir: str | None = None
+    teacher_memo: bool = True  # memoize teacher logits/online maps per (image, view) on disk
+    memo_dir: str | None = None  # None: <module.memo_root>/<fingerprint hash>
     fresh_orderings: bool = True
     cam: dict[str, Any] = field(default_factory=dict)
     student_cam: dict[str, Any] = field(default_factory=dict)

@@ -44,6 +44,7 @@ from distill.modules.classifier import (
     NonFiniteLossError,
     check_checkpoint_compatible,
 )
+from distill.precision import default_precision, precision_summary, use_channels_last
 from distill.teacher import (
     CacheError,
     TeacherError,
@@ -83,6 +84,7 @@ def run_record_subdir(output_dir: str) -> str:
 OmegaConf.register_new_resolver("repo_root", repo_root, replace=True)
 OmegaConf.register_new_resolver("data_key", data_key, replace=True)
 OmegaConf.register_new_resolver("run_record_subdir", run_record_subdir, replace=True)
+OmegaConf.register_new_resolver("default_precision", default_precision, replace=True)
 CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "configs")
 
 _QUIET = (
@@ -244,7 +246,11 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     )
     for lg in loggers:
         lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
-    record = {**teacher, **({"config_changes": changed} if changed else {})}
+    record = {
+        **teacher,
+        **_precision_record(cfg, trainer),
+        **({"config_changes": changed} if changed else {}),
+    }
     try:
         return _fit_and_test(cfg, trainer, module, datamodule, ckpt_path, output_dir, record)
     finally:
@@ -252,6 +258,16 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             if isinstance(cb, ResumeCheckpoint):
                 cb.restore_signals()
         _finish_wandb()
+
+
+def _precision_record(cfg: DictConfig, trainer: pl.Trainer) -> dict[str, Any]:
+    """What ran (precision, memory format), printed once and kept in ``metrics.json``."""
+    precision = str(trainer.precision)
+    channels_last = use_channels_last(cfg.module.get("channels_last", False), precision)
+    accelerator = type(trainer.accelerator).__name__.removesuffix("Accelerator").lower()
+    if trainer.is_global_zero:
+        print(precision_summary(precision, channels_last, accelerator), flush=True)
+    return {"precision": precision, "channels_last": channels_last, "accelerator": accelerator}
 
 
 def _fit(

@@ -132,6 +132,7 @@ def tiny(tmp_path: Path, ckpt: Path, *extra: str) -> Any:
         f"paths.log_dir={tmp_path}",
         f"teacher.checkpoint={ckpt}",
         f"module.cache_root={tmp_path}/cache",
+        f"module.memo_root={tmp_path}/memo",
         *extra,
     )
 

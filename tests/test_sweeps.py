@@ -65,6 +65,7 @@ def test_ddp_two_cpu_processes_with_cached_teacher_maps(tmp_path, teacher_ckpt):
         f"teacher.checkpoint={teacher_ckpt}",
         f"paths.log_dir={tmp_path}",
         f"module.cache_root={tmp_path}/cache",
+        f"module.memo_root={tmp_path}/memo",
     ]
     pre = subprocess.run(
         [sys.executable, "-m", "distill.precompute", *common, f"hydra.run.dir={tmp_path}/pre"],

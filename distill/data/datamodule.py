@@ -17,7 +17,7 @@ an uninterrupted one.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -177,6 +177,9 @@ class CIFAR10DataModule(pl.LightningDataModule):
         augment: random crop (reflect pad ``pad``) + horizontal flip on training batches.
         shuffle_seed: seed of the per-epoch shuffling and augmentation.
         drop_last: drop the last incomplete training batch.
+        extra_augment: callables applied to every augmented uint8 training batch after the
+            crop/flip (e.g. Hydra-instantiated ``torchvision.transforms.v2.RandomRotation``). They
+            leave the finite crop/flip view set, so the teacher-output memo turns off.
     """
 
     def __init__(
@@ -198,6 +201,7 @@ class CIFAR10DataModule(pl.LightningDataModule):
         pad: int = 4,
         shuffle_seed: int = 0,
         drop_last: bool = False,
+        extra_augment: Sequence[Callable[[Tensor], Tensor]] | None = None,
     ) -> None:
         super().__init__()
         if source not in SOURCES:
@@ -210,6 +214,7 @@ class CIFAR10DataModule(pl.LightningDataModule):
         self.cache_dir, self.device = cache_dir, device
         self.augment, self.pad = augment, pad
         self.shuffle_seed, self.drop_last = shuffle_seed, drop_last
+        self.extra_augment = list(extra_augment or [])
         self.arrays: CIFARArrays | None = None
         self.train_indices = self.val_indices = torch.zeros(0, dtype=torch.long)
         self._resident: dict[str, ResidentDataset] = {}
@@ -262,6 +267,12 @@ class CIFAR10DataModule(pl.LightningDataModule):
     def dataset_id(self) -> str:
         """Identifies source and content (for caches keyed by dataset index)."""
         return self.load().dataset_id
+
+    @property
+    def view_pad(self) -> int | None:
+        """``pad`` of the finite view set of the training augmentation (each image has
+        ``(2 pad + 1)^2`` crop offsets x 2 flips), or None when ``extra_augment`` leaves it."""
+        return None if self.extra_augment else self.pad
 
     # ------------------------------------------------------------------ Lightning hooks
 
@@ -342,6 +353,8 @@ class CIFAR10DataModule(pl.LightningDataModule):
                 aug = aug.to(images.device)
                 images = aug.apply(images)
                 batch["aug"] = aug
+                for transform in self.extra_augment:
+                    images = transform(images)
             batch["image"] = normalize_images(images)
         return batch
 

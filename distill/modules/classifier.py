@@ -18,6 +18,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
+from distill.precision import use_channels_last
+
 __all__ = [
     "CheckpointMismatchError",
     "ClassifierModule",
@@ -79,7 +81,8 @@ class ClassifierModule(pl.LightningModule):
         optimizer: ``params -> Optimizer`` factory (Hydra ``_partial_: true``); None = recipe SGD.
         scheduler: ``optimizer -> LRScheduler`` factory; None = recipe MultiStepLR; False = none.
         scheduler_interval: "epoch" or "step" (how often the scheduler is stepped).
-        channels_last: use channels_last memory format for the net and its inputs.
+        channels_last: channels_last memory format for the net and its inputs; ``"auto"``: on
+            when the trainer runs mixed precision (:func:`distill.precision.use_channels_last`).
         compile: ``torch.compile`` the net in place (state_dict keys are unchanged).
         num_classes: number of classes (default: ``net.fc.out_features`` or 10).
     """
@@ -90,7 +93,7 @@ class ClassifierModule(pl.LightningModule):
         optimizer: OptimizerFactory | None = None,
         scheduler: SchedulerFactory | None | bool = None,
         scheduler_interval: str = "epoch",
-        channels_last: bool = False,
+        channels_last: bool | str = False,
         compile: bool = False,
         num_classes: int | None = None,
     ) -> None:
@@ -99,7 +102,8 @@ class ClassifierModule(pl.LightningModule):
         self.optimizer_factory = optimizer or default_optimizer()
         self.scheduler_factory = default_scheduler() if scheduler is None else scheduler
         self.scheduler_interval = scheduler_interval
-        self.use_channels_last, self.use_compile = channels_last, compile
+        self.channels_last_setting, self.use_compile = channels_last, compile
+        self.use_channels_last = use_channels_last(channels_last, "32-true")  # auto: at setup
         fc = getattr(net, "fc", None)
         n_cls = num_classes or (fc.out_features if isinstance(fc, nn.Linear) else 10)
         self.arch = arch_name(net)
@@ -121,6 +125,8 @@ class ClassifierModule(pl.LightningModule):
     # ------------------------------------------------------------------ model
 
     def setup(self, stage: str) -> None:
+        precision = str(self.trainer.precision) if self._trainer is not None else "32-true"
+        self.use_channels_last = use_channels_last(self.channels_last_setting, precision)
         if self.use_channels_last:
             self.net.to(memory_format=torch.channels_last)
         if self.use_compile and not getattr(self, "_compiled", False):

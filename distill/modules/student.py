@@ -56,8 +56,8 @@ class StudentModule(ClassifierModule):
         teacher_net: the teacher architecture (weights loaded from the checkpoint); ignored when
             ``teacher`` is given.
         loss: the ``loss`` config (:class:`~distill.loss_config.LossConfig` keys).
-        teacher_checkpoint, teacher_run_dir, teacher_command, cache_root: where the teacher and
-            its cached maps are (see :meth:`distill.teacher.Teacher.load`).
+        teacher_checkpoint, teacher_run_dir, teacher_command, cache_root, memo_root: where the
+            teacher, its cached maps and its output memos are (:meth:`Teacher.load`).
         teacher: a ready :class:`~distill.teacher.Teacher` (built from the arguments above if
             None).
         **kwargs: :class:`~distill.modules.classifier.ClassifierModule` options.
@@ -72,6 +72,7 @@ class StudentModule(ClassifierModule):
         teacher_run_dir: str = "",
         teacher_command: str = "python train.py experiment=teacher",
         cache_root: str = "cache/teacher_maps",
+        memo_root: str = "cache/teacher_memo",
         teacher: Teacher | None = None,
         **kwargs: Any,
     ) -> None:
@@ -82,7 +83,13 @@ class StudentModule(ClassifierModule):
             if teacher_net is None:
                 raise TypeError("StudentModule needs teacher_net (or a ready teacher=Teacher)")
             teacher = Teacher.load(
-                teacher_net, cfg, teacher_checkpoint, teacher_run_dir, teacher_command, cache_root
+                teacher_net,
+                cfg,
+                teacher_checkpoint,
+                teacher_run_dir,
+                teacher_command,
+                cache_root,
+                memo_root,
             )
         self.teacher = teacher
         self.teacher_checkpoint = teacher.checkpoint
@@ -132,8 +139,21 @@ class StudentModule(ClassifierModule):
 
     def setup(self, stage: str) -> None:
         super().setup(stage)
-        if stage == "fit" and self.teacher.cam is not None and self.teacher.source == "cache":
+        if self.use_channels_last:
+            self.teacher.net.to(memory_format=torch.channels_last)
+        if stage != "fit":
+            return
+        if self.teacher.cam is not None and self.teacher.source == "cache":
             self.teacher.load_cache(self.trainer.datamodule)
+        self.teacher.enable_memo(self.trainer.datamodule, str(self.trainer.precision))
+
+    def on_train_epoch_end(self) -> None:
+        """Log the teacher memo's hit rate of the epoch (``teacher/memo_hit_rate``)."""
+        super().on_train_epoch_end()
+        rate = self.teacher.memo_hit_rate()
+        if rate is not None:
+            self.log("teacher/memo_hit_rate", rate, on_epoch=True)
+        self._log_cam_grid()
 
     # ----------------------------------------------------------------- losses
     def compute_loss(self, batch: Mapping[str, Any]) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
@@ -141,6 +161,7 @@ class StudentModule(ClassifierModule):
         x, y = batch["image"], batch["label"]
         if self.use_channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
+            batch = {**batch, "image": x}  # the teacher reads the same layout
         if self.student_cam is not None:
             self._seed_student_cam()
             out = self.student_cam.compute(x, y, create_graph=True)
@@ -200,9 +221,8 @@ class StudentModule(ClassifierModule):
         )
         return every > 0 and ((self.current_epoch + 1) % every == 0 or last)
 
-    def on_train_epoch_end(self) -> None:
+    def _log_cam_grid(self) -> None:
         """Overlay grid of the epoch's first training images: input, teacher map, student map."""
-        super().on_train_epoch_end()
         if self._grid_batch is None:
             return
         from distill.visualize import log_cam_grid

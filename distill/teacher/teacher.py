@@ -8,7 +8,9 @@ the cache the precompute writes is exactly the one training looks for (:meth:`Te
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -23,11 +25,19 @@ from distill.teacher.cache import (
     align_maps,
     teacher_fingerprint,
 )
-from distill.teacher.loading import load_teacher, resolve_teacher_checkpoint
+from distill.teacher.loading import load_teacher, resolve_teacher_checkpoint, teacher_digest
+from distill.teacher.memo import (
+    EXECUTION_OPTIONS,
+    MemoTable,
+    TeacherMemo,
+    memo_fingerprint,
+    view_ids,
+)
 
 __all__ = ["Teacher", "cached_indices", "precompute_command"]
 
 DEFAULT_CACHE_ROOT = "cache/teacher_maps"
+DEFAULT_MEMO_ROOT = "cache/teacher_memo"
 
 
 def cached_indices(datamodule: Any) -> Tensor:
@@ -70,6 +80,7 @@ class Teacher(nn.Module):
         checkpoint: str | Path,
         loss: LossConfig | Mapping[str, Any],
         cache_root: str | Path = DEFAULT_CACHE_ROOT,
+        memo_root: str | Path = DEFAULT_MEMO_ROOT,
     ) -> None:
         super().__init__()
         cfg = loss if isinstance(loss, LossConfig) else LossConfig.from_mapping(loss)
@@ -80,6 +91,9 @@ class Teacher(nn.Module):
         self.source, self.map_align = cfg.teacher_maps, cfg.map_align
         self.cache_dir = cfg.cache_dir
         self.cache_root = Path(cache_root)
+        self.use_memo, self.memo_dir, self.memo_root = cfg.teacher_memo, cfg.memo_dir, memo_root
+        self.memo: TeacherMemo | None = None
+        self.memo_lookups = self.memo_hits = 0
         self.cam = build_cam(cfg.method, self.net, self.layer, self.options) if cfg.method else None
         self.register_buffer("cached_maps", torch.empty(0), persistent=False)
         self.register_buffer("cache_position", torch.empty(0, dtype=torch.long), persistent=False)
@@ -94,12 +108,13 @@ class Teacher(nn.Module):
         run_dir: str = "",
         train_command: str = "python train.py experiment=teacher",
         cache_root: str | Path = DEFAULT_CACHE_ROOT,
+        memo_root: str | Path = DEFAULT_MEMO_ROOT,
     ) -> Teacher:
         """``checkpoint``, or the finished teacher run in ``run_dir`` (else a
         :class:`~distill.teacher.loading.TeacherError` with ``train_command``), loaded into
         ``net``."""
         path = resolve_teacher_checkpoint(checkpoint, run_dir, train_command)
-        return cls(net, path, loss, cache_root)
+        return cls(net, path, loss, cache_root, memo_root)
 
     @classmethod
     def from_config(cls, cfg: Any) -> Teacher:
@@ -114,6 +129,7 @@ class Teacher(nn.Module):
             module.teacher_run_dir,
             module.teacher_command,
             module.cache_root,
+            module.get("memo_root", DEFAULT_MEMO_ROOT),
         )
 
     def train(self, mode: bool = True) -> Teacher:
@@ -133,8 +149,10 @@ class Teacher(nn.Module):
         self, batch: Mapping[str, Any], need_logits: bool
     ) -> tuple[Tensor | None, Tensor | None]:
         """Teacher logits (if ``need_logits``) and maps (if it has a CAM) for a training batch;
-        online maps and logits come from one CAM pass."""
+        online maps and logits come from one CAM pass, or from the memo when it is enabled."""
         x, y = batch["image"], batch["label"]
+        if self.memo is not None and (need_logits or self.source == "online"):
+            return self._memo_outputs(batch, need_logits)
         if self.cam is not None and self.source == "online":
             out = self.cam.compute(x, y)
             return out.logits.detach(), out.maps.detach()
@@ -189,3 +207,143 @@ class Teacher(nn.Module):
                 "built for another training split; precompute it for this one"
             )
         return align_maps(self.cached_maps[rows], aug, mode=self.map_align)
+
+    # ----------------------------------------------------------------- memo
+    @cached_property
+    def sha256(self) -> str:
+        """SHA-256 of the checkpoint (computed once)."""
+        return teacher_digest(self.checkpoint)
+
+    def memo_blocker(self, datamodule: Any) -> str | None:
+        """Why a memo would not be exact for this run (None: it is)."""
+        if getattr(datamodule, "view_pad", None) is None:
+            return (
+                "the training augmentation is not in the finite crop/flip view set "
+                "(data.extra_augment)"
+            )
+        seed = getattr(self.cam, "seed", 0)
+        if self.cam is not None and self.source == "online" and seed is None:
+            return f"the teacher's {self.method} samples without a seed (loss.teacher_cam.seed)"
+        return None
+
+    def enable_memo(self, datamodule: Any, precision: str) -> None:
+        """Serve logits and online maps from the memo of this teacher, dataset, view policy and
+        ``precision`` (a :class:`~distill.teacher.memo.ForeignMemoError` for a ``loss.memo_dir``
+        built for another); off with a one-line warning when it could not be exact."""
+        if not self.use_memo:
+            return
+        blocker = self.memo_blocker(datamodule)
+        if blocker is not None:
+            warnings.warn(f"teacher memo off: {blocker}", stacklevel=2)
+            return
+        fingerprint = memo_fingerprint(
+            self.sha256,
+            datamodule.dataset_id,
+            datamodule.num_train_total,
+            datamodule.view_pad,
+            precision,
+        )
+        hint = (
+            "Rerun without loss.memo_dir (every teacher, dataset and precision gets its own memo "
+            f"under {self.memo_root}) or point it to an empty directory."
+        )
+        directory = self.memo_dir or Path(self.memo_root) / TeacherMemo.key_of(fingerprint)[:16]
+        self.memo = TeacherMemo(directory, fingerprint, rebuild_hint=hint)
+        self._memo_tables: dict[str, MemoTable] = {}
+
+    def _table(self, kind: str, size: int) -> MemoTable:
+        """The memo's ``logits`` table, or the ``maps`` table of this teacher's CAM settings."""
+        assert self.memo is not None
+        if kind not in self._memo_tables:
+            if kind == "logits":
+                name, desc = "logits", {"kind": "logits"}
+            else:
+                options = {
+                    k: self.options[k] for k in sorted(self.options) if k not in EXECUTION_OPTIONS
+                }
+                desc = {
+                    "kind": "maps",
+                    "method": self.method,
+                    "layer": self.layer,
+                    "options": options,
+                }
+                name = f"maps-{self.method}-{TeacherMemo.key_of(desc)[:12]}"
+            self._memo_tables[kind] = self.memo.table(name, size, desc)
+        return self._memo_tables[kind]
+
+    def _compute(self, x: Tensor, y: Tensor, maps: bool) -> tuple[Tensor, Tensor | None]:
+        """Teacher logits (and maps) of a batch, computed now (float32, detached)."""
+        if maps:
+            out = self.cam.compute(x, y)
+            return out.logits.detach().float(), out.maps.detach().float()
+        return self.logits(x).float(), None
+
+    def _memo_outputs(
+        self, batch: Mapping[str, Any], need_logits: bool
+    ) -> tuple[Tensor | None, Tensor | None]:
+        """Logits/maps from the memo; the views it lacks are computed and stored."""
+        assert self.memo is not None
+        x, y = batch["image"], batch["label"]
+        want_maps = self.cam is not None and self.source == "online"
+        rows = self.memo.rows_of(batch["index"], view_ids(batch.get("aug"), len(y), self.memo.pad))
+        logits_t = self._table("logits", self.num_classes)
+        maps_t = self._table("maps", self.map_size[0] * self.map_size[1]) if want_maps else None
+        needed = [t for t, on in ((logits_t, need_logits), (maps_t, want_maps)) if on]
+        hit = torch.ones(len(rows), dtype=torch.bool)
+        for table in needed:
+            hit &= table.filled(rows)
+        miss = (~hit).nonzero().squeeze(1)
+        self.memo_lookups += len(rows)
+        self.memo_hits += len(rows) - len(miss)
+        logits = maps = None
+        if need_logits:
+            logits = torch.empty(len(rows), self.num_classes, device=x.device)
+        if want_maps:
+            maps = torch.empty(len(rows), *self.map_size, device=x.device)
+        if len(miss):
+            dev_miss = miss.to(x.device)
+            new_logits, new_maps = self._compute(x[dev_miss], y[dev_miss], want_maps)
+            stored = {logits_t: new_logits}
+            if want_maps:
+                stored[maps_t] = new_maps.flatten(1)
+            self.memo.store(stored, rows[miss])
+            if logits is not None:
+                logits[dev_miss] = new_logits
+            if maps is not None:
+                maps[dev_miss] = new_maps
+        found = hit.nonzero().squeeze(1)
+        if len(found):
+            dev_found = found.to(x.device)
+            if logits is not None:
+                logits[dev_found] = logits_t.read(rows[found]).to(x.device)
+            if maps is not None:
+                maps[dev_found] = maps_t.read(rows[found]).to(x.device).view(-1, *self.map_size)
+        return logits, maps
+
+    @cached_property
+    def _probe(self) -> tuple[int, tuple[int, int]]:
+        captured: list[tuple[int, ...]] = []
+        layer = dict(self.net.named_modules())[self.layer]
+        handle = layer.register_forward_hook(lambda m, i, o: captured.append(tuple(o.shape)))
+        try:
+            device = next(self.net.parameters()).device
+            logits = self.logits(torch.zeros(1, 3, 32, 32, device=device))
+        finally:
+            handle.remove()
+        return int(logits.shape[1]), (int(captured[0][-2]), int(captured[0][-1]))
+
+    @property
+    def num_classes(self) -> int:
+        return self._probe[0]
+
+    @property
+    def map_size(self) -> tuple[int, int]:
+        """(h, w) of the teacher's maps at ``loss.teacher_layer``."""
+        return self._probe[1]
+
+    def memo_hit_rate(self, reset: bool = True) -> float | None:
+        """Fraction of memo lookups served from disk since the last reset (None: no lookups)."""
+        rate = self.memo_hits / self.memo_lookups if self.memo_lookups else None
+        if reset:
+            self.memo_lookups = self.memo_hits = 0
+        return rate
