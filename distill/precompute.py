@@ -1,6 +1,14 @@
-"""Precompute the teacher's explanation maps for every training image (offline teacher maps).
+"""Precompute what a run's teacher provides: offline maps, or every view of the output memo.
 
     python -m distill.precompute loss=shapcam_kd data=cifar10_folder teacher.checkpoint=PATH
+    python -m distill.precompute loss=gradcam_kd data=cifar10_folder teacher.checkpoint=PATH
+
+With ``loss.teacher_maps=cache`` (Shap-CAM's presets) it builds the offline map cache described
+below. Otherwise it fills the teacher-output memo (:mod:`distill.teacher.memo`) for every
+training image and every one of its crop/flip views (162 with ``pad=4``), in the precision and
+memory format training will use: the teacher logits, and the maps when the preset has online
+maps. The memo also fills lazily during training, so this is optional (on a GPU it takes
+minutes; on a CPU hours); an interrupted fill resumes where it stopped.
 
 Takes the same overrides as ``train.py`` and builds only the teacher
 (:meth:`distill.teacher.Teacher.from_config`, the object training uses), so the cache it writes
@@ -13,7 +21,9 @@ message naming the fix, exit status 2.
 
 from __future__ import annotations
 
+import contextlib
 import sys
+from typing import Any
 
 import hydra
 import torch
@@ -21,19 +31,24 @@ from omegaconf import DictConfig
 
 from distill.data.augment import normalize_images
 from distill.integrity import IntegrityError
+from distill.precision import use_channels_last
 from distill.teacher import CacheError, ForeignCacheError, Teacher, cached_indices
+from distill.teacher.memo import num_views, view_params
 from distill.train import USER_ERRORS, instantiate
 
 
 def precompute(cfg: DictConfig) -> str:
-    """Build (or finish, or repair) the cache for ``cfg`` and return its directory."""
-    if cfg.loss.method is None:
-        raise CacheError(f"loss={cfg.loss.name} has no explanation term: nothing to precompute")
+    """Build (or finish, or repair) the cache, or fill the memo, for ``cfg``; its directory."""
+    kd = bool(cfg.loss.get("kd", {}).get("enabled", False))
+    if cfg.loss.method is None and not kd:
+        raise CacheError(f"loss={cfg.loss.name} uses no teacher: nothing to precompute")
     datamodule = instantiate(cfg.data)
     datamodule.prepare_data()
     datamodule.setup("fit")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     teacher = Teacher.from_config(cfg).to(device)
+    if cfg.loss.method is None or cfg.loss.teacher_maps != "cache":
+        return fill_memo(cfg, teacher, datamodule, device)
     cache = teacher.cache_for(datamodule)
 
     def compute(images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -52,6 +67,56 @@ def precompute(cfg: DictConfig) -> str:
     )
     print(f"teacher maps ready: {cache.directory}")
     return str(cache.directory)
+
+
+def lightning_precision(precision: Any) -> str:
+    """Lightning's name of a ``trainer.precision`` value (``bf16`` -> ``bf16-mixed``, ...)."""
+    aliases = {"32": "32-true", "16": "16-mixed", "bf16": "bf16-mixed", "64": "64-true"}
+    return aliases.get(str(precision), str(precision))
+
+
+def fill_memo(cfg: DictConfig, teacher: Teacher, datamodule: Any, device: torch.device) -> str:
+    """Every (training image, view) of the teacher-output memo, in training's precision."""
+    precision = lightning_precision(cfg.trainer.precision)
+    if not cfg.loss.get("teacher_memo", True):
+        raise CacheError("loss.teacher_memo=false: there is no memo to fill")
+    teacher.enable_memo(datamodule, precision)
+    if teacher.memo is None:
+        raise CacheError("the teacher memo is off for this configuration (see the warning)")
+    channels_last = use_channels_last(cfg.module.get("channels_last", False), precision)
+    if channels_last:
+        teacher.net.to(memory_format=torch.channels_last)
+    indices = datamodule.train_indices.sort().values
+    pad, size = datamodule.view_pad, int(cfg.get("precompute_batch_size", 256))
+    print(
+        f"teacher memo: {teacher.method or 'logits'} ({precision}), {len(indices)} training "
+        f"images x {num_views(pad)} views -> {teacher.memo.directory}",
+        flush=True,
+    )
+    autocast = _autocast(precision, device)
+    n_views = num_views(pad)
+    total = len(indices) * n_views
+    for start in range(0, total, size):  # (index, view) pairs, view-major
+        pair = torch.arange(start, min(start + size, total))
+        idx, aug = indices[pair % len(indices)], view_params(pair // len(indices), pad)
+        images = normalize_images(aug.apply(datamodule.train_images[idx]).to(device))
+        if channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        labels = datamodule.train_labels[idx].to(device)
+        with autocast:
+            teacher.outputs({"image": images, "label": labels, "index": idx, "aug": aug}, True)
+        if (start // size) % 200 == 199:
+            print(f"  {start + len(pair)}/{total} views done", flush=True)
+    print(f"teacher memo ready: {teacher.memo.directory}", flush=True)
+    return str(teacher.memo.directory)
+
+
+def _autocast(precision: str, device: torch.device) -> Any:
+    if precision == "bf16-mixed":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    if precision == "16-mixed":
+        return torch.autocast(device.type, dtype=torch.float16)
+    return contextlib.nullcontext()
 
 
 def error_message(err: Exception, cache_dir: str | None) -> str:

@@ -19,7 +19,7 @@ import torch
 from distill.data.augment import AugParams, normalize_images
 from distill.presets import table_methods
 from distill.teacher import CacheError
-from distill.teacher.memo import TeacherMemo, memo_fingerprint, num_views, view_ids
+from distill.teacher.memo import TeacherMemo, memo_fingerprint, num_views, view_ids, view_params
 from distill.train import train
 from tests.conftest import REPO_ROOT, student, tiny
 
@@ -240,3 +240,26 @@ def test_full_disk_stops_writing_without_marking_entries(tmp_path: Path) -> None
     assert (count, writable) == ("1", "False")
     assert "cannot write" in message
     assert _check_filled_rows(tmp_path) == len(range(0, 40, 3))
+
+
+def test_precompute_fills_every_view_and_training_hits_it(tmp_path, teacher_ckpt) -> None:
+    from distill.precompute import precompute
+
+    cfg = tiny(tmp_path, teacher_ckpt, "loss=gradcam_kd", "data.synthetic_size=16")
+    memo_dir = Path(precompute(cfg))
+    flags = [(memo_dir / f"{name}").read_bytes() for name in os.listdir(memo_dir)]
+    assert any(name.startswith("maps-gradcam") for name in os.listdir(memo_dir))
+    train_rows = 16 * 162  # synthetic indices 0..15: every view of every image is filled
+    assert all(
+        sum(f[:train_rows]) == train_rows
+        for f, name in zip(flags, os.listdir(memo_dir), strict=True)
+        if name.endswith(".filled")
+    )
+    train(cfg)
+    run_dir = next((tmp_path / "train").iterdir())
+    assert _memo_hit_rates(run_dir) == [1.0]
+
+
+def test_view_params_invert_view_ids() -> None:
+    views = torch.arange(162)
+    assert view_ids(view_params(views, 4), 162, 4).tolist() == views.tolist()

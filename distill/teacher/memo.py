@@ -53,6 +53,7 @@ __all__ = [
     "memo_fingerprint",
     "num_views",
     "view_ids",
+    "view_params",
 ]
 
 FORMAT_VERSION = 1
@@ -82,6 +83,13 @@ def view_ids(aug: AugParams | None, batch_size: int, pad: int) -> Tensor:
         raise ValueError(f"augmentation pads {aug.pad} pixels, the memo {pad}")
     side = 2 * pad + 1
     return (aug.dy.long() * side + aug.dx.long()) * 2 + aug.flip.long()
+
+
+def view_params(views: Tensor, pad: int) -> AugParams:
+    """The crop/flip of each view number in ``views`` (inverse of :func:`view_ids`)."""
+    side = 2 * pad + 1
+    offset, flip = views.long() // 2, views.long() % 2
+    return AugParams(offset // side, offset % side, flip.bool(), pad)
 
 
 def memo_fingerprint(

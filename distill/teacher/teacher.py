@@ -46,9 +46,10 @@ def cached_indices(datamodule: Any) -> Tensor:
     return datamodule.train_indices.sort().values
 
 
-def precompute_command(drop_cache_dir: bool = False) -> str:
-    """The precompute command with this run's own Hydra overrides (without ``loss.cache_dir``
-    when that directory holds another configuration's maps: repeating it would fail again)."""
+def precompute_command(drop_cache_dir: bool = False, drop: str = "loss.cache_dir") -> str:
+    """The precompute command with this run's own Hydra overrides (without ``drop``, e.g.
+    ``loss.cache_dir``, when that directory holds another configuration's data: repeating it
+    would fail again)."""
     try:
         from hydra.core.hydra_config import HydraConfig
 
@@ -56,7 +57,7 @@ def precompute_command(drop_cache_dir: bool = False) -> str:
     except (ImportError, ValueError):
         return "python -m distill.precompute <the same overrides as this run>"
     if drop_cache_dir:
-        task = [o for o in task if not o.lstrip("+~").startswith("loss.cache_dir=")]
+        task = [o for o in task if not o.lstrip("+~").startswith(f"{drop}=")]
     return f"python -m distill.precompute {' '.join(task)}"
 
 
@@ -245,7 +246,8 @@ class Teacher(nn.Module):
         )
         hint = (
             "Rerun without loss.memo_dir (every teacher, dataset and precision gets its own memo "
-            f"under {self.memo_root}) or point it to an empty directory."
+            f"under {self.memo_root}) or point it to an empty directory; it fills during "
+            f"training, or ahead of it with:\n    {precompute_command(True, 'loss.memo_dir')}"
         )
         directory = self.memo_dir or Path(self.memo_root) / TeacherMemo.key_of(fingerprint)[:16]
         self.memo = TeacherMemo(directory, fingerprint, rebuild_hint=hint)
