@@ -230,12 +230,13 @@ def run_alternated(
     }
 
 
-def child(args: argparse.Namespace, *flags: str) -> dict:
-    """Run this script with ``flags`` (+ batch/device/bf16) in a fresh process; its JSON line."""
+def child(args: argparse.Namespace, *flags: str, memo: bool | None = None) -> dict:
+    """Run this script with ``flags`` (+ batch/device/precision/memo flags) in a fresh process;
+    its JSON line. ``memo`` overrides ``args.memo``."""
     cmd = [sys.executable, __file__, *flags, "--batch", str(args.batch), "--device", args.device]
     cmd += ["--bf16"] if args.bf16 else []
     cmd += ["--channels-last"] if args.channels_last else []
-    cmd += ["--memo"] if args.memo else []
+    cmd += ["--memo"] if (args.memo if memo is None else memo) else []
     cmd += ["--baseline-fp32"] if args.baseline_fp32 else []
     out = subprocess.run(cmd, capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -310,19 +311,29 @@ def main() -> None:
         alternated(args)
         return
     info = {**machine(), "device": args.device, **asdict(mode)}
-    results = []
+    results, online = [], {}
     for preset in args.presets:
-        results.append(child(args, "--one", preset, "--steps", str(steps_for(preset, args.steps))))
+        flags = ("--one", preset, "--steps", str(steps_for(preset, args.steps)))
+        results.append(child(args, *flags))
         print(f"# {preset}: {results[-1]['step_s']:.3f} s", file=sys.stderr, flush=True)
+        if args.memo and preset not in SPECIAL:  # the same step computing the teacher
+            online[preset] = child(args, *flags, memo=False)["step_s"]
+            print(f"# {preset} (teacher computed): {online[preset]:.3f} s", file=sys.stderr)
     info["load_avg_end"] = load_avg()[0]
     base = next((r["step_s"] for r in results if r["preset"] == "ce_kd"), None)
-    print(f"| preset (batch {args.batch}) | step (s) | x ce_kd | img/s | peak RSS (MB) |")
-    print("|---|---|---|---|---|")  # peak GPU memory is in --json
+    memo_col = " teacher computed (s) |" if args.memo else ""
+    print(f"| preset (batch {args.batch}) | step (s) | x ce_kd | img/s | peak RSS (MB) |{memo_col}")
+    print("|---|---|---|---|---|" + ("---|" if args.memo else ""))  # peak GPU memory: --json
     for r in results:
         ratio = f"{r['step_s'] / base:.2f}" if base else "—"
+        extra = (
+            f" {online[r['preset']]:.3f} |"
+            if r["preset"] in online
+            else (" — |" if args.memo else "")
+        )
         print(
             f"| {r['preset']} | {r['step_s']:.3f} | {ratio} | {args.batch / r['step_s']:.0f} | "
-            f"{r['peak_rss_mb']:.0f} |"
+            f"{r['peak_rss_mb']:.0f} |{extra}"
         )
     print(f"machine: {info}", file=sys.stderr)
     if args.json:
@@ -332,6 +343,7 @@ def main() -> None:
             "machine": info,
             "batch": args.batch,
             "step_s": {r["preset"]: r["step_s"] for r in results},
+            **({"step_s_online": online} if online else {}),
             "peak_gpu_mb": {r["preset"]: r["peak_gpu_mb"] for r in results},
         }
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from distill import harness
@@ -113,19 +114,24 @@ def test_finished_table_needs_no_teacher_or_precompute(tmp_path, capsys):
     assert "loss=shapcam_kd" in commands[2] and "scorecam" not in " ".join(commands)
 
 
+def _cost_rows(table: str) -> dict[str, list[str]]:
+    lines = [line for line in table.splitlines() if line.startswith("| ")][1:]
+    return {line.split("|")[1].strip(): line.split("|") for line in lines}
+
+
 def test_cost_model_arithmetic(tmp_path):
     """Paper profile: 50k images x 200 epochs x 3 seeds; times scale per image from batch 64."""
     times = {"teacher": 1.0, "precompute": 2.0, "ce": 0.5, "ce_kd": 0.8}
     path = tmp_path / "steps.json"
     path.write_text(json.dumps({"batch": 64, "step_s": times, "machine": {"cpu": "X"}}))
     table = harness.cost(Profile.load("paper"), path)
-    rows = {line.split("|")[1].strip(): line.split("|") for line in table.splitlines()[4:-3]}
+    rows = _cost_rows(table)
     teacher_h = 1.0 / 64 * 50_000 * 200 / 3600
-    assert float(rows["teacher"][6]) == pytest.approx(teacher_h, abs=0.005)
-    assert float(rows["cached teacher maps (shapcam)"][6]) == pytest.approx(
+    assert float(rows["teacher"][7]) == pytest.approx(teacher_h, abs=0.005)
+    assert float(rows["cached teacher maps (shapcam)"][7]) == pytest.approx(
         2.0 / 64 * 50_000 / 3600, abs=0.005
     )
-    assert float(rows["ce_kd"][7]) == pytest.approx(3 * 0.8 / 64 * 50_000 * 200 / 3600, abs=0.005)
+    assert float(rows["ce_kd"][8]) == pytest.approx(3 * 0.8 / 64 * 50_000 * 200 / 3600, abs=0.005)
     assert "not measured" in rows["gradcam"][5]
     expected = teacher_h * (1 + 3 * 0.5 + 3 * 0.8) + 2.0 / 64 * 50_000 / 3600
     assert f"**Total: {expected:.1f} h**" in table
@@ -133,6 +139,45 @@ def test_cost_model_arithmetic(tmp_path):
     path.write_text("{}")
     with pytest.raises(HarnessError, match="bench_distill.py --json"):
         harness.cost(Profile.load("paper"), path)
+
+
+def test_memo_miss_fraction_matches_a_simulation() -> None:
+    """Closed form of the cost model against drawn views: 4,000 images, 30 epochs, after
+    20 epochs of an earlier seed."""
+    from distill.harness.cost_model import miss_fraction
+
+    gen = torch.Generator().manual_seed(0)
+    draws = torch.randint(0, 162, (4000, 50), generator=gen)
+    seen = torch.zeros(4000, 162, dtype=torch.bool)
+    misses = 0
+    for epoch in range(50):
+        view = draws[:, epoch]
+        fresh = ~seen[torch.arange(4000), view]
+        misses += int(fresh.sum()) if epoch >= 20 else 0
+        seen[torch.arange(4000), view] = True
+    assert misses / (4000 * 30) == pytest.approx(miss_fraction(20, 30), abs=0.01)
+
+
+def test_cost_model_with_the_memo(tmp_path):
+    """The first cell of a seed that needs a memo table pays computed-teacher steps for its
+    misses; the later cells of the seed hit; later seeds miss less."""
+    from distill.harness.cost_model import miss_fraction
+
+    hit = {"teacher": 1.0, "ce": 0.5, "ce_kd": 0.5, "gradcam": 0.6, "gradcam_kd": 0.6}
+    online = {**hit, "ce_kd": 0.9, "gradcam": 1.0, "gradcam_kd": 1.0}
+    path = tmp_path / "steps.json"
+    path.write_text(json.dumps({"batch": 64, "step_s": hit, "step_s_online": online}))
+    profile = Profile.load("paper")
+    profile.cells = ["ce", "ce_kd", "gradcam", "gradcam_kd"]
+    rows = _cost_rows(harness.cost(profile, path))
+    per_step_h = 50_000 * 200 / 64 / 3600
+    first, later = miss_fraction(0, 200), [miss_fraction(200 * k, 200) for k in (1, 2)]
+    ce_kd = sum(m * 0.9 + (1 - m) * 0.5 for m in [first, *later]) * per_step_h
+    gradcam = sum(m * 1.0 + (1 - m) * 0.6 for m in [first, *later]) * per_step_h
+    assert float(rows["ce_kd"][8]) == pytest.approx(ce_kd, abs=0.01)
+    assert float(rows["gradcam"][8]) == pytest.approx(gradcam, abs=0.01)
+    assert float(rows["gradcam_kd"][8]) == pytest.approx(3 * 0.6 * per_step_h, abs=0.01)
+    assert rows["gradcam_kd"][6].strip() == "100 %"
 
 
 def test_cli_reports_bad_profile_briefly():

@@ -1,5 +1,15 @@
 """The cost model of a profile: measured seconds per training step (``benchmarks/
-bench_distill.py --json``) x images x epochs x runs, as a markdown table."""
+bench_distill.py --json``) x images x epochs x runs, with the teacher-output memo, as a markdown
+table.
+
+With the memo (:mod:`distill.teacher.memo`) a step costs ``step_s`` when its teacher outputs are
+memo hits and ``step_s_online`` when they are computed. The harness trains a seed's cells one after
+another on the same (image, view) stream, so the first cell of a seed that needs a memo table
+(the teacher logits, or one method's maps) fills it and the later cells of that seed hit it on
+every step. A run that fills draws each image's view uniformly from ``V`` views once per epoch, so
+in epoch ``e`` a draw misses with probability ``(1 - 1/V)^(D + e)``, ``D`` being the draws per
+image of earlier seeds that filled the same table.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +20,8 @@ from typing import Any
 
 from distill.harness.profiles import HarnessError, Profile
 from distill.harness.runs import compose
+
+VIEWS = 162  # pad 4: 9 x 9 crop offsets x 2 flips (distill.teacher.memo.num_views)
 
 
 def _train_images(cfg: dict[str, Any]) -> int:
@@ -28,13 +40,31 @@ def _cached_methods(cells: Sequence[str], configs: dict[str, dict[str, Any]]) ->
     return sorted(methods)
 
 
-def cost(profile: Profile, step_times: Path) -> str:
-    """Markdown cost model: measured seconds per training image x images x epochs x seeds.
+def memo_tables(loss: dict[str, Any]) -> tuple[set[str], set[str]]:
+    """The memo tables a run with this ``loss`` config reads, and those its misses fill."""
+    if not loss.get("teacher_memo", True):
+        return set(), set()
+    needs = {"logits"} if loss.get("kd", {}).get("enabled") else set()
+    if loss.get("method") and loss.get("teacher_maps") == "online":
+        maps = {f"maps-{loss['method']}"}
+        return needs | maps, needs | maps | {"logits"}  # a CAM pass also gives the logits
+    return needs, needs
 
-    ``step_times`` is the JSON written by ``benchmarks/bench_distill.py --json``: one training
-    step per cell (and ``teacher``, ``precompute``) at one batch size, timed on some machine.
-    Times scale per image to the profile's batch size; test passes and checkpointing are left out.
-    """
+
+def miss_fraction(prior_draws: int, epochs: int, views: int = VIEWS) -> float:
+    """Mean over epochs of the probability that an epoch's view of an image was never drawn
+    before (``prior_draws`` draws per image by earlier runs, then one per epoch of this run)."""
+    keep = 1 - 1 / views
+    return sum(keep ** (prior_draws + e) for e in range(epochs)) / max(epochs, 1)
+
+
+def all_channel_scorecam(loss: dict[str, Any]) -> bool:
+    """Score-CAM scoring all K channels: K student forwards per step by definition."""
+    student = {**loss.get("cam", {}), **loss.get("student_cam", {})}
+    return loss.get("method") == "scorecam" and student.get("max_channels") is None
+
+
+def _read(step_times: Path) -> tuple[dict[str, Any], dict[str, float], dict[str, float], int]:
     try:
         record = json.loads(Path(step_times).read_text())
         measured, batch = record["step_s"], int(record["batch"])
@@ -43,64 +73,147 @@ def cost(profile: Profile, step_times: Path) -> str:
             f"cannot read step times from {step_times} ({err}); write them with "
             "`python benchmarks/bench_distill.py --json FILE`"
         ) from err
+    return record, measured, record.get("step_s_online", measured), batch
+
+
+def cost(profile: Profile, step_times: Path) -> str:
+    """Markdown cost model: measured seconds per training image x images x epochs x seeds.
+
+    ``step_times`` is the JSON written by ``benchmarks/bench_distill.py --json``: one training
+    step per cell (and ``teacher``, ``precompute``) at one batch size, timed on some machine;
+    with ``--memo`` it holds memo-hit (``step_s``) and computed-teacher (``step_s_online``) times.
+    Times scale per image to the profile's batch size; test passes and checkpointing are left out.
+    """
+    record, hit_s, online_s, batch = _read(step_times)
     configs = {
         cell: compose(profile.cell_overrides(cell, profile.seeds[0])) for cell in profile.cells
     }
     teacher_cfg = compose(profile.teacher_overrides())
-    rows: list[tuple[str, int, int, int, float | None, str]] = []
     n_teacher = _train_images(teacher_cfg)
-    rows.append(
-        (
+    rows = [
+        _row(
             "teacher",
-            1,
+            [hit_s.get("teacher")],
             int(teacher_cfg["trainer"]["max_epochs"]),
             n_teacher,
-            measured.get("teacher"),
+            batch,
             "",
         )
-    )
+    ]
     for method in _cached_methods(profile.cells, configs):
         key = "precompute" if method == "shapcam" else f"precompute {method}"
-        rows.append((f"cached teacher maps ({method})", 1, 1, n_teacher, measured.get(key), ""))
+        rows.append(
+            _row(f"cached teacher maps ({method})", [hit_s.get(key)], 1, n_teacher, batch, "")
+        )
+    rows += _cell_rows(profile, configs, hit_s, online_s, batch)
+    return _table(profile, record, step_times, batch, rows)
+
+
+def _cell_rows(
+    profile: Profile,
+    configs: dict[str, dict[str, Any]],
+    hit_s: dict[str, float],
+    online_s: dict[str, float],
+    batch: int,
+) -> list[dict[str, Any]]:
+    """One row per cell; a cell's runs differ in memo hits (seed-major order, as the harness)."""
+    steps: dict[str, list[float | None]] = {cell: [] for cell in profile.cells}
+    hits: dict[str, list[float]] = {cell: [] for cell in profile.cells}
+    filled_by_seeds: dict[str, int] = {}  # table -> earlier seeds that filled it
+    for _ in profile.seeds:
+        filled_now: set[str] = set()
+        for cell, cfg in configs.items():
+            needs, fills = memo_tables(cfg["loss"])
+            epochs = int(cfg["trainer"]["max_epochs"])
+            missing = needs - filled_now
+            miss = max(
+                (miss_fraction(filled_by_seeds.get(t, 0) * epochs, epochs) for t in missing),
+                default=0.0,
+            )
+            hit, online = hit_s.get(cell), online_s.get(cell)
+            step = None if hit is None or online is None else miss * online + (1 - miss) * hit
+            steps[cell].append(step if needs else online)
+            hits[cell].append(1 - miss if needs else float("nan"))
+            filled_now |= fills
+        for table in filled_now:
+            filled_by_seeds[table] = filled_by_seeds.get(table, 0) + 1
+    rows = []
     for cell, cfg in configs.items():
         note = (
             "profile overrides the preset (timed with its defaults)"
             if profile.method_extra(cell)
             else ""
         )
-        rows.append(
-            (
-                cell,
-                len(profile.seeds),
-                int(cfg["trainer"]["max_epochs"]),
-                _train_images(cfg),
-                measured.get(cell),
-                note,
-            )
+        row = _row(
+            cell, steps[cell], int(cfg["trainer"]["max_epochs"]), _train_images(cfg), batch, note
         )
+        row["memo_hits"] = hits[cell]
+        row["scorecam_all"] = all_channel_scorecam(cfg["loss"])
+        rows.append(row)
+    return rows
+
+
+def _row(
+    name: str, steps: list[float | None], epochs: int, images: int, batch: int, note: str
+) -> dict[str, Any]:
+    known = None if None in steps else [float(s) for s in steps if s is not None]
+    hours = None if known is None else [s / batch * images * epochs / 3600 for s in known]
+    return {
+        "name": name,
+        "runs": len(steps),
+        "epochs": epochs,
+        "images": images,
+        "steps": known,
+        "hours": hours,
+        "note": note,
+        "memo_hits": [],
+        "scorecam_all": False,
+    }
+
+
+def _table(
+    profile: Profile,
+    record: dict[str, Any],
+    step_times: Path,
+    batch: int,
+    rows: list[dict[str, Any]],
+) -> str:
+    machine = record.get("machine", {})
+    flags = ", ".join(k for k in ("bf16", "channels_last", "memo") if machine.get(k)) or "fp32"
     lines = [
         f"Cost model for profile `{profile.name}` from {step_times} (measured at batch {batch}"
-        f" on {record.get('machine', {}).get('cpu', 'an unnamed machine')}, "
-        f"{record.get('date', 'undated')}): hours = s/step / {batch} x images x epochs x runs.",
+        f" on {machine.get('cpu', 'an unnamed machine')}, {flags}, "
+        f"{record.get('date', 'undated')}): hours = s/step / {batch} x images x epochs, per run.",
         "",
-        "| run | runs | epochs | images | s/step (measured) | h per run | h total | note |",
-        "|---|---:|---:|---:|---:|---:|---:|---|",
+        "| run | runs | epochs | images | s/step (mean over runs) | memo hits | h per run "
+        "| h total | note |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
-    total, missing = 0.0, []
-    for name, runs, epochs, images, step, note in rows:
-        if step is None:
-            missing.append(name)
-            lines.append(
-                f"| {name} | {runs} | {epochs} | {images} | not measured | — | — | {note} |"
-            )
+    total = without_scorecam = 0.0
+    missing = []
+    for row in rows:
+        head = f"| {row['name']} | {row['runs']} | {row['epochs']} | {row['images']} |"
+        if row["hours"] is None:
+            missing.append(row["name"])
+            lines.append(f"{head} not measured | — | — | — | {row['note']} |")
             continue
-        hours = step / batch * images * epochs / 3600
-        total += hours * runs
+        hits = [h for h in row["memo_hits"] if h == h]
+        hit_text = f"{100 * sum(hits) / len(hits):.0f} %" if hits else "—"
+        step = sum(row["steps"]) / len(row["steps"])
+        run_total = sum(row["hours"])
+        total += run_total
+        without_scorecam += 0.0 if row["scorecam_all"] else run_total
         lines.append(
-            f"| {name} | {runs} | {epochs} | {images} | {step:.3f} | {hours:.2f} | "
-            f"{hours * runs:.2f} | {note} |"
+            f"{head} {step:.3f} | {hit_text} | {run_total / row['runs']:.2f} | {run_total:.2f} "
+            f"| {row['note']} |"
         )
+    scorecam = [r["name"] for r in rows if r["scorecam_all"]]
     lines += ["", f"**Total: {total:.1f} h** of sequential training (test passes excluded)."]
+    if scorecam:
+        lines.append(
+            f"**Without the all-channel Score-CAM cells ({', '.join(scorecam)}): "
+            f"{without_scorecam:.1f} h.**"
+        )
     if missing:
         lines.append(f"Not measured, so not in the total: {', '.join(missing)}.")
     return "\n".join(lines) + "\n"
