@@ -263,3 +263,20 @@ def test_precompute_fills_every_view_and_training_hits_it(tmp_path, teacher_ckpt
 def test_view_params_invert_view_ids() -> None:
     views = torch.arange(162)
     assert view_ids(view_params(views, 4), 162, 4).tolist() == views.tolist()
+
+
+def test_cached_maps_with_memo_logits(tmp_path, teacher_ckpt) -> None:
+    """Shap-CAM's presets: maps from the offline cache (aligned), KD logits from the memo."""
+    from distill.teacher import align_maps
+
+    cfg = tiny(tmp_path, teacher_ckpt, "loss=shapcam_kd")
+    teacher = student(cfg).teacher
+    teacher.cached_maps = torch.rand(6, 8, 8, generator=torch.Generator().manual_seed(1))
+    teacher.cache_position = torch.arange(6)
+    teacher.enable_memo(Data(), "32-true")
+    batch = _batch(_images(), [4, 0, 2], _aug([0, 8, 3], [2, 4, 8], [0, 1, 1]))
+    for _ in range(2):  # a miss, then a hit
+        logits, maps = teacher.outputs(batch, need_logits=True)
+        torch.testing.assert_close(maps, align_maps(teacher.cached_maps[[4, 0, 2]], batch["aug"]))
+        torch.testing.assert_close(logits, teacher.logits(batch["image"]), rtol=1e-5, atol=1e-6)
+    assert teacher.memo_hit_rate() == 0.5

@@ -89,3 +89,33 @@ def test_ddp_two_cpu_processes_with_cached_teacher_maps(tmp_path, teacher_ckpt):
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     metrics = json.loads((tmp_path / "train" / "ddp" / "metrics.json").read_text())
     assert 0 <= metrics["test_error"] <= 100
+
+
+@pytest.mark.slow
+def test_ddp_ranks_share_the_teacher_memo(tmp_path, teacher_ckpt):
+    """Two gloo ranks fill one memo (each its half of the batches); a second two-rank run of
+    another preset with the same seed reads every view written by either rank."""
+    import csv
+
+    import numpy as np
+
+    common = [
+        *TINY,
+        f"teacher.checkpoint={teacher_ckpt}",
+        f"paths.log_dir={tmp_path}",
+        f"module.memo_root={tmp_path}/memo",
+        "trainer=ddp",
+        "trainer.accelerator=cpu",
+        "trainer.devices=2",
+        "trainer.precision=32-true",
+    ]
+    for preset in ("gradcam", "gradcam_kd"):
+        cmd = [sys.executable, "train.py", *common, f"loss={preset}", f"run_name={preset}"]
+        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    (memo,) = (tmp_path / "memo").iterdir()
+    (flags,) = memo.glob("maps-gradcam-*.filled")
+    assert np.count_nonzero(np.fromfile(flags, dtype=np.uint8)) == 64  # one view per image
+    with open(next((tmp_path / "train" / "gradcam_kd").glob("csv/**/metrics.csv"))) as fh:
+        rates = [r["teacher/memo_hit_rate"] for r in csv.DictReader(fh)]
+    assert [float(r) for r in rates if r] == [1.0]

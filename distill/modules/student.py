@@ -152,7 +152,7 @@ class StudentModule(ClassifierModule):
         super().on_train_epoch_end()
         rate = self.teacher.memo_hit_rate()
         if rate is not None:
-            self.log("teacher/memo_hit_rate", rate, on_epoch=True)
+            self.log("teacher/memo_hit_rate", rate, on_epoch=True, sync_dist=True)
         self._log_cam_grid()
 
     # ----------------------------------------------------------------- losses

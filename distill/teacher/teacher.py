@@ -153,7 +153,10 @@ class Teacher(nn.Module):
         online maps and logits come from one CAM pass, or from the memo when it is enabled."""
         x, y = batch["image"], batch["label"]
         if self.memo is not None and (need_logits or self.source == "online"):
-            return self._memo_outputs(batch, need_logits)
+            logits, maps = self._memo_outputs(batch, need_logits)
+            if self.cam is not None and self.source == "cache":
+                maps = self.cached(batch["index"], batch.get("aug"))
+            return logits, maps
         if self.cam is not None and self.source == "online":
             out = self.cam.compute(x, y)
             return out.logits.detach(), out.maps.detach()
