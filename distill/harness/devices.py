@@ -124,8 +124,7 @@ def check_trainer(devices: Sequence[Device], trainer: dict[str, Any], profile: s
     if devices[0].kind == "gpu" and count != "1":
         raise HarnessError(
             f"profile {profile!r} trains on {count} devices per run (trainer.devices={count}) "
-            "but a GPU worker gives each run one GPU: set trainer.devices=1 in the profile, or "
-            f"use --launcher slurm --slurm-gpus {count}"
+            "but a GPU worker gives each run one GPU: set trainer.devices=1 in the profile"
         )
 
 
