@@ -382,6 +382,9 @@ DEFAULTS = {
     "precompute": [],
     "method_overrides": {},
     "n_jobs": 1,
+    "devices": "auto",
+    "launcher": "local",
+    "slurm": {},
     "results_dir": "results",
     "description": "",
 }

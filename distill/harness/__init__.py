@@ -4,14 +4,19 @@ it does and its commands are in :mod:`distill.harness.cli` (``python -m distill.
 Modules, one job each: :mod:`~distill.harness.profiles` (the profiles, Hydra configs in
 ``configs/harness/`` with the schema :class:`Profile`; the overrides of each step and cell),
 :mod:`~distill.harness.runs` (a run directory's saved config and metrics),
-:mod:`~distill.harness.lock` (the results-folder lock), :mod:`~distill.harness.runner` (running the
-steps as processes), :mod:`~distill.harness.reporting` (table and chart),
+:mod:`~distill.harness.lock` (the results-folder lock), :mod:`~distill.harness.processes` (starting
+a step's process in a device's environment), :mod:`~distill.harness.devices` (local workers, one
+per device), :mod:`~distill.harness.slurm` (SLURM job arrays through Hydra's submitit launcher),
+:mod:`~distill.harness.runner` (the protocol's steps), :mod:`~distill.harness.reporting` (table
+and chart),
 :mod:`~distill.harness.cost_model` (the cost model) and :mod:`~distill.harness.cli`.
 """
 
 from distill.harness.cli import main
 from distill.harness.cost_model import cost
+from distill.harness.devices import Device, Local, parse_devices, round_robin
 from distill.harness.lock import LOCK_NAME, results_lock, running_holder
+from distill.harness.processes import LOG_NAME, Runner, Step
 from distill.harness.profiles import (
     PROFILE_DIR,
     RESULTS_ROOT,
@@ -23,11 +28,10 @@ from distill.harness.profiles import (
 )
 from distill.harness.reporting import PAPER_ERRORS, check_report_configs, collect, pooled_sd, report
 from distill.harness.runner import (
-    LOG_NAME,
     Failure,
-    Runner,
     failure_summary,
     pending_cells,
+    placement,
     run,
     run_cells,
     run_precompute,
@@ -41,6 +45,7 @@ from distill.harness.runs import (
     read_metrics,
     saved_config,
 )
+from distill.harness.slurm import Slurm
 
 __all__ = [
     "IGNORED_KEYS",
@@ -50,10 +55,14 @@ __all__ = [
     "PROFILE_DIR",
     "RESULTS_ROOT",
     "ROOT",
+    "Device",
     "Failure",
     "HarnessError",
+    "Local",
     "Profile",
     "Runner",
+    "Slurm",
+    "Step",
     "check_report_configs",
     "check_same_config",
     "collect",
@@ -63,11 +72,14 @@ __all__ = [
     "cost",
     "failure_summary",
     "main",
+    "parse_devices",
     "pending_cells",
+    "placement",
     "pooled_sd",
     "read_metrics",
     "report",
     "results_lock",
+    "round_robin",
     "run",
     "run_cells",
     "run_precompute",

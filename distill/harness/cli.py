@@ -2,7 +2,13 @@
 
 ``python -m distill.harness run --profile cpu-mini`` trains (or reuses) the teacher, precomputes the
 cached teacher maps, and trains every cell of the table for every seed, each as its own
-``train.py`` process (``--n-jobs N`` runs N at once) whose output goes to ``<run dir>/harness.log``.
+``train.py`` process whose output goes to ``<run dir>/harness.log``. ``--devices`` places them on
+this machine: ``auto`` (one worker per visible GPU, else one CPU worker), ``0,1`` (GPUs) or
+``cpu:N`` (N CPU workers); each worker starts the next pending run (table order, seed by seed)
+when its last one ends (``--n-jobs N``, deprecated, is ``--devices cpu:N``). ``--launcher slurm``
+submits them instead as SLURM job arrays through Hydra's submitit launcher
+(``hydra/launcher=harness_slurm``) and waits for them. ``--dry-run`` prints the plan (which run on
+which worker, or each sweep command and which job index is which run) and starts nothing.
 A cell that dies does not stop the others: the failed ones are listed at the end (with their log)
 and the exit status is 1. Finished runs are skipped, interrupted runs resume from ``last.ckpt``, and
 a run directory made with a different configuration is refused (by ``run``, ``status`` and
@@ -24,6 +30,18 @@ from distill.harness.lock import running_holder
 from distill.harness.profiles import ROOT, HarnessError, Profile
 from distill.harness.reporting import report
 from distill.harness.runner import failure_summary, pending_cells, run
+from distill.harness.slurm import override_value
+
+
+def _slurm_options(args: argparse.Namespace) -> list[str]:
+    """The ``--slurm-*`` flags as ``KEY=VALUE`` launcher options."""
+    flags = {
+        "partition": args.slurm_partition,
+        "timeout_min": args.slurm_timeout_min,
+        "gpus_per_node": args.slurm_gpus,
+    }
+    named = [f"{k}={override_value(v)}" for k, v in flags.items() if v is not None]
+    return [*named, *args.slurm_option]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -32,8 +50,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--profile", default="cpu-mini", help="a name in configs/harness/ or a .yaml"
     )
-    parser.add_argument("--n-jobs", type=int, default=None, help="cells trained at once")
-    parser.add_argument("--dry-run", action="store_true", help="print the commands only")
+    parser.add_argument(
+        "--devices", default=None, help="auto | GPU indices 0,1 | cpu:N (default: the profile's)"
+    )
+    parser.add_argument("--n-jobs", type=int, default=None, help="deprecated: --devices cpu:N")
+    parser.add_argument("--launcher", default=None, help="local | slurm (default: the profile's)")
+    parser.add_argument("--slurm-partition", default=None, help="with --launcher slurm")
+    parser.add_argument("--slurm-timeout-min", type=int, default=None, help="per job")
+    parser.add_argument("--slurm-gpus", type=int, default=None, help="GPUs per job (default 1)")
+    parser.add_argument(
+        "--slurm-option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="any hydra.launcher key of submitit_slurm (account=..., qos=...); repeatable",
+    )
+    parser.add_argument("--dry-run", action="store_true", help="print the plan, start nothing")
     parser.add_argument("--results-dir", default=None, help="default: the profile's (results)")
     parser.add_argument(
         "--step-times",
@@ -44,8 +76,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         profile = Profile.load(args.profile, results_dir=args.results_dir)
         if args.command == "run":
-            failures = run(profile, args.n_jobs, args.dry_run)
-            print(f"report: {report(profile)}")
+            failures = run(
+                profile,
+                args.n_jobs,
+                args.dry_run,
+                devices=args.devices,
+                launcher=args.launcher,
+                slurm=_slurm_options(args),
+            )
+            if not args.dry_run:
+                print(f"report: {report(profile)}")
             if failures:
                 print(failure_summary(failures), file=sys.stderr)
                 return 1

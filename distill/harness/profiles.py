@@ -22,6 +22,8 @@ ROOT = Path(__file__).resolve().parents[2]
 PROFILE_DIR = ROOT / "configs" / "harness"
 SCHEMA_NAME = "harness_profile"  # the schema's name in Hydra's ConfigStore
 RESULTS_ROOT = "${paths.log_dir}"  # how paths under the results folder are stored in configs
+# run_name of a cell in a multirun over cells and seeds: the local path's ``<cell>-s<seed>``
+SWEPT_RUN_NAME = "${hydra:runtime.choices.loss}-s${seed}"
 
 
 class HarnessError(RuntimeError):
@@ -49,7 +51,10 @@ class Profile:
     student: list[str] = field(default_factory=list)
     precompute: list[str] = field(default_factory=list)
     method_overrides: dict[str, list[str]] = field(default_factory=dict)
-    n_jobs: int = 1
+    n_jobs: int = 1  # deprecated: devices cpu:N
+    devices: str = "auto"  # local workers: auto | GPU indices "0,1" | cpu:N (harness.devices)
+    launcher: str = "local"  # local | slurm
+    slurm: dict[str, Any] = field(default_factory=dict)  # hydra.launcher keys (--launcher slurm)
     results_dir: str = "results"
     description: str = ""
 
@@ -97,16 +102,29 @@ class Profile:
         return list(self.method_overrides.get(cell.removesuffix("_kd"), []))
 
     def cell_overrides(self, cell: str, seed: int) -> list[str]:
+        return self._student_overrides(self.method_extra(cell), cell, str(seed), f"{cell}-s{seed}")
+
+    def sweep_overrides(self, cells: list[str], seeds: list[int]) -> list[str]:
+        """A multirun (``-m``) over ``seeds`` x ``cells`` (seed by seed) whose jobs have the
+        overrides, run name and run directory of :meth:`cell_overrides`: the cells must share
+        their :meth:`method_extra`."""
+        extra = self.method_extra(cells[0])
+        if any(self.method_extra(c) != extra for c in cells):
+            raise ValueError(f"cells {cells} have different method overrides")
+        seed_list = ",".join(map(str, seeds))
+        return self._student_overrides(extra, ",".join(cells), seed_list, SWEPT_RUN_NAME)
+
+    def _student_overrides(self, extra: list[str], loss: str, seed: str, run: str) -> list[str]:
         # relative to the results root (paths.log_dir): a copied results folder stays valid
         ckpt = f"{RESULTS_ROOT}/runs/teacher/checkpoints/last.ckpt"
         return [
             *self.common,
             *self.student,
-            *self.method_extra(cell),
-            f"loss={cell}",
-            f"seed={seed}",
+            *extra,
+            f"seed={seed}",  # before loss: a sweep's jobs go seed by seed
+            f"loss={loss}",
             f"teacher.checkpoint={ckpt}",
-            *self.location("runs", f"{cell}-s{seed}"),
+            *self.location("runs", run),
         ]
 
 

@@ -1,24 +1,24 @@
 """Running the protocol: the teacher, the cached teacher maps and every cell x seed, each as its
-own process logged to ``<run dir>/harness.log``, under the results-folder lock; what failed is
-collected and summed up at the end, the other steps still run."""
+own process logged to ``<run dir>/harness.log`` (locally, on the workers of ``--devices``:
+:mod:`distill.harness.devices`) or as SLURM job arrays (``--launcher slurm``:
+:mod:`distill.harness.slurm`), under the results-folder lock; what failed is collected and summed
+up at the end, the other steps still run."""
 
 from __future__ import annotations
 
-import os
-import shlex
-import subprocess
 import sys
-import time
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+from distill.harness.devices import Local
 from distill.harness.lock import results_lock
-from distill.harness.profiles import ROOT, Profile
+from distill.harness.processes import Runner, Step, exit_reason
+from distill.harness.profiles import HarnessError, Profile
 from distill.harness.runs import check_same_config, compose, read_metrics
+from distill.harness.slurm import Slurm
 
-LOG_NAME = "harness.log"
+Placement = Local | Slurm
 
 
 @dataclass
@@ -30,81 +30,86 @@ class Failure:
     log: Path
 
 
-@dataclass
-class Runner:
-    """Starts ``python ARGS`` processes from the repository root, each logged to a file.
+def _warn(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr, flush=True)
 
-    ``echo`` copies the output to the console as well (off when several run at once);
-    ``keep_fds`` are inherited by the processes (the results lock).
-    """
 
-    dry_run: bool = False
-    echo: bool = True
-    keep_fds: tuple[int, ...] = ()
+def _device_spec(profile: Profile, devices: str | None, n_jobs: int | None) -> str:
+    """The ``--devices`` value, with the deprecated ``--n-jobs N`` / ``n_jobs`` as ``cpu:N``."""
+    if n_jobs is not None:
+        if devices is not None:
+            raise HarnessError("give --devices or --n-jobs, not both (--n-jobs N is cpu:N)")
+        if n_jobs < 1:
+            raise HarnessError(f"--n-jobs {n_jobs}: use --devices cpu:N with N >= 1")
+        _warn("--n-jobs is deprecated: use --devices cpu:N (N CPU workers) or 0,1 (GPUs)")
+        return profile.devices if n_jobs == 1 else f"cpu:{n_jobs}"
+    if devices is not None:
+        return devices
+    if profile.n_jobs != 1:
+        if profile.devices != "auto":
+            raise HarnessError("the profile sets devices and the deprecated n_jobs: drop n_jobs")
+        _warn(f"profile key n_jobs is deprecated: use devices: cpu:{profile.n_jobs}")
+        return f"cpu:{profile.n_jobs}"
+    return profile.devices
 
-    def __call__(self, args: Sequence[str], log: Path) -> int:
-        """Run ``python ARGS``, appending its stdout and stderr to ``log``; the exit status."""
-        cmd = [sys.executable, *args]
-        print("$", shlex.join(cmd), flush=True)
-        if self.dry_run:
-            return 0
-        log.parent.mkdir(parents=True, exist_ok=True)
-        env = {**os.environ, "HYDRA_FULL_ERROR": "1", "PYTHONUNBUFFERED": "1"}
-        with open(log, "ab") as out:
-            out.write(f"\n=== {time.strftime('%F %T')} $ {shlex.join(cmd)}\n".encode())
-            out.flush()
-            proc = subprocess.Popen(
-                cmd,
-                cwd=ROOT,
-                env=env,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-                pass_fds=self.keep_fds,
+
+def placement(
+    profile: Profile,
+    devices: str | None = None,
+    n_jobs: int | None = None,
+    launcher: str | None = None,
+    slurm: Sequence[str] = (),
+) -> Placement:
+    """Where the steps run: the command line's choice, else the profile's (``devices``,
+    ``launcher``, ``slurm``). Contradictory or malformed choices raise naming the fix."""
+    kind = launcher or profile.launcher
+    if kind == "slurm":
+        if devices is not None or n_jobs is not None:
+            flag = "--devices" if devices is not None else "--n-jobs"
+            raise HarnessError(
+                f"{flag} places runs on this machine; with --launcher slurm each run is a SLURM "
+                "job: drop it and set the job's GPUs with --slurm-gpus N"
             )
-            assert proc.stdout is not None
-            while chunk := proc.stdout.read1(1 << 16):
-                out.write(chunk)
-                if self.echo:
-                    sys.stdout.buffer.write(chunk)
-                    sys.stdout.flush()
-            return proc.wait()
+        return Slurm.parse(profile.slurm, slurm)
+    if kind != "local":
+        raise HarnessError(f"unknown launcher {kind!r}: use local or slurm")
+    if slurm:
+        raise HarnessError(
+            f"SLURM options ({', '.join(slurm)}) need --launcher slurm; drop them to run here"
+        )
+    return Local.parse(_device_spec(profile, devices, n_jobs))
 
 
-def _exit_reason(code: int) -> str:
-    return f"killed by signal {-code}" if code < 0 else f"exit status {code}"
-
-
-def run_teacher(profile: Profile, runner: Runner) -> Failure | None:
+def run_teacher(profile: Profile, runner: Runner, place: Placement) -> Failure | None:
     overrides = profile.teacher_overrides()
     check_same_config(profile.teacher_dir, overrides)
     if read_metrics(profile.teacher_dir) is not None:
         print(f"teacher: finished, reusing {profile.teacher_dir}")
         return None
-    log = profile.teacher_dir / LOG_NAME
-    code = runner(["train.py", *overrides], log)
-    reason = f"{_exit_reason(code)}; no student run was started"
-    return Failure("teacher", reason, log) if code else None
+    step = place.teacher(profile)
+    (code,) = place.run([step], runner)
+    reason = f"{exit_reason(code)}; no student run was started"
+    return Failure("teacher", reason, step.log) if code else None
 
 
 def run_precompute(
-    profile: Profile, pending: dict[int, list[str]], runner: Runner
+    profile: Profile, pending: dict[int, list[str]], runner: Runner, place: Placement
 ) -> dict[str, Failure]:
     """Precompute teacher maps for every method whose pending cells read them from the cache
     (none once those cells are finished: a finished table needs no teacher checkpoint).
     Returns the failed methods."""
     methods = sorted({c.removesuffix("_kd") for cells in pending.values() for c in cells} - {"ce"})
-    failed: dict[str, Failure] = {}
+    steps: dict[str, Step] = {}
     for method in methods:
         overrides = profile.cell_overrides(method, profile.seeds[0])
         if compose(overrides)["loss"]["teacher_maps"] == "cache":
-            where = profile.out / "precompute" / method
-            args = ["-m", "distill.precompute", *overrides, *profile.precompute]
-            code = runner([*args, f"hydra.run.dir={where}"], where / LOG_NAME)
-            if code:
-                failed[method] = Failure(
-                    f"precompute {method}", _exit_reason(code), where / LOG_NAME
-                )
-    return failed
+            steps[method] = place.precompute(profile, method, [*overrides, *profile.precompute])
+    codes = place.run(list(steps.values()), runner)
+    return {
+        method: Failure(step.name, exit_reason(code), step.log)
+        for (method, step), code in zip(steps.items(), codes, strict=True)
+        if code
+    }
 
 
 def pending_cells(profile: Profile) -> dict[int, list[str]]:
@@ -119,67 +124,84 @@ def pending_cells(profile: Profile) -> dict[int, list[str]]:
     return todo
 
 
+def _run_failure(name: str, run_dir: Path, code: int, step: Step) -> Failure | None:
+    metrics = read_metrics(run_dir)
+    if code == 0 and metrics is not None:
+        print(f"{name}: finished, test error {metrics.get('test_error')}%", flush=True)
+        return None
+    reason = exit_reason(code) if code else "exited without writing metrics.json"
+    reason += f" ({step.note})" if step.note else ""
+    print(f"{name}: FAILED ({reason}); log: {step.log}", flush=True)
+    return Failure(name, reason, step.log)
+
+
 def run_cells(
     profile: Profile,
     pending: dict[int, list[str]],
     runner: Runner,
-    n_jobs: int = 1,
+    place: Placement,
     skip: dict[str, Failure] | None = None,
 ) -> list[Failure]:
-    """Train every pending cell as its own process (``n_jobs`` at once); a cell that dies does
-    not stop the others. Cells of a method in ``skip`` (failed precompute) are not started.
-    Returns the failures, in table order."""
+    """Train every pending cell (as ``place`` runs them); a cell that dies does not stop the
+    others. Cells of a method in ``skip`` (failed precompute) are not started. Returns the
+    failures, in table order."""
     skip = skip or {}
-    jobs = [(cell, seed) for seed, cells in pending.items() for cell in cells]
+    order = [f"{cell}-s{seed}" for seed, cells in pending.items() for cell in cells]
+    failures: dict[str, Failure] = {}
+    todo: dict[int, list[str]] = {}
+    for seed, cells in pending.items():
+        for cell in cells:
+            cause = skip.get(cell.removesuffix("_kd"))
+            if cause is None:
+                todo.setdefault(seed, []).append(cell)
+            else:
+                reason = f"not started: {cause.name} failed"
+                failures[f"{cell}-s{seed}"] = Failure(f"{cell}-s{seed}", reason, cause.log)
 
-    def one(job: tuple[str, int]) -> Failure | None:
-        cell, seed = job
-        name, log = f"{cell}-s{seed}", profile.run_dir(cell, seed) / LOG_NAME
-        if cell.removesuffix("_kd") in skip:
-            cause = skip[cell.removesuffix("_kd")]
-            return Failure(name, f"not started: {cause.name} failed", cause.log)
-        code = runner(["train.py", *profile.cell_overrides(cell, seed)], log)
-        if runner.dry_run:
-            return None
-        metrics = read_metrics(profile.run_dir(cell, seed))
-        if code == 0 and metrics is not None:
-            print(f"{name}: finished, test error {metrics.get('test_error')}%", flush=True)
-            return None
-        reason = _exit_reason(code) if code else "exited without writing metrics.json"
-        print(f"{name}: FAILED ({reason}); log: {log}", flush=True)
-        return Failure(name, reason, log)
+    def done(step: Step, code: int) -> None:
+        for name, run_dir in step.runs:
+            if failure := _run_failure(name, run_dir, code, step):
+                failures[name] = failure
 
-    if n_jobs > 1:
-        with ThreadPoolExecutor(n_jobs) as pool:
-            results = list(pool.map(one, jobs))
-    else:
-        results = [one(job) for job in jobs]
-    return [f for f in results if f is not None]
+    place.run(place.cells(profile, todo) if todo else [], runner, done)
+    return [failures[name] for name in order if name in failures]
 
 
-def run(profile: Profile, n_jobs: int | None = None, dry_run: bool = False) -> list[Failure]:
-    """The whole protocol, resumable: teacher, cached maps, every cell x seed.
+def run(
+    profile: Profile,
+    n_jobs: int | None = None,
+    dry_run: bool = False,
+    *,
+    devices: str | None = None,
+    launcher: str | None = None,
+    slurm: Sequence[str] = (),
+) -> list[Failure]:
+    """The whole protocol, resumable: teacher, cached maps, every cell x seed, placed by
+    :func:`placement` (``n_jobs`` is the deprecated form of ``devices="cpu:N"``).
 
-    Holds the results-folder lock throughout (not for ``dry_run``). Returns what failed: the
-    teacher (then nothing else is started), or precomputes and cells (the others still run).
+    Holds the results-folder lock throughout (not for ``dry_run``, which prints the plan and
+    starts or writes nothing). Returns what failed: the teacher (then nothing else is started), or
+    precomputes and cells (the others still run).
     """
+    place = placement(profile, devices, n_jobs, launcher, slurm)
     if dry_run:
-        return _run_locked(profile, n_jobs, Runner(dry_run=True))
+        return _run_locked(profile, place, Runner(dry_run=True))
     with results_lock(profile.out) as fd:
-        jobs = n_jobs or profile.n_jobs
-        return _run_locked(profile, jobs, Runner(echo=jobs <= 1, keep_fds=(fd,)))
+        return _run_locked(profile, place, Runner(keep_fds=(fd,)))
 
 
-def _run_locked(profile: Profile, n_jobs: int | None, runner: Runner) -> list[Failure]:
+def _run_locked(profile: Profile, place: Placement, runner: Runner) -> list[Failure]:
     pending = pending_cells(profile)
     if not pending:
         print(f"every run of profile {profile.name!r} is finished")
         return []
-    failed = run_teacher(profile, runner)
+    place = place.prepare(profile, pending)
+    print(f"placement: {place.describe(runner.dry_run)}", flush=True)
+    failed = run_teacher(profile, runner, place)
     if failed is not None:
         return [failed]
-    skip = run_precompute(profile, pending, runner)
-    return [*skip.values(), *run_cells(profile, pending, runner, n_jobs or 1, skip)]
+    skip = run_precompute(profile, pending, runner, place)
+    return [*skip.values(), *run_cells(profile, pending, runner, place, skip)]
 
 
 def failure_summary(failures: Sequence[Failure]) -> str:
