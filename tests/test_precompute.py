@@ -15,6 +15,7 @@ def precompute(teacher: Path, *extra: str):
         "-m",
         "distill.precompute",
         "loss=gradcam",
+        "loss.teacher_maps=cache",  # the offline cache (an online preset fills the memo)
         "data=synthetic",
         "data.synthetic_size=40",
         "data.synthetic_test_size=10",
@@ -22,7 +23,7 @@ def precompute(teacher: Path, *extra: str):
         f"teacher.checkpoint={teacher}",
         *extra,
     ]
-    return run_python(args, timeout=120)
+    return run_python(args, timeout=300)
 
 
 def test_empty_data_root_is_one_message(tmp_path: Path, teacher_ckpt: Path) -> None:

@@ -48,8 +48,11 @@ def test_precompute_builds_only_the_teacher(tmp_path, teacher_ckpt, monkeypatch)
 
     monkeypatch.setattr(StudentModule, "__init__", no_student)
     cfg = tiny(tmp_path, teacher_ckpt, "loss=gradcam", "data.train_subset=20")
-    directory = Path(precompute(cfg))
-    assert (directory / "manifest.json").is_file()
+    cached = tiny(
+        tmp_path, teacher_ckpt, "loss=gradcam", "loss.teacher_maps=cache", "data.train_subset=20"
+    )
+    assert (Path(precompute(cached)) / "manifest.json").is_file()
+    assert (Path(precompute(cfg)) / "meta.json").is_file()  # an online preset: the memo
 
 
 def test_teacher_stays_frozen_and_out_of_student_checkpoints(tmp_path, teacher_ckpt) -> None:
