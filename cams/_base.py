@@ -28,6 +28,7 @@ from cams._checks import (
     resolve_target_layer,
 )
 from cams._head import BNStats, Head, detect_head, grad_hvp
+from cams._precision import Autocast, upcast
 from cams.utility import Utility, get_utility
 
 __all__ = ["BaseCAM", "CAMOutput", "Forward", "preserve_state", "weighted_sum"]
@@ -63,12 +64,16 @@ def preserve_state(model: nn.Module) -> Iterator[None]:
 
 
 @contextmanager
-def rerun_context(model: nn.Module, stats: Stats) -> Iterator[None]:
+def rerun_context(model: nn.Module, stats: Stats, amp: Autocast | None = None) -> Iterator[None]:
     """Extra evaluations: eval mode (no dropout noise), the forward's BN statistics, buffers
-    kept."""
+    kept; the caller's autocast state ``amp`` (``None``: autocast as it is around the block)."""
     with preserve_state(model), frozen_batchnorm(model, stats):
         model.eval()
-        yield
+        if amp is None:
+            yield
+            return
+        with amp.network():
+            yield
 
 
 RNGState = tuple[Tensor, Tensor | None]
@@ -95,13 +100,15 @@ class Forward:
     """Result of the hooked forward (kept only for the duration of one call).
 
     ``stats``: recorded train-mode BatchNorm batch statistics; ``coupled``: a train-mode
-    BatchNorm ran after the target (samples coupled); ``rng``: RNG state at the forward's start.
+    BatchNorm ran after the target (samples coupled); ``rng``: RNG state at the forward's start;
+    ``amp``: the caller's autocast state (reruns of the network re-enter it).
     """
 
     logits: Tensor
     activation: Tensor
     synthetic: bool
     stats: Stats
+    amp: Autocast
     coupled: bool = False
     rng: RNGState | None = None
 
@@ -229,9 +236,10 @@ class BaseCAM:
             tgt = logits.detach().argmax(1)
         check_range(tgt, logits.shape[1])
         self.last_path = "generic"
-        maps = self._maps(x, fwd, tgt, create_graph)
-        if self.relu:
-            maps = torch.relu(maps)
+        with fwd.amp.exact():
+            maps = upcast(self._maps(x, fwd, tgt, create_graph))
+            if self.relu:
+                maps = torch.relu(maps)
         frozen = (
             fwd.synthetic
             and not x.requires_grad
@@ -276,7 +284,8 @@ class BaseCAM:
             )
         if not isinstance(logits, Tensor):
             raise ValueError(f"the model must return a logits tensor, got {type(logits).__name__}")
-        return Forward(logits, cap.activation, cap.synthetic, stats, bool(after), rng)
+        amp = Autocast.capture(x.device)
+        return Forward(logits, cap.activation, cap.synthetic, stats, amp, bool(after), rng)
 
     def _held_stats_rerun(
         self, x: Tensor, fwd: Forward, create_graph: bool
@@ -306,6 +315,7 @@ class BaseCAM:
                 preserve_state(self.model),
                 _replayed_rng(fwd.rng, x.device),
                 frozen_batchnorm(self.model, fwd.stats, active=lambda: fired),
+                fwd.amp.network(),
             ):
                 torch.set_grad_enabled(create_graph)
                 logits = self.model(x)
@@ -318,11 +328,16 @@ class BaseCAM:
         self, x: Tensor, fwd: Forward, targets: Tensor, create_graph: bool, hvp: bool
     ) -> tuple[Tensor, Tensor | None]:
         """Per-sample ``g = ∂U/∂A`` and, if ``hvp``, ``H·A = ∂(g·A)/∂A`` (A held fixed as the
-        vector); train-mode BatchNorm statistics after the target are held constant."""
+        vector); train-mode BatchNorm statistics after the target are held constant.
+
+        Both come back in float32 (or float64): the closed form runs on float32 copies of ``A``
+        and the logits; the autograd path back-propagates a float32 utility through the network's
+        own (autocast) ops, and for float16 logits scales each sample's utility by
+        ``1 / max_k |∂U/∂y_k|`` (undone afterwards) so that ``g`` does not underflow."""
         head, stats = self._fast(fwd)
         if head is not None:
             self.last_path = "fast"
-            a, logits = fwd.activation, fwd.logits
+            a, logits = upcast(fwd.activation), upcast(fwd.logits)
             if not create_graph:
                 a, logits = a.detach(), logits.detach()
             with torch.set_grad_enabled(create_graph):
@@ -331,37 +346,58 @@ class BaseCAM:
         if fwd.coupled:
             logits, wrt = self._held_stats_rerun(x, fwd, create_graph)
         with torch.enable_grad():
-            u = self.utility.value(logits, targets).sum()
+            u = self.utility.value(upcast(logits), targets)
+            scale = _fp16_scale(self.utility, logits, targets)
+            if scale is not None:
+                u = u / scale
             (g,) = torch.autograd.grad(
-                u, wrt, create_graph=create_graph or hvp, retain_graph=True, allow_unused=True
+                u.sum(), wrt, create_graph=create_graph or hvp, retain_graph=True, allow_unused=True
             )
             if g is None:
                 raise ValueError(
                     f"the model output does not depend on target layer {self.target_name!r}"
                 )
-            if not hvp:
-                return g, None
-            if not g.requires_grad:
-                return g, torch.zeros_like(wrt)
-            (h,) = torch.autograd.grad(
-                g,
-                wrt,
-                grad_outputs=fwd.activation,
-                create_graph=create_graph,
-                retain_graph=True,
-                allow_unused=True,
-            )
-        return (g if create_graph else g.detach()), (torch.zeros_like(wrt) if h is None else h)
+            h = None
+            if hvp and g.requires_grad:
+                (h,) = torch.autograd.grad(
+                    g,
+                    wrt,
+                    grad_outputs=fwd.activation,
+                    create_graph=create_graph,
+                    retain_graph=True,
+                    allow_unused=True,
+                )
+        g = upcast(g if create_graph else g.detach())
+        h = None if not hvp else torch.zeros_like(g) if h is None else upcast(h)
+        if scale is not None:
+            factor = scale.view(-1, *([1] * (g.dim() - 1)))
+            g, h = g * factor, (h * factor if h is not None else None)
+        return g, h
 
     def _maps(self, x: Tensor, fwd: Forward, targets: Tensor, create_graph: bool) -> Tensor:
         raise NotImplementedError
 
     @staticmethod
     def _activation(fwd: Forward, create_graph: bool) -> Tensor:
-        return fwd.activation if create_graph else fwd.activation.detach()
+        """``A`` in float32 (or float64), detached unless ``create_graph``."""
+        return upcast(fwd.activation if create_graph else fwd.activation.detach())
 
-    def _rerun(self, fwd: Forward) -> Any:
-        return rerun_context(self.model, fwd.stats)
+    def _rerun(self, fwd: Forward, *, autocast: bool = True) -> Any:
+        """Context of extra evaluations; ``autocast=False`` keeps them in float32 (inside the
+        map's arithmetic, where autocast is off)."""
+        return rerun_context(self.model, fwd.stats, fwd.amp if autocast else None)
+
+
+def _fp16_scale(utility: Utility, logits: Tensor, targets: Tensor) -> Tensor | None:
+    """Per-sample ``max_k |∂U/∂y_k|`` (detached) for float16 logits, else ``None``.
+
+    Back-propagating ``U / scale`` keeps the largest logit gradient at 1: a confident sample's
+    ``prob`` / ``logprob`` gradient (``~1 - p_c``) would otherwise underflow float16 on its way
+    to ``A``. The map uses ``g · scale``, which is ``∂U/∂A`` (a constant factor per sample)."""
+    if logits.dtype != torch.float16:
+        return None
+    q = utility.grad(upcast(logits.detach()), targets).abs().amax(1)
+    return torch.where(q > 0, q, torch.ones_like(q))
 
 
 def weighted_sum(weights: Tensor, a: Tensor) -> Tensor:

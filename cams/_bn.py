@@ -19,6 +19,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from cams._precision import upcast
+
 __all__ = ["Stats", "batchnorm_patch", "frozen_batchnorm", "train_batchnorms"]
 
 Stats = dict[nn.Module, list[tuple[Tensor, Tensor]]]
@@ -59,14 +61,20 @@ def _shape(x: Tensor) -> list[int]:
 
 
 def _normalize(m: _BatchNorm, x: Tensor, mean: Tensor, var: Tensor) -> Tensor:
-    """``(x - mean) / sqrt(var + eps) · weight + bias`` with per-channel statistics."""
+    """``(x - mean) / sqrt(var + eps) · weight + bias`` with per-channel statistics.
+
+    Computed in the statistics' precision (float32 for a bf16/fp16 ``x`` under autocast) and
+    returned in ``x``'s dtype, as the fused BatchNorm kernel does."""
     y = (x - mean.view(_shape(x))) * torch.rsqrt(var.view(_shape(x)) + m.eps)
     if m.weight is not None:
         y = y * m.weight.view(_shape(x)) + m.bias.view(_shape(x))
-    return y
+    return y.to(x.dtype)
 
 
 def _batch_stats(x: Tensor) -> tuple[Tensor, Tensor]:
+    """``(mean, biased var)`` per channel, in float32 at least (the fused kernel accumulates a
+    bf16/fp16 input in float32 too; 8-bit-mantissa statistics would shift every map)."""
+    x = upcast(x)
     dims = [0, *range(2, x.dim())]
     return x.mean(dims), x.var(dims, unbiased=False)
 

@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, fx, nn
 
+from cams._precision import upcast
 from cams.utility import Utility
 
 __all__ = ["Head", "detect_head", "grad_hvp"]
@@ -270,12 +271,12 @@ def chain(
                 if bn_stats is not None and m in bn_stats
                 else (m.running_mean, m.running_var)
             )
-            scale = torch.rsqrt(var + m.eps)
+            scale = torch.rsqrt(upcast(var) + m.eps)
             if m.weight is not None:
-                scale = scale * m.weight
-            shift = -mean * scale
+                scale = scale * upcast(m.weight)
+            shift = -upcast(mean) * scale
             if m.bias is not None:
-                shift = shift + m.bias
+                shift = shift + upcast(m.bias)
             scale, shift = scale.view(-1, 1, 1), shift.view(-1, 1, 1)
             v = v * scale + shift
             p1, p2 = scale, None
@@ -335,7 +336,7 @@ def grad_hvp(
         H·A = f'(A) ⊙ Wᵀ (∂²U/∂y²) W s / n  +  f''(A) ⊙ A ⊙ G / n,   s = Σ_hw f'(A) ⊙ A / n
     """
     n = a.shape[-1] * a.shape[-2]
-    weight = head.linear.weight
+    weight = upcast(head.linear.weight)
     _, d1, d2 = chain(head.ops, a, order=2 if hvp else 1, bn_stats=bn_stats)
     big_g = (utility.grad(logits, targets) @ weight)[:, :, None, None] / n
     g = (big_g if d1 is None else d1 * big_g).expand_as(a)

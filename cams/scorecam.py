@@ -8,6 +8,7 @@ from torch import Tensor, nn
 
 from cams._base import BaseCAM, Forward, weighted_sum
 from cams._checks import check_positive_int
+from cams._precision import upcast
 from cams.registry import register
 
 __all__ = ["ScoreCAM"]
@@ -64,9 +65,12 @@ class ScoreCAM(BaseCAM):
         self.max_channels = check_positive_int("max_channels", max_channels, optional=True)
 
     def _maps(self, x: Tensor, fwd: Forward, targets: Tensor, create_graph: bool) -> Tensor:
-        with torch.no_grad(), self._rerun(fwd):
-            weights = torch.softmax(self.selected_scores(x, fwd.activation.detach(), targets), 1)
-        return weighted_sum(weights.to(fwd.activation.dtype), self._activation(fwd, create_graph))
+        a = self._activation(fwd, create_graph)
+        with torch.no_grad():
+            with self._rerun(fwd):  # the masked inputs run in the caller's autocast dtype
+                scores = self.selected_scores(x, a.detach(), targets)
+            weights = torch.softmax(upcast(scores), 1)
+        return weighted_sum(weights.to(a.dtype), a)
 
     def selected_scores(self, x: Tensor, a: Tensor, targets: Tensor) -> Tensor:
         """Scores (B, K); with ``max_channels``, unscored channels get ``-inf`` (weight 0)."""
@@ -75,14 +79,15 @@ class ScoreCAM(BaseCAM):
             return self.scores(x, a, targets)
         top = a.mean((2, 3)).topk(self.max_channels, dim=1).indices  # (B, m)
         picked = a.gather(1, top[:, :, None, None].expand(-1, -1, *a.shape[2:]))
-        out = torch.full(a.shape[:2], float("-inf"), dtype=x.dtype, device=x.device)
+        dtype = torch.promote_types(a.dtype, torch.float32)
+        out = torch.full(a.shape[:2], float("-inf"), dtype=dtype, device=x.device)
         return out.scatter(1, top, self.scores(x, picked, targets))
 
     def scores(self, x: Tensor, a: Tensor, targets: Tensor) -> Tensor:
         """``s`` (B, K): the utility of every masked input ``x_i ⊙ M_ik``."""
         b, k, h, w = a.shape
         flat = a.reshape(b * k, 1, h, w)
-        out = torch.empty(b * k, dtype=x.dtype, device=x.device)
+        out = torch.empty(b * k, dtype=torch.promote_types(a.dtype, torch.float32), device=x.device)
         for start in range(0, b * k, self.batch_size):
             stop = min(start + self.batch_size, b * k)
             rows = torch.arange(start, stop, device=x.device) // k
@@ -91,5 +96,6 @@ class ScoreCAM(BaseCAM):
             )
             lo, hi = m.amin((2, 3), keepdim=True), m.amax((2, 3), keepdim=True)
             m = (m - lo) / (hi - lo + 1e-8)
-            out[start:stop] = self.utility.value(self.model(x[rows] * m), targets[rows])
+            logits = upcast(self.model(x[rows] * m))
+            out[start:stop] = self.utility.value(logits, targets[rows])
         return out.view(b, k)

@@ -19,6 +19,7 @@ from cams._checks import (
     check_targets,
 )
 from cams._head import BNStats, Head
+from cams._precision import upcast
 from cams._shapley import exact_shapley, permutation_shapley
 from cams.registry import register
 
@@ -52,7 +53,9 @@ class ShapCAM(BaseCAM):
     network is rerun with the target layer's output replaced by the coalition activations (a
     forward hook; a sample's input is fed once per model call and broadcast, or repeated if the
     model needs it), ``batch_size`` coalitions per call — expensive, lower ``n_permutations`` there.
-    Reruns happen in eval mode with the main forward's BatchNorm statistics. On a model without
+    Reruns happen in eval mode with the main forward's BatchNorm statistics, and in float32 even
+    under autocast (the values are differences of coalition worths; see
+    :mod:`cams._precision`). On a model without
     batch statistics the generic path processes ``batch_size`` samples at a time, so memory does
     not grow with the batch (with an int ``seed`` the maps equal the whole-batch ones).
 
@@ -127,15 +130,21 @@ class ShapCAM(BaseCAM):
         if tgt is None:
             tgt = fwd.logits.argmax(1)
         check_range(tgt, fwd.logits.shape[1])
-        a = fwd.activation.detach()
+        a = upcast(fwd.activation.detach())
         head, stats = self._fast(fwd)
         if head is not None:
-            game = self._additive(head, a, self._base(a), stats)
-            return lambda masks: self._additive_values(*game, tgt, masks)
+            with fwd.amp.exact():
+                game = self._additive(head, a, self._base(a), stats)
+
+            def additive_fn(masks: Tensor) -> Tensor:
+                with fwd.amp.exact():
+                    return self._additive_values(*game, tgt, masks)
+
+            return additive_fn
         generic = self._generic_game(x, a, self._base(a), tgt)
 
         def value_fn(masks: Tensor) -> Tensor:
-            with torch.no_grad(), self._rerun(fwd):
+            with torch.no_grad(), fwd.amp.exact(), self._rerun(fwd, autocast=False):
                 return generic(masks)
 
         return value_fn
@@ -181,11 +190,11 @@ class ShapCAM(BaseCAM):
         head: Head, a: Tensor, base: Tensor, stats: BNStats | None
     ) -> tuple[Tensor, Tensor]:
         """``(y(∅) (B, K), u (B, P, K))`` of the additive game."""
-        weight, bias = head.linear.weight, head.linear.bias
+        weight, bias = upcast(head.linear.weight), head.linear.bias
         f_base = head.features(base, stats)
         base_logits = f_base.flatten(1) @ weight.t()
         if bias is not None:
-            base_logits = base_logits + bias
+            base_logits = base_logits + upcast(bias)
         delta = (head.features(a, stats) - f_base).flatten(2).transpose(1, 2)
         return base_logits, delta @ weight.t() / delta.shape[1]
 
@@ -228,7 +237,8 @@ class ShapCAM(BaseCAM):
                 for s in range(0, masks.shape[0], self.batch_size):
                     acts = torch.where(masks[s : s + self.batch_size], a[i], base[i])
                     logits = self._rerun_logits(x[i], acts)
-                    vals.append(self.utility.value(logits, targets[i].expand(acts.shape[0])))
+                    target = targets[i].expand(acts.shape[0])
+                    vals.append(self.utility.value(upcast(logits), target))
                 rows.append(torch.cat(vals))
             return torch.stack(rows)
 
@@ -260,7 +270,9 @@ class ShapCAM(BaseCAM):
                         num_threads=self.num_threads,
                     )
             else:
-                with self._rerun(fwd):
+                # float32 reruns (autocast stays off): the marginals are differences of
+                # coalition worths, which logits rounded to bf16 cannot resolve
+                with self._rerun(fwd, autocast=False):
                     game = self._generic_game(x, a, base, targets)
                     if self.exact:
                         phi = exact_shapley(game, h * w)
