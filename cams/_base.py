@@ -31,7 +31,7 @@ from cams._head import BNStats, Head, detect_head, grad_hvp
 from cams._precision import Autocast, upcast
 from cams.utility import Utility, get_utility
 
-__all__ = ["BaseCAM", "CAMOutput", "Forward", "preserve_state", "weighted_sum"]
+__all__ = ["BaseCAM", "CAMOutput", "Forward", "compiled", "preserve_state", "weighted_sum"]
 
 
 class CAMOutput(NamedTuple):
@@ -342,6 +342,14 @@ class BaseCAM:
                 a, logits = a.detach(), logits.detach()
             with torch.set_grad_enabled(create_graph):
                 return grad_hvp(head, a, logits, targets, self.utility, hvp, stats)
+        if (create_graph or hvp) and compiled(self.model):
+            raise ValueError(
+                f"{type(self).__name__} at {self.target_name!r} needs the autograd path here "
+                f"({'create_graph=True' if create_graph else 'H·A'}): a double backward through "
+                "the network after the target layer, which torch.compile'd graphs do not support "
+                "(AOTAutograd). Use an uncompiled model, or a target layer with the closed-form "
+                "head (element-wise ops, global average pool, linear; see cams/README.md)"
+            )
         logits, wrt = fwd.logits, fwd.activation
         if fwd.coupled:
             logits, wrt = self._held_stats_rerun(x, fwd, create_graph)
@@ -386,6 +394,12 @@ class BaseCAM:
         """Context of extra evaluations; ``autocast=False`` keeps them in float32 (inside the
         map's arithmetic, where autocast is off)."""
         return rerun_context(self.model, fwd.stats, fwd.amp if autocast else None)
+
+
+def compiled(model: nn.Module) -> bool:
+    """Whether ``model`` runs through ``torch.compile`` (``model.compile()`` in place, or the
+    wrapper that ``torch.compile(model)`` returns)."""
+    return getattr(model, "_compiled_call_impl", None) is not None or hasattr(model, "_orig_mod")
 
 
 def _fp16_scale(utility: Utility, logits: Tensor, targets: Tensor) -> Tensor | None:
