@@ -48,6 +48,9 @@ from distill.models import WideResNet  # noqa: E402
 Step = Callable[[], object]
 
 
+PRECISIONS: tuple[bool, ...] = (False, True)  # bf16 off / on; --no-bf16 keeps fp32 only
+
+
 def autocast(bf16: bool) -> contextlib.AbstractContextManager:
     return torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
 
@@ -67,7 +70,7 @@ def net_for(depth: int, channels_last: bool, train: bool) -> nn.Module:
 
 def teacher_steps(batch: int) -> dict[str, Step]:
     steps: dict[str, Step] = {}
-    for bf16 in (False, True):
+    for bf16 in PRECISIONS:
         tag = "bf16+CL" if bf16 else "fp32"
         x, _ = inputs(batch, bf16)
         # the frozen variant compiles first: Dynamo reuses a graph compiled for another instance
@@ -104,16 +107,24 @@ def ce_step(net: nn.Module, fwd: Callable, x: Tensor, y: Tensor, bf16: bool) -> 
     return step
 
 
-def student_steps(batch: int) -> dict[str, Step]:
+def student_variants(batch: int, name: str, make: Callable[..., Step]) -> dict[str, Step]:
+    """``make(net, compiled, x, y, bf16)`` for a fresh WRN-16-2 in fp32 / bf16+CL, eager /
+    compiled."""
     steps: dict[str, Step] = {}
-    for bf16 in (False, True):
+    for bf16 in PRECISIONS:
         tag = "bf16+CL" if bf16 else "fp32"
         x, y = inputs(batch, bf16)
         for how in ("eager", "compiled"):
             net = net_for(16, bf16, True)
-            fwd = torch.compile(net) if how == "compiled" else net
-            steps[f"student CE {tag} {how}"] = ce_step(net, fwd, x, y, bf16)
+            steps[f"{name} {tag} {how}"] = make(net, how == "compiled", x, y, bf16)
     return steps
+
+
+def student_steps(batch: int) -> dict[str, Step]:
+    def make(net: nn.Module, compiled: bool, x: Tensor, y: Tensor, bf16: bool) -> Step:
+        return ce_step(net, torch.compile(net) if compiled else net, x, y, bf16)
+
+    return student_variants(batch, "student CE", make)
 
 
 def cam_step(net: nn.Module, method: str, x: Tensor, y: Tensor, bf16: bool) -> Step:
@@ -178,16 +189,12 @@ def check_cam(method: str, batch: int, bf16: bool) -> dict:
 
 
 def cam_steps(batch: int, method: str) -> dict[str, Step]:
-    steps: dict[str, Step] = {}
-    for bf16 in (False, True):
-        tag = "bf16+CL" if bf16 else "fp32"
-        x, y = inputs(batch, bf16)
-        for how in ("eager", "compiled"):
-            net = net_for(16, bf16, True)
-            if how == "compiled":
-                net.compile()
-            steps[f"student {method} {tag} {how}"] = cam_step(net, method, x, y, bf16)
-    return steps
+    def make(net: nn.Module, compiled: bool, x: Tensor, y: Tensor, bf16: bool) -> Step:
+        if compiled:
+            net.compile()  # in place, as module.compile=true does
+        return cam_step(net, method, x, y, bf16)
+
+    return student_variants(batch, f"student {method}", make)
 
 
 def run(steps: dict[str, Step], reps: int, iters: int) -> list[dict]:
@@ -225,7 +232,11 @@ def main() -> None:
     )
     parser.add_argument("--cam-methods", nargs="*", default=list(cams.METHODS))
     parser.add_argument("--cam-batch", type=int, default=32)
+    parser.add_argument("--no-bf16", action="store_true", help="fp32 variants only")
     args = parser.parse_args()
+    global PRECISIONS
+    if args.no_bf16:
+        PRECISIONS = (False,)
     print(f"# machine: {machine_line()}")
     rows: list[dict] = []
     if "teacher" in args.parts:
@@ -237,7 +248,7 @@ def main() -> None:
     checks = []
     if "cam-check" in args.parts:
         for method in args.cam_methods:
-            for bf16 in (False, True):
+            for bf16 in PRECISIONS:
                 checks.append(check_cam(method, args.cam_batch, bf16))
                 print(json.dumps(checks[-1]), flush=True)
     print(f"\n# machine at the end: {machine_line()}\n")
