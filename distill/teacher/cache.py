@@ -291,14 +291,16 @@ def teacher_fingerprint(
     options: Mapping[str, Any],
     dataset_id: str,
     indices: Tensor,
+    teacher_sha256: str | None = None,
 ) -> dict[str, Any]:
     """Everything a cached map depends on: teacher weights, CAM settings, dataset identity and
     the dataset indices covered (the training split). :data:`EXECUTION_OPTIONS` are left out, so
-    e.g. a cache built with another ``chunk_size`` or ``num_threads`` stays valid."""
+    e.g. a cache built with another ``chunk_size`` or ``num_threads`` stays valid.
+    ``teacher_sha256``: the checkpoint's digest when the caller has it already (else hashed)."""
     index_bytes = indices.to(torch.int64).cpu().numpy().tobytes()
     return {
         "format": FORMAT_VERSION,
-        "teacher_sha256": sha256_file(checkpoint),
+        "teacher_sha256": teacher_sha256 or sha256_file(checkpoint),
         "method": method,
         "layer": layer,
         "options": {k: options[k] for k in sorted(options) if k not in EXECUTION_OPTIONS},

@@ -173,6 +173,7 @@ class Teacher(nn.Module):
             self.options,
             datamodule.dataset_id,
             cached_indices(datamodule),
+            teacher_sha256=self.sha256,
         )
 
     def cache_for(self, datamodule: Any) -> MapCache:
