@@ -145,9 +145,11 @@ class ResumeCheckpoint(ModelCheckpoint):
             last save (None or 0: only at epoch ends).
         every_n_train_steps: also save every this many optimizer steps (0: off).
 
-    Saves at every epoch end (after validation when there is one), at the intervals above, and
-    when Lightning stops on SIGTERM (SLURM pre-emption included) or SIGINT, which this callback
-    turns into the same graceful stop at the end of the current batch.
+    Saves at every epoch end (in ``on_train_epoch_end``: after validation and the module's own
+    epoch-end hook), at the intervals above, and when Lightning stops on SIGTERM (SLURM
+    pre-emption included) or SIGINT, which this callback turns into the same graceful stop at the
+    end of the current batch. The intervals skip an epoch's last batch: the epoch-end save
+    follows, and a resume point taken there (before validation) would skip the rest of the epoch.
     """
 
     def __init__(
@@ -162,6 +164,7 @@ class ResumeCheckpoint(ModelCheckpoint):
             save_last=True,
             save_top_k=0,
             enable_version_counter=False,
+            save_on_train_epoch_end=True,
             save_on_exception=True,  # on_exception below narrows it to graceful stops
         )
         self.every_seconds = 60.0 * every_n_minutes if every_n_minutes else None
@@ -179,8 +182,11 @@ class ResumeCheckpoint(ModelCheckpoint):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
         batch_idx: int,
     ) -> None:  # fmt: skip
-        if self._should_skip_saving_checkpoint(trainer):
-            return
+        if (
+            self._should_skip_saving_checkpoint(trainer)
+            or batch_idx + 1 >= trainer.num_training_batches
+        ):
+            return  # the epoch's last batch: the epoch-end save follows
         step_due = self.every_n_steps > 0 and trainer.global_step % self.every_n_steps == 0
         time_due = self.every_seconds is not None and (
             time.monotonic() - self._saved_at >= self.every_seconds
@@ -189,12 +195,10 @@ class ResumeCheckpoint(ModelCheckpoint):
             self._save_resume_point(trainer)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self._should_save_on_train_epoch_end(trainer):
-            self._save_epoch_end(trainer)
+        self._save_epoch_end(trainer)
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if not self._should_save_on_train_epoch_end(trainer):
-            self._save_epoch_end(trainer)
+        """Nothing: the epoch-end save comes after validation, in ``on_train_epoch_end``."""
 
     def on_exception(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException

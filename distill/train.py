@@ -305,7 +305,9 @@ def _fit_and_test(
     elif ckpt_path is not None:  # test only: evaluate the checkpoint's weights
         state = torch.load(ckpt_path, map_location="cpu", weights_only=False)
         module.load_state_dict(state["state_dict"])
-    fit_metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
+    live = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
+    recorded = module.epoch_metrics() if hasattr(module, "epoch_metrics") else {}
+    fit_metrics = {**recorded, **live}  # recorded: a resume with no epoch left to train
     checkpoint = _last_checkpoint(trainer, output_dir) if cfg.get("train", True) else ckpt_path
     test_metrics: dict[str, Any] = {}
     if cfg.get("test", True):

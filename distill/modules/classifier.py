@@ -16,11 +16,13 @@ import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torchmetrics import MeanMetric, Metric
 from torchmetrics.classification import MulticlassAccuracy
 
 from distill.precision import use_channels_last
 
 __all__ = [
+    "EPOCH_RECORD_KEY",
     "CheckpointMismatchError",
     "ClassifierModule",
     "ErrorRate",
@@ -33,6 +35,8 @@ __all__ = [
 
 OptimizerFactory = Callable[..., torch.optim.Optimizer]
 SchedulerFactory = Callable[..., Any]
+
+EPOCH_RECORD_KEY = "epoch_metrics"  # checkpoint key of ClassifierModule's epoch-metric record
 
 
 class NonFiniteLossError(RuntimeError):
@@ -75,6 +79,11 @@ def arch_name(net: nn.Module) -> str:
 
 class ClassifierModule(pl.LightningModule):
     """Trains ``net`` with cross-entropy; logs train/<term>, train/err, val/err, test/err and lr.
+
+    The epoch values of train/<term> and train/err are torchmetrics states (batch-size weighted
+    means, error counts) saved in every checkpoint (``EPOCH_RECORD_KEY``) with the last finished
+    epoch's train/* and val/* values: a run resumed inside an epoch logs the same epoch values as
+    an uninterrupted one, and a resume with no epoch left (:meth:`epoch_metrics`) still knows them.
 
     Args:
         net: the network (e.g. ``distill.models.WideResNet``).
@@ -121,6 +130,9 @@ class ClassifierModule(pl.LightningModule):
             ErrorRate(n_cls),
             ErrorRate(n_cls),
         )
+        self.train_means = nn.ModuleDict()  # train/<term>: one MeanMetric per term, at first use
+        self._finished: dict[str, float] = {}  # train/*, val/* of the last finished epoch
+        self._resume_record: dict[str, Any] | None = None
 
     # ------------------------------------------------------------------ model
 
@@ -166,16 +178,36 @@ class ClassifierModule(pl.LightningModule):
         loss, logits, terms = self.compute_loss(batch)
         self._check_finite(loss, terms)
         bs = batch["label"].shape[0]
-        epoch_only = {"on_step": False, "on_epoch": True, "batch_size": bs, "sync_dist": True}
         for name, value in terms.items():
-            self.log(f"train/{name}", value.detach(), **epoch_only)
+            self.log_train_mean(name, value, bs)
         if "loss" not in terms:
-            self.log("train/loss", loss.detach(), **epoch_only)
+            self.log_train_mean("loss", loss, bs)
         self.train_err(logits.detach(), batch["label"])
         self.log(
             "train/err", self.train_err, on_step=False, on_epoch=True, prog_bar=True, batch_size=bs
         )
         return loss
+
+    def log_train_mean(self, name: str, value: Tensor, batch_size: int) -> None:
+        """Log ``train/<name>``: the epoch's mean weighted by batch size, kept in a MeanMetric
+        whose state is part of the resume point (the same epoch value after a resume)."""
+        metric = self._train_metric(name)
+        metric.update(value.detach(), weight=batch_size)
+        self.log(
+            f"train/{name}", metric, on_step=False, on_epoch=True, batch_size=batch_size,
+            metric_attribute=f"train_means.{name}",
+        )  # fmt: skip
+
+    def _train_metric(self, name: str) -> Metric:
+        """train/err's metric for ``"err"``, else the MeanMetric of ``train/<name>`` (made once)."""
+        if name == "err":
+            return self.train_err
+        if name not in self.train_means:
+            self.train_means[name] = MeanMetric(nan_strategy="disable").to(self.device)
+        return self.train_means[name]
+
+    def _train_metrics(self) -> dict[str, Metric]:
+        return {"err": self.train_err, **self.train_means}
 
     def _eval_step(self, batch: Mapping[str, Any], metric: ErrorRate, name: str) -> None:
         logits = self(batch["image"])
@@ -195,6 +227,36 @@ class ClassifierModule(pl.LightningModule):
 
     def test_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
         self._eval_step(batch, self.test_err, "test")
+
+    def on_train_epoch_end(self) -> None:
+        """Keep the finished epoch's train/* values and the latest val/* values (what ``fit``
+        leaves in ``callback_metrics``) for the checkpoint record."""
+        values = {
+            f"train/{name}": float(metric.compute())  # cached: Lightning logs this same value
+            for name, metric in self._train_metrics().items()
+            if metric.update_count
+        }
+        logged = self.trainer.callback_metrics
+        values.update(
+            {k: float(v) for k, v in logged.items() if k.startswith("val/") and v.numel() == 1}
+        )
+        self._finished = values
+
+    def epoch_metrics(self) -> dict[str, float]:
+        """train/* and val/* of the last finished epoch: of this process's training, or recorded
+        in the checkpoint it resumed (a run resumed with no epoch left to train)."""
+        return dict(self._finished)
+
+    def on_train_start(self) -> None:
+        """Resumed inside an epoch: continue that epoch's train/* aggregates from the checkpoint
+        (rank 0 takes the sum over all processes, the others start from zero)."""
+        record, self._resume_record = self._resume_record, None
+        if not record or record.get("epoch") != self.current_epoch or self.global_rank != 0:
+            return
+        for name, state in record.get("train_state", {}).items():
+            metric = self._train_metric(name)
+            metric.reset()
+            metric.merge_state({k: v.to(metric.device) for k, v in state.items()})
 
     def on_train_epoch_start(self) -> None:
         opt = self.optimizers()
@@ -218,9 +280,23 @@ class ClassifierModule(pl.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["arch"] = self.arch
+        checkpoint[EPOCH_RECORD_KEY] = {
+            "epoch": self.current_epoch,
+            "train_state": {n: _global_state(m) for n, m in self._train_metrics().items()},
+            "finished": dict(self._finished),
+        }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         _check_state(checkpoint, self, "<checkpoint>")
+        record = checkpoint.get(EPOCH_RECORD_KEY)  # None in checkpoints of older versions
+        self._resume_record = record
+        self._finished = dict(record.get("finished", {})) if record else {}
+
+
+def _global_state(metric: Metric) -> dict[str, Tensor]:
+    """A copy of ``metric``'s state summed over all processes (under DDP; else its own)."""
+    with metric.sync_context(should_unsync=True):
+        return {k: v.detach().cpu().clone() for k, v in metric.metric_state.items()}
 
 
 def _check_state(checkpoint: Mapping[str, Any], module: nn.Module, source: str) -> None:
