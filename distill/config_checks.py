@@ -2,8 +2,10 @@
 
 * :func:`validate_options` — every numeric option in its domain (one message naming the key).
 * :func:`check_saved_config` — a rerun of an existing run directory must have the config that is
-  saved there (``config_resolved.yaml``, written once by the first run and never overwritten);
-  otherwise it is refused with the differing keys, unless ``allow_changed_config=true``.
+  saved there (``config_resolved.yaml``, written once by the first run that started training and
+  never overwritten); otherwise it is refused with the differing keys, unless
+  ``allow_changed_config=true``. :func:`save_config` writes it once training starts.
+* :func:`unwritable` — why a folder (made if missing) cannot be written, for a one-line refusal.
 * :func:`data_key` — the ``${data_key:${data}}`` resolver: a short hash of the data identity
   (which images a run trains on), part of the teacher run names.
 """
@@ -14,6 +16,7 @@ import hashlib
 import json
 import math
 import os
+import tempfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -26,6 +29,8 @@ __all__ = [
     "check_saved_config",
     "config_diff",
     "data_key",
+    "save_config",
+    "unwritable",
     "validate_options",
 ]
 
@@ -150,27 +155,51 @@ def config_diff(saved: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
 
 
 def check_saved_config(cfg: DictConfig, output_dir: Path) -> list[str]:
-    """Compare ``cfg`` with the config saved in ``output_dir``; save it if there is none.
+    """Compare ``cfg`` with the config saved in ``output_dir`` (nothing saved yet: ``[]``).
 
-    Returns the differing keys when ``allow_changed_config`` is set (the new config is then saved
-    beside the original as ``config_resolved.changed-N.yaml``); raises :class:`ConfigError`
-    listing them otherwise. The original ``config_resolved.yaml`` is never overwritten.
+    Returns the differing keys when ``allow_changed_config`` is set; raises :class:`ConfigError`
+    listing them otherwise. Writes nothing (:func:`save_config` does, once training starts).
     """
     saved_path = output_dir / "config_resolved.yaml"
-    new = OmegaConf.to_container(cfg, resolve=True)
     if not saved_path.is_file():
-        OmegaConf.save(cfg, saved_path)
         return []
+    new = OmegaConf.to_container(cfg, resolve=True)
     saved = OmegaConf.to_container(OmegaConf.load(saved_path), resolve=False)
     diff = config_diff(saved, new)  # type: ignore[arg-type]
-    if not diff:
-        return []
-    if not cfg.get("allow_changed_config", False):
-        shown = ", ".join(diff[:12]) + (f" (+{len(diff) - 12} more)" if len(diff) > 12 else "")
-        raise ConfigError(
-            f"run directory {output_dir} holds a run with another config (differs in: {shown}). "
-            "Use a new run_name=..., or add allow_changed_config=true to continue this run anyway"
-        )
-    n = len(list(output_dir.glob("config_resolved.changed-*.yaml"))) + 1
-    OmegaConf.save(cfg, output_dir / f"config_resolved.changed-{n}.yaml")
-    return diff
+    if not diff or cfg.get("allow_changed_config", False):
+        return diff
+    shown = ", ".join(diff[:12]) + (f" (+{len(diff) - 12} more)" if len(diff) > 12 else "")
+    raise ConfigError(
+        f"run directory {output_dir} holds a run with another config (differs in: {shown}). "
+        "Use a new run_name=..., or add allow_changed_config=true to continue this run anyway"
+    )
+
+
+def save_config(cfg: DictConfig, output_dir: Path, changed: list[str]) -> None:
+    """Save ``cfg`` as ``config_resolved.yaml`` when the run has none; a config continued with
+    ``changed`` keys goes beside it as ``config_resolved.changed-N.yaml`` (the original is never
+    overwritten)."""
+    saved_path = output_dir / "config_resolved.yaml"
+    if not saved_path.is_file():
+        OmegaConf.save(cfg, saved_path)
+    elif changed:
+        n = len(list(output_dir.glob("config_resolved.changed-*.yaml"))) + 1
+        OmegaConf.save(cfg, output_dir / f"config_resolved.changed-{n}.yaml")
+
+
+# ----------------------------------------------------------------------------- file system
+
+
+def unwritable(path: str | Path) -> str | None:
+    """Why folder ``path`` (created when missing) cannot be written, else None: the error of a
+    probe folder made and removed in its nearest existing ancestor (root ignores file modes, a
+    read-only mount refuses everyone: only a real write tells)."""
+    path = Path(path).expanduser().absolute()
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if not existing.is_dir():
+        return f"{existing} is not a folder"
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".write-probe-", dir=existing))
+    except OSError as err:
+        return f"{existing}: {err.strerror or err}"
+    return None

@@ -3,12 +3,15 @@
 One run = one directory ``<paths.log_dir>/<task_name>/<run_name>`` holding the composed config
 (``.hydra/``, ``config_resolved.yaml``), logs, ``checkpoints/last.ckpt`` and ``metrics.json`` with
 the test error of the *final* weights. ``ckpt_path=auto`` resumes ``checkpoints/last.ckpt`` when the
-run directory already has one (same ``run_name``).
+run directory already has one (same ``run_name``); a finished run is left as it is.
 
-Start-up order: validate option domains, resolve (and verify) the teacher checkpoint, compare the
-config with the one saved in the run directory (refuse a changed config), load the data, verify
-the resume checkpoint, build, fit. Every checkpoint is written atomically with a SHA-256 sidecar
-(:mod:`distill.checkpointing`); SIGINT/SIGTERM save a resume point and exit 130/143.
+Start-up order: validate option domains, check that the run directory can be written, resolve
+(and verify) the teacher checkpoint, compare the config with the one saved in the run directory
+(refuse a changed config), stop if the run is finished, load the data, verify the resume
+checkpoint, build; only then is anything written (run directory, ``config_resolved.yaml``): a
+refused start-up leaves nothing behind (``main`` also removes what Hydra wrote for it). Every
+checkpoint is written atomically with a SHA-256 sidecar (:mod:`distill.checkpointing`);
+SIGINT/SIGTERM save a resume point and exit 130/143.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import os
 import sys
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +29,7 @@ import hydra
 import pytorch_lightning as pl
 import torch
 from hydra.errors import InstantiationException
+from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf, open_dict
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
@@ -35,7 +40,14 @@ from distill.checkpointing import (
     find_resume_checkpoint,
     verify_checkpoint,
 )
-from distill.config_checks import ConfigError, check_saved_config, data_key, validate_options
+from distill.config_checks import (
+    ConfigError,
+    check_saved_config,
+    data_key,
+    save_config,
+    unwritable,
+    validate_options,
+)
 from distill.data.sources import DataError
 from distill.integrity import IntegrityError, atomic_write
 from distill.losses import LossConfigError
@@ -53,7 +65,7 @@ from distill.teacher import (
     teacher_digest,
 )
 
-__all__ = ["CONFIG_DIR", "USER_ERRORS", "main", "repo_root", "train"]
+__all__ = ["CONFIG_DIR", "USER_ERRORS", "StartupGuard", "main", "repo_root", "train"]
 
 USER_ERRORS: tuple[type[Exception], ...] = (
     DataError,
@@ -73,12 +85,18 @@ def repo_root() -> str:
     return str(root if (root / "configs").is_dir() else Path.cwd())
 
 
+_RECORD_SUBDIRS: dict[str, str] = {}  # run directory -> its Hydra record, as first resolved
+
+
 def run_record_subdir(output_dir: str) -> str:
     """``hydra.output_subdir``: ``.hydra`` for a new run; for a rerun of an existing run
-    ``.hydra/rerun-<time>-<pid>``, so Hydra never overwrites the original record."""
-    if not (Path(output_dir) / ".hydra" / "config.yaml").exists():
-        return ".hydra"
-    return f".hydra/rerun-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+    ``.hydra/rerun-<time>-<pid>``, so Hydra never overwrites the original record. Fixed at its
+    first evaluation (Hydra evaluates it again after writing ``.hydra/config.yaml``)."""
+    if output_dir not in _RECORD_SUBDIRS:
+        new = not (Path(output_dir) / ".hydra" / "config.yaml").exists()
+        rerun = f".hydra/rerun-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+        _RECORD_SUBDIRS[output_dir] = ".hydra" if new else rerun
+    return _RECORD_SUBDIRS[output_dir]
 
 
 OmegaConf.register_new_resolver("repo_root", repo_root, replace=True)
@@ -201,19 +219,78 @@ def _finish_wandb() -> None:
 
 
 def _prepare_cfg(cfg: DictConfig) -> tuple[DictConfig, Path]:
-    """Resolve the config once (fixes the timestamp in run_name) and create the run directory."""
+    """Resolve the config once (fixes the timestamp in run_name); refuse a run directory that
+    cannot be written (nothing is created yet)."""
     cfg = cfg.copy()
     OmegaConf.resolve(cfg)
     output_dir = Path(cfg.paths.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
+    _check_writable(output_dir)
     return cfg, output_dir
+
+
+def _check_writable(output_dir: Path) -> None:
+    reason = unwritable(output_dir)
+    if reason is not None:
+        raise ConfigError(
+            f"cannot write the run directory {output_dir} ({reason}); "
+            "set paths.log_dir=PATH to a writable folder"
+        )
+
+
+def finished_metrics(cfg: DictConfig, output_dir: Path) -> dict[str, Any] | None:
+    """``metrics.json`` of a finished run that this command would only repeat, else None.
+
+    Finished: ``ckpt_path=auto``, ``metrics.json`` is there, and its ``epochs`` reach
+    ``trainer.max_epochs`` (or its ``global_step`` ``trainer.max_steps``). Not finished when the
+    command asks for a test the run did not record (``test_error`` null) or trains further.
+    """
+    path = output_dir / "metrics.json"
+    if cfg.get("ckpt_path") != "auto" or not path.is_file():
+        return None
+    try:
+        metrics = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(metrics, dict) or (
+        cfg.get("test", True) and metrics.get("test_error") is None
+    ):
+        return None
+    max_steps = cfg.trainer.get("max_steps", -1)
+    epochs_done = int(metrics.get("epochs") or 0) >= int(cfg.trainer.max_epochs)
+    steps_done = max_steps not in (None, -1) and int(metrics.get("global_step") or 0) >= max_steps
+    return metrics if epochs_done or steps_done else None
+
+
+def _summary(metrics: dict[str, Any]) -> str:
+    err = metrics.get("test_error")
+    err_text = f"{err:.2f}%" if err is not None else "n/a"
+    return f"test error: {err_text} | checkpoint: {metrics.get('checkpoint')}"
+
+
+def _start_run(cfg: DictConfig, output_dir: Path, changed: list[str], main: bool) -> None:
+    """Training really starts: create the run directory and save the config (first start only,
+    or beside it when continued with a changed config)."""
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        if main:
+            save_config(cfg, output_dir, changed)
+    except OSError as err:
+        raise ConfigError(
+            f"cannot write the run directory {output_dir} ({err.strerror or err}); "
+            "set paths.log_dir=PATH to a writable folder"
+        ) from None
 
 
 # ----------------------------------------------------------------------------- train
 
 
-def train(cfg: DictConfig) -> dict[str, Any]:
-    """Fit (or resume) and test one run; returns (and writes to metrics.json) the final metrics."""
+def train(cfg: DictConfig, on_start: Callable[[], None] | None = None) -> dict[str, Any]:
+    """Fit (or resume) and test one run; returns (and writes to metrics.json) the final metrics.
+
+    A finished run (:func:`finished_metrics`) is left as it is: its summary is printed and its
+    metrics returned. Nothing is written before every start-up check has passed; ``on_start`` is
+    called right after the run directory and its config are written.
+    """
     _quiet_warnings()
     validate_options(cfg)  # before anything is written
     cfg, output_dir = _prepare_cfg(cfg)
@@ -224,6 +301,16 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         os.environ.get("LOCAL_RANK", "0") == "0" and os.environ.get("NODE_RANK", "0") == "0"
     )
     changed = check_saved_config(cfg, output_dir) if is_main_process else []
+    finished = finished_metrics(cfg, output_dir)
+    if finished is not None:
+        print(
+            f"run {output_dir} is already finished ({finished.get('epochs')} epochs, "
+            f"trainer.max_epochs={cfg.trainer.max_epochs}); its metrics.json is left as it is "
+            "(a larger trainer.max_epochs trains it further)",
+            flush=True,
+        )
+        print(_summary(finished), flush=True)
+        return finished
     pl.seed_everything(cfg.seed, workers=True)
 
     datamodule = instantiate(cfg.data)
@@ -244,6 +331,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     trainer: pl.Trainer = instantiate(
         cfg.trainer, callbacks=callbacks, logger=loggers or False, **extra
     )
+    _start_run(cfg, output_dir, changed, is_main_process)
+    if on_start is not None:
+        on_start()
     for lg in loggers:
         lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
     record = {
@@ -336,30 +426,97 @@ def _fit_and_test(
     if trainer.is_global_zero:
         text = json.dumps(metrics, indent=2) + "\n"  # the "finished" marker: never torn
         atomic_write(output_dir / "metrics.json", lambda fh: fh.write(text.encode()))
-        err = metrics["test_error"]
-        err_text = f"{err:.2f}%" if err is not None else "n/a"
-        print(f"test error: {err_text} | checkpoint: {metrics['checkpoint']}", flush=True)
+        print(_summary(metrics), flush=True)
     return metrics
 
 
 # ----------------------------------------------------------------------------- CLI
 
+_CREATED_BY_START: dict[str, list[Path]] = {}  # run directory -> its folders that Hydra creates
+
+
+class StartupGuard(Callback):
+    """Hydra callback (``configs/hydra/default.yaml``), run before Hydra creates anything: refuse
+    a run (or sweep) directory that cannot be written with one line (``error: ...``, exit 2),
+    and note which of its folders do not exist yet, for :func:`_discard_startup`."""
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        run_dir = self._check(config, "hydra.run.dir")
+        if run_dir is not None:
+            missing = [p for p in (run_dir, *run_dir.parents) if not p.exists()]
+            _CREATED_BY_START[str(run_dir)] = missing
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self._check(config, "hydra.sweep.dir")
+
+    @staticmethod
+    def _check(config: DictConfig, key: str) -> Path | None:
+        try:
+            path = Path(os.path.abspath(str(OmegaConf.select(config, key, throw_on_missing=True))))
+        except Exception:  # noqa: BLE001 - not resolvable before the job: Hydra reports it
+            return None
+        reason = unwritable(path)
+        if reason is not None:
+            print(
+                f"error: cannot write the run directory {path} ({reason}); set "
+                "paths.log_dir=PATH to a writable folder",
+                file=sys.stderr,
+                flush=True,
+            )
+            sys.exit(2)
+        return path
+
+
+def _discard_startup(output_dir: Path, record_subdir: str | None, log_file: str | None) -> None:
+    """Remove what Hydra wrote for a start-up that did not start training: its record
+    (``.hydra/`` or ``.hydra/rerun-*``), and the run directory (with its job log) when this
+    start-up created it; in a multirun, a job directory that holds nothing else."""
+    if record_subdir is not None:
+        record = output_dir / record_subdir
+        for name in ("config.yaml", "hydra.yaml", "overrides.yaml"):
+            (record / name).unlink(missing_ok=True)
+        for folder in (record, record.parent):
+            if folder != output_dir and folder.is_dir() and not any(folder.iterdir()):
+                folder.rmdir()
+    output_dir = Path(os.path.abspath(output_dir))
+    missing = _CREATED_BY_START.pop(str(output_dir), None)
+    log = Path(log_file) if log_file else None
+    if missing is None:  # multirun job: its directory is this start-up's if nothing else is there
+        left = set(output_dir.iterdir()) if output_dir.is_dir() else set()
+        missing = [output_dir] if left <= {log} else []
+    if output_dir in missing and log is not None:
+        log.unlink(missing_ok=True)
+    for folder in missing:  # deepest first
+        if folder.is_dir() and not any(folder.iterdir()):
+            folder.rmdir()
+
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
 def main(cfg: DictConfig) -> float | None:
-    """``python train.py``: run :func:`train`; user errors print one message, exit status 2."""
+    """``python train.py``: run :func:`train`; user errors print one message, exit status 2.
+    A start-up that does not start training (refused, or the run is finished) leaves no trace
+    of itself in the run directory."""
     from hydra.core.hydra_config import HydraConfig
 
+    hydra_cfg = HydraConfig.get()
+    output_dir = Path(hydra_cfg.runtime.output_dir)
     with open_dict(cfg):
-        cfg.paths.output_dir = HydraConfig.get().runtime.output_dir
+        cfg.paths.output_dir = str(output_dir)
+    log_file = OmegaConf.select(hydra_cfg, "job_logging.handlers.file.filename", default=None)
+    record = _RECORD_SUBDIRS.get(str(output_dir))  # None: Hydra wrote no record of ours
+    started: list[bool] = []
     try:
-        metrics = train(cfg)
+        metrics = train(cfg, on_start=lambda: started.append(True))
     except USER_ERRORS as err:
         print(f"error: {err}", file=sys.stderr, flush=True)
         sys.exit(2)
     except RunInterrupted as err:
         print(str(err), file=sys.stderr, flush=True)
         sys.exit(err.exit_code)
+    finally:
+        if not started:
+            _discard_startup(output_dir, record, log_file)
+        _RECORD_SUBDIRS.pop(str(output_dir), None)
     key = cfg.get("optimized_metric")
     return metrics.get(key) if key else None
 

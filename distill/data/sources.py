@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from distill.config_checks import unwritable
 from distill.integrity import IntegrityError, atomic_write, verify_checksum, write_checksum
 
 __all__ = [
@@ -201,7 +202,9 @@ def load_folder(root: str | Path, cache_dir: str | Path | None = None) -> CIFARA
 
     With ``cache_dir``, the decoded tensors are cached (one file per folder path, with a SHA-256
     sidecar) together with the content hash, and reused while every file's path, size, mtime and
-    ctime are unchanged (:func:`_stat_key`); any change re-decodes and re-hashes the folder.
+    ctime are unchanged (:func:`_stat_key`); any change re-decodes and re-hashes the folder. A
+    cache that must be (re)built in a folder that cannot be written is a :class:`DataError`
+    (before decoding).
     """
     root = Path(root).expanduser().resolve()
     if not root.is_dir():
@@ -228,6 +231,9 @@ def load_folder(root: str | Path, cache_dir: str | Path | None = None) -> CIFARA
             )
             _LAST.update(key=(str(root), stat_key), arrays=arrays)
             return arrays
+        reason = unwritable(cache.parent)
+        if reason is not None:
+            raise DataError(_cache_message(cache, reason))
     images, digests = _decode_all(files)
     content = _content_hash(root, files, digests)
     arrays = CIFARArrays(
@@ -239,9 +245,19 @@ def load_folder(root: str | Path, cache_dir: str | Path | None = None) -> CIFARA
         _folder_id(len(tr_files), len(te_files), content),
     )
     if cache is not None:
-        _save_cache(cache, stat_key, content, arrays)
+        try:
+            _save_cache(cache, stat_key, content, arrays)
+        except OSError as err:
+            raise DataError(_cache_message(cache, err.strerror or str(err))) from None
     _LAST.update(key=(str(root), stat_key), arrays=arrays)
     return arrays
+
+
+def _cache_message(cache: Path, reason: str) -> str:
+    return (
+        f"cannot write the decoded-image cache {cache} ({reason}); set data.cache_dir=PATH to a "
+        "writable folder, or data.cache_dir=null to decode without a cache"
+    )
 
 
 _LAST: dict[str, Any] = {}  # the last folder loaded in this process: (root, stat key) -> arrays
