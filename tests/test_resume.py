@@ -1,11 +1,15 @@
 """No lost work (issue 12): resume points survive SIGKILL / SIGINT / SIGTERM and torn writes,
-corrupted checkpoints are refused, a rerun with another config is refused."""
+corrupted checkpoints are refused, a rerun with another config is refused. No silent wrong result
+(issue 18): a resumed run records every metric an uninterrupted one does, from every resume
+point; a finished run is left as it is."""
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -19,10 +23,11 @@ from distill.checkpointing import ChecksummedCheckpointIO, verify_checkpoint
 from distill.integrity import IntegrityError, checksum_path, sha256_file
 from tests.conftest import REPO_ROOT, run_python
 
-# 128 images / batch 8 = 16 steps per epoch, 2 epochs
+# 128 images - 16 for validation = 112 / batch 8 = 14 steps per epoch, 2 epochs
 RUN = {
     "experiment": "smoke",
     "data.synthetic_size": 128,
+    "data.val_size": 16,
     "data.synthetic_test_size": 40,
     "data.batch_size": 8,
     "model.depth": 10,
@@ -30,10 +35,13 @@ RUN = {
     "trainer.max_epochs": 2,
     "trainer.enable_progress_bar": "false",
     "print_config": "false",
-    "logger": "none",
+    "logger": "csv",
     "deterministic": "true",
 }
-STEPS_PER_EPOCH, EPOCHS = 16, 2
+STEPS_PER_EPOCH, EPOCHS = 14, 2
+# metrics.json keys that differ from an uninterrupted run by design; the next three name the run
+BY_DESIGN = {"resumed", "resumed_from", "wall_seconds"}
+OWN_RUN = {"checkpoint", "run_dir", "run_name"}
 
 
 def _env() -> dict[str, str]:
@@ -83,9 +91,18 @@ def _metrics(run_dir: Path) -> dict:
     return json.loads((run_dir / "metrics.json").read_text())
 
 
+def _logged(run_dir: Path, epoch: int) -> dict[str, float]:
+    """train/* and val/* logged for ``epoch`` in the run's newest CSV log."""
+    newest = max((run_dir / "csv").glob("version_*/metrics.csv"), key=lambda p: p.stat().st_mtime)
+    with newest.open() as fh:
+        rows = [r for r in csv.DictReader(fh) if r["epoch"] == str(epoch)]
+    prefixes = ("train/", "val/")
+    return {k: float(v) for r in rows for k, v in r.items() if k.startswith(prefixes) and v}
+
+
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """An uninterrupted deterministic run (2 epochs of 16 steps)."""
+    """An uninterrupted deterministic run (2 epochs of 14 steps, validation after each)."""
     log_dir = tmp_path_factory.mktemp("ref")
     res = run_python(_args(log_dir, "ref"))
     assert res.returncode == 0, res.stderr[-3000:]
@@ -94,10 +111,21 @@ def reference(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return run_dir
 
 
-def _assert_same_as_reference(run_dir: Path, reference: Path) -> None:
-    metrics = _metrics(run_dir)
+def _assert_same_metrics(metrics: dict, expected: dict, run_dir: Path) -> None:
+    """Every metrics.json key as in ``expected`` (an uninterrupted run's) but those that differ
+    by design; the checkpoint is the run's own."""
     assert metrics["resumed"] is True
-    assert metrics["global_step"] == _metrics(reference)["global_step"]
+    assert metrics.keys() == expected.keys()
+    same = expected.keys() - BY_DESIGN - OWN_RUN
+    assert {k: metrics[k] for k in same} == {k: expected[k] for k in same}
+    assert metrics["train_error"] is not None and metrics["val_error"] is not None
+    assert metrics["checkpoint"] == str(run_dir / "checkpoints" / "last.ckpt")
+
+
+def _assert_same_as_reference(run_dir: Path, reference: Path) -> None:
+    _assert_same_metrics(_metrics(run_dir), _metrics(reference), run_dir)
+    last = EPOCHS - 1  # the epoch the run was resumed in: its train/* and val/* in the CSV log
+    assert _logged(run_dir, last) == _logged(reference, last) != {}
     ours, theirs = _weights(run_dir), _weights(reference)
     assert ours.keys() == theirs.keys()
     for key in ours:
@@ -106,8 +134,9 @@ def _assert_same_as_reference(run_dir: Path, reference: Path) -> None:
 
 @pytest.mark.slow
 def test_sigkill_mid_epoch_resumes_to_the_same_weights(tmp_path: Path, reference: Path) -> None:
-    """SIGKILL in epoch 1 after a step-interval resume point; the rerun resumes from it, at the
-    exact batch, and ends at the uninterrupted run's step count and weights."""
+    """SIGKILL in the last epoch after a step-interval resume point; the rerun resumes from it,
+    at the exact batch, and ends with the uninterrupted run's weights and metrics (train_error,
+    the epoch's train/* means included)."""
     args = _args(tmp_path, "k", callbacks__model_checkpoint__every_n_train_steps=4)
     ckpt = tmp_path / "smoke" / "k" / "checkpoints" / "last.ckpt"
     code, _ = _stop_when(args, ckpt, STEPS_PER_EPOCH + 4, signal.SIGKILL)
@@ -132,11 +161,72 @@ def test_signal_saves_a_resume_point(tmp_path: Path, reference: Path, signum, co
     assert "Rerun the same command to resume" in err and "Traceback" not in err
     stopped = int(re.search(r"global step (\d+);", err).group(1))  # type: ignore[union-attr]
     assert STEPS_PER_EPOCH <= stopped < STEPS_PER_EPOCH * EPOCHS
-    assert _step(ckpt) == stopped  # no step lost (> 16: written by the signal)
+    assert _step(ckpt) == stopped  # no step lost (> 14: written by the signal)
     assert not (tmp_path / "smoke" / "s" / "metrics.json").exists()  # not finished
     rerun = run_python(args)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     _assert_same_as_reference(tmp_path / "smoke" / "s", reference)
+
+
+@pytest.mark.slow
+def test_kill_after_the_last_epoch_records_the_same_metrics(tmp_path: Path, reference) -> None:
+    """Killed after the final resume point but before metrics.json (during the test): the rerun
+    has no epoch left to train and still records the last epoch's train_error and val_error."""
+    run_dir = tmp_path / "smoke" / "ref"
+    shutil.copytree(reference, run_dir)
+    (run_dir / "metrics.json").unlink()  # what a kill during the test leaves
+    rerun = run_python(_args(tmp_path, "ref"))
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert "resuming from" in rerun.stdout
+    _assert_same_metrics(_metrics(run_dir), _metrics(reference), run_dir)
+
+
+_EVERY_STEP = [  # 2 steps per epoch (32 of 40 images, batch 16), a resume point after every step
+    "experiment=smoke", "data.synthetic_size=40", "data.val_size=8", "data.synthetic_test_size=16",
+    "data.batch_size=16", "model.depth=10", "model.widen_factor=1", "trainer.max_epochs=2",
+    "trainer.enable_progress_bar=false", "print_config=false", "logger=none", "deterministic=true",
+    "callbacks.model_checkpoint.every_n_train_steps=1", "module.scheduler.milestones=[1]",
+]  # fmt: skip
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore:The dirpath has changed")
+def test_every_resume_point_resumes_to_the_uninterrupted_result(tmp_path, monkeypatch) -> None:
+    """Resume from a copy of each checkpoint an uninterrupted run writes (what a kill right after
+    that save leaves): same weights and metrics every time (the lr drops after epoch 0, so a
+    skipped epoch end would show in the weights)."""
+    from hydra import compose, initialize_config_dir
+
+    from distill.integrity import write_checksum
+    from distill.train import CONFIG_DIR, train
+
+    def cfg(name: str):  # type: ignore[no-untyped-def]
+        with initialize_config_dir(CONFIG_DIR, version_base="1.3"):
+            return compose("train", [*_EVERY_STEP, f"paths.log_dir={tmp_path}", f"run_name={name}"])
+
+    copies: list[Path] = []
+    save = ChecksummedCheckpointIO.save_checkpoint
+
+    def keep(self, checkpoint, path, storage_options=None):  # type: ignore[no-untyped-def]
+        save(self, checkpoint, path, storage_options)
+        copies.append(tmp_path / "copies" / f"{len(copies)}.ckpt")
+        copies[-1].parent.mkdir(exist_ok=True)
+        shutil.copy(path, copies[-1])
+
+    monkeypatch.setattr(ChecksummedCheckpointIO, "save_checkpoint", keep)
+    expected = train(cfg("ref"))
+    monkeypatch.setattr(ChecksummedCheckpointIO, "save_checkpoint", save)
+    for i, copy in enumerate(copies):
+        run_dir = tmp_path / "smoke" / f"r{i}"
+        (run_dir / "checkpoints").mkdir(parents=True)
+        shutil.copy(copy, run_dir / "checkpoints" / "last.ckpt")
+        write_checksum(run_dir / "checkpoints" / "last.ckpt")
+        _assert_same_metrics(train(cfg(f"r{i}")), expected, run_dir)
+        ours, theirs = _weights(run_dir), _weights(tmp_path / "smoke" / "ref")
+        for key in theirs:
+            torch.testing.assert_close(ours[key], theirs[key], rtol=0, atol=0, msg=f"{i} {key}")
+    steps = [int(torch.load(c, weights_only=False)["global_step"]) for c in copies]
+    assert steps == [1, 2, 3, 4]  # none on an epoch's last batch (2, 4): the epoch ends only
 
 
 # ----------------------------------------------------------------------------- files
@@ -206,6 +296,37 @@ def test_corrupted_checkpoint_is_refused_on_resume(tmp_path: Path) -> None:
 # ----------------------------------------------------------------------------- config drift
 
 
+def _tree(run_dir: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(run_dir)): p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
+
+
+@pytest.mark.slow
+def test_rerun_of_a_finished_run_leaves_it_as_it_is(tmp_path: Path) -> None:
+    """A run trained with test=false is finished by a rerun with test=true (its train and val
+    errors kept); rerunning that finished command changes no file and prints the summary."""
+    tiny = {"data__synthetic_size": 64, "trainer__max_epochs": 1}
+    run_dir = tmp_path / "smoke" / "f"
+    first = run_python(_args(tmp_path, "f", **tiny, test="false"))
+    assert first.returncode == 0, first.stderr[-3000:]
+    trained = _metrics(run_dir)
+    assert trained["test_error"] is None and trained["train_error"] is not None
+
+    tested = run_python(_args(tmp_path, "f", **tiny))  # the test the run did not record
+    assert tested.returncode == 0, tested.stderr[-3000:]
+    metrics = _metrics(run_dir)
+    assert metrics["test_error"] is not None and metrics["resumed"] is True
+    keys = ("train_error", "val_error", "epochs", "global_step")
+    assert {k: metrics[k] for k in keys} == {k: trained[k] for k in keys}
+
+    before = _tree(run_dir)
+    again = run_python(_args(tmp_path, "f", **tiny))
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert _tree(run_dir) == before  # metrics.json, the Hydra record, logs: all as they were
+    assert f"run {run_dir} is already finished" in again.stdout
+    summary = f"test error: {metrics['test_error']:.2f}% | checkpoint: {metrics['checkpoint']}"
+    assert again.stdout.splitlines()[-1] == summary
+
+
 @pytest.mark.slow
 def test_rerun_with_another_config_is_refused(tmp_path: Path) -> None:
     tiny = {"data__synthetic_size": 64}
@@ -222,6 +343,7 @@ def test_rerun_with_another_config_is_refused(tmp_path: Path) -> None:
     assert "run_name=" in changed.stderr and "allow_changed_config=true" in changed.stderr
     assert "Traceback" not in changed.stderr + changed.stdout
     assert {p: (run_dir / p).read_bytes() for p in saved} == saved  # the record survives
+    assert not list((run_dir / ".hydra").glob("rerun-*"))  # and the refused rerun left none
 
     extended = run_python(_args(tmp_path, "d", **tiny, trainer__max_epochs=2))
     assert extended.returncode == 0, extended.stderr[-3000:]  # more epochs: same run
