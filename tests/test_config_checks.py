@@ -196,3 +196,94 @@ def test_config_diff_ignores_location_and_length() -> None:
     new = {"run_name": "b", "paths": {"log_dir": "/y"}, "trainer": {"max_epochs": 9},
            "loss": {"alpha": 0.5}, "teacher": {"sha256": "bb"}}  # fmt: skip
     assert config_diff(saved, new) == ["loss.alpha", "teacher.sha256"]
+
+
+# ----------------------------------------------------------------------------- nothing left behind
+
+CLI = ["train.py", *(f"{k}={v}" for k, v in TINY.items())]
+
+
+def _no_traceback_one_error(res, *words: str) -> str:  # type: ignore[no-untyped-def]
+    """The last stderr line of a refused ``train.py``: ``error: ...`` holding ``words``."""
+    assert res.returncode == 2, res.stderr[-3000:]
+    assert "Traceback" not in res.stderr + res.stdout
+    line = res.stderr.strip().splitlines()[-1]
+    assert line.startswith("error: ") and all(w in line for w in words), line
+    return line
+
+
+@pytest.mark.slow
+def test_refused_start_up_leaves_nothing_behind(tmp_path) -> None:
+    """A start-up refused for wrong data writes no run directory, config or Hydra record, so the
+    corrected command starts clean instead of being refused as a "changed config"."""
+    log_dir = tmp_path / "runs"
+    args = [*CLI, f"paths.log_dir={log_dir}", "run_name=r"]
+    wrong = run_python([*args, "data.source=folder", f"data.root={tmp_path / 'nope'}"])
+    assert wrong.returncode == 2 and "error: CIFAR-10 not found" in wrong.stderr
+    assert "Traceback" not in wrong.stderr + wrong.stdout
+    assert not log_dir.exists()  # no run directory, no .hydra/, no config_resolved.yaml
+    fixed = run_python(args)
+    assert fixed.returncode == 0, fixed.stderr[-3000:]
+    run_dir = log_dir / "train" / "r"
+    assert (run_dir / ".hydra" / "config.yaml").is_file()
+    assert (run_dir / "config_resolved.yaml").is_file() and (run_dir / "metrics.json").is_file()
+
+
+def test_refused_train_call_writes_nothing(tmp_path) -> None:
+    """The same through ``train(cfg)``: nothing under paths.log_dir."""
+    from distill.data import DataError
+
+    with pytest.raises(DataError, match="CIFAR-10 not found"):
+        train(tiny(tmp_path, "data.source=folder", f"data.root={tmp_path / 'nope'}"))
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.fixture
+def read_only(tmp_path: Path):  # type: ignore[no-untyped-def]
+    """Factory: ``read_only(folder=None)`` mounts ``folder`` (None: an empty tmpfs) read-only at a
+    new path under tmp_path and returns it; unmounted after the test. Skips where mounting is not
+    permitted (root ignores file modes, so a read-only mount is the only honest simulation)."""
+    import subprocess
+
+    mounted: list[Path] = []
+
+    def mount(folder: Path | None = None) -> Path:
+        target = tmp_path / f"ro{len(mounted)}"
+        target.mkdir()
+        cmd = ["mount", "-t", "tmpfs", "-o", "ro", "tmpfs", str(target)]
+        if folder is not None:
+            cmd = ["mount", "--bind", "-o", "ro", str(folder), str(target)]
+        res = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        if res.returncode != 0:
+            pytest.skip(f"cannot mount a read-only folder here: {res.stderr.strip()}")
+        mounted.append(target)
+        return target
+
+    yield mount
+    for target in reversed(mounted):
+        subprocess.run(["umount", str(target)], check=False)
+
+
+def test_read_only_log_dir_is_one_line_error(tmp_path, read_only) -> None:
+    """paths.log_dir on a read-only file system: ``error: ...`` naming paths.log_dir, exit 2,
+    from the CLI (before Hydra creates the run directory) and from ``train(cfg)``."""
+    log_dir = read_only() / "runs"
+    res = run_python([*CLI, f"paths.log_dir={log_dir}"])
+    _no_traceback_one_error(res, str(log_dir), "Read-only file system", "paths.log_dir=")
+    refused(tiny(log_dir), r"cannot write the run directory .*Read-only file system")
+
+
+@pytest.mark.slow
+def test_read_only_cache_dir_is_one_line_error(tmp_path, read_only, image_folder) -> None:
+    """data.cache_dir on a read-only file system: refused (naming data.cache_dir) when the cache
+    has to be built, used as it is when it holds a valid one."""
+    args = [*CLI, "data.source=folder", f"data.root={image_folder()}", "data.batch_size=8",
+            f"paths.log_dir={tmp_path / 'runs'}"]  # fmt: skip
+    res = run_python([*args, f"data.cache_dir={read_only()}", "run_name=a"])
+    _no_traceback_one_error(res, "decoded-image cache", "Read-only file system", "data.cache_dir=")
+    assert not (tmp_path / "runs").exists()
+    cache = tmp_path / "cache"
+    built = run_python([*args, f"data.cache_dir={cache}", "run_name=b"])
+    assert built.returncode == 0 and list(cache.glob("*.pt")), built.stderr[-3000:]
+    reused = run_python([*args, f"data.cache_dir={read_only(cache)}", "run_name=c"])
+    assert reused.returncode == 0, reused.stderr[-3000:]
