@@ -304,7 +304,7 @@ def train(cfg: DictConfig, on_start: Callable[[], None] | None = None) -> dict[s
     finished = finished_metrics(cfg, output_dir)
     if finished is not None:
         print(
-            f"run {output_dir} is already finished ({finished.get('epochs')} epochs, "
+            f"run {output_dir} is already finished (epochs: {finished.get('epochs')}, "
             f"trainer.max_epochs={cfg.trainer.max_epochs}); its metrics.json is left as it is "
             "(a larger trainer.max_epochs trains it further)",
             flush=True,
