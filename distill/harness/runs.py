@@ -148,7 +148,8 @@ def deviation(run_dir: Path, overrides: Sequence[str]) -> str | None:
     found = []
     if keys := changed_keys(run_dir, metrics):
         found.append(f"continued with allow_changed_config=true, changing {', '.join(keys)}")
-    asked, epochs = asked_epochs(overrides), metrics.get("epochs")
-    if asked is not None and epochs is not None and int(epochs) != asked:
+    epochs = metrics.get("epochs")
+    asked = None if epochs is None else asked_epochs(overrides)
+    if asked is not None and int(epochs) != asked:
         found.append(f"trained {int(epochs)} epochs, the profile asks {asked}")
     return "; ".join(found) or None
