@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import re
 import statistics
 import subprocess
 import sys
@@ -485,3 +486,157 @@ def test_cli_refuses_a_bad_profile_key_briefly(tmp_path):
     assert Profile.load("smoke").name == "smoke"
     with pytest.raises(HarnessError, match="(?s)invalid profile .*expected ',' or ']'"):
         Profile.load(str(tmp_path / "typo.yaml"))
+
+
+# ----------------------------------------------------------------------------- issue 18
+def footnote(table: str, row_start: str, text: str) -> str:
+    """The footnote, among those referenced in the table row starting ``row_start``, whose text
+    contains ``text``."""
+    (row,) = [line for line in table.splitlines() if line.startswith(row_start)]
+    refs = re.findall(r"\[\^(\d+)\]", row)
+    notes = [line for line in table.splitlines() for n in refs if line.startswith(f"[^{n}]: ")]
+    (found,) = [note for note in notes if text in note]
+    return found
+
+
+def edit_metrics(run_dir: Path, **changes: object) -> None:
+    path = run_dir / "metrics.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
+
+
+def write_runs(profile: Profile, errors: dict[str, list[float]]) -> None:
+    """Finished runs of ``errors`` (per cell, per seed of the profile), as the profile asks."""
+    finish_teacher(profile)
+    for cell, values in errors.items():
+        for seed, error in zip(profile.seeds, values, strict=True):
+            write_run(profile, cell, seed, error)
+            edit_metrics(profile.run_dir(cell, seed), epochs=1)  # the smoke profile's
+
+
+def test_report_leaves_runs_that_differ_out_of_the_mean(tmp_path, capsys, monkeypatch):
+    """A run continued with a changed config (``config_changes``) or trained for other epochs
+    than the profile's is not in its cell's mean: the table marks it, a footnote says what
+    differed and how to train it as the profile asks; ``status`` and ``run`` list it and ``run``
+    does not retrain it."""
+    profile = Profile.load("smoke", results_dir=str(tmp_path))
+    profile.cells, profile.seeds = ["ce", "gradcam"], [0, 1, 2]
+    monkeypatch.setattr(Profile, "load", classmethod(lambda cls, *a, **k: profile))
+    write_runs(profile, {"ce": [10.0, 12.0, 40.0], "gradcam": [9.0, 9.6, 30.0]})
+    edit_metrics(profile.run_dir("ce", 2), epochs=3)
+    edit_metrics(profile.run_dir("gradcam", 2), config_changes=["loss.alpha"])
+
+    harness.report(profile)
+    with open(profile.out / "table.csv") as handle:
+        rows = {r["cell"]: r for r in csv.DictReader(handle)}
+    assert (rows["ce"]["n_seeds"], float(rows["ce"]["mean"])) == ("2", pytest.approx(11.0))
+    assert rows["ce"]["excluded_seeds"] == "2"
+    assert rows["ce"]["excluded_why"] == "seed 2: trained 3 epochs, the profile asks 1"
+    assert float(rows["gradcam"]["mean"]) == pytest.approx(9.3)
+    assert rows["gradcam"]["excluded_why"] == (
+        "seed 2: continued with allow_changed_config=true, changing loss.alpha"
+    )
+    table = (profile.out / "table.md").read_text()
+    assert "| ce | 2 | 11.00 ± 1.41[^1] |" in table
+    assert "| gradcam | 2 | 9.30 ± 0.42[^2] |" in table
+    assert table.count("seed 2 not in the mean: differs from the profile |") == 2
+    ce2 = profile.run_dir("ce", 2)
+    assert footnote(table, "| ce |", "seed 2") == (
+        f"[^1]: `ce` seed 2 is not in the mean: trained 3 epochs, the profile asks 1 ({ce2}). "
+        f"To train it as the profile asks: `mv {ce2} {ce2}.set-aside && python -m "
+        f"distill.harness run --profile smoke --results-dir {tmp_path}`."
+    )
+    assert "changing loss.alpha" in footnote(table, "| gradcam |", "seed 2")
+
+    assert harness.main(["status", "--profile", "smoke"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith(
+        "ce-s2 differs from the profile (trained 3 epochs, the profile asks 1): not in the "
+        f"table's means; to train it as the profile asks: mv {ce2} {ce2}.set-aside && "
+    )
+    assert out[1].startswith("gradcam-s2 differs from the profile (continued with ")
+    finished = "every run of profile 'smoke' is finished; 2 differ from the profile (above)"
+    assert out[2:] == [finished]
+    assert harness.main(["run", "--profile", "smoke", "--dry-run"]) == 0
+    out, err = capsys.readouterr()
+    assert "$ " not in out and "is finished" in out
+    assert err.startswith("warning: ce-s2 differs from the profile (trained 3 epochs")
+
+
+def test_report_names_a_nan_test_error(tmp_path):
+    """A NaN test error is named in its cell (``NaN (diverged: seed 1)``, not ``— ± —``) with a
+    footnote naming the run directory; the cell's mean is NaN, and the pooled seed noise uses
+    only the other cells."""
+    profile = Profile.load("smoke", results_dir=str(tmp_path))
+    profile.cells, profile.seeds = ["ce", "gradcam"], [0, 1]
+    write_runs(profile, {"ce": [10.0, 12.0], "gradcam": [9.0, math.nan]})
+    harness.report(profile)
+    table = (profile.out / "table.md").read_text()
+    assert "| gradcam | 2 | NaN (diverged: seed 1)[^1] | 6.86 | — | — |  |" in table
+    assert "— ± —" not in table
+    assert footnote(table, "| gradcam |", "seed 1") == (
+        f"[^1]: `gradcam` seed 1: test error NaN, the run diverged "
+        f"({profile.run_dir('gradcam', 1)}); the cell's mean is NaN, not the mean of its other "
+        "seeds."
+    )
+    assert "standard deviation 1.41 points, pooled over the cells (1 degrees" in table
+    with open(profile.out / "table.csv") as handle:
+        rows = {r["cell"]: r for r in csv.DictReader(handle)}
+    assert rows["gradcam"]["errors"] == "9.00 nan" and math.isnan(float(rows["gradcam"]["mean"]))
+    assert rows["gradcam"]["diverged_seeds"] == "1" and rows["ce"]["diverged_seeds"] == ""
+
+
+def test_report_warns_when_the_teacher_differs(tmp_path):
+    """A teacher trained for other epochs than the profile's: a warning above the table and a
+    footnote on its test error (the cells distilled from it cannot be left out of a mean)."""
+    profile = Profile.load("smoke", results_dir=str(tmp_path))
+    profile.cells, profile.seeds = ["ce"], [0]
+    finish_teacher(profile)
+    write_run(profile, "ce", 0, 10.0)
+    harness.report(profile)
+    assert "differs" not in (profile.out / "table.md").read_text()
+    edit_metrics(profile.teacher_dir, epochs=4, test_error=math.nan)
+    harness.report(profile)
+    table = (profile.out / "table.md").read_text()
+    assert "**The teacher differs from the profile[^1]: so do the cells distilled from it.**" in (
+        table
+    )
+    assert "Teacher test error: NaN (diverged)[^1]." in table
+    assert f"[^1]: The teacher ({profile.teacher_dir}) trained 4 epochs, the profile asks 1." in (
+        table
+    )
+
+
+@pytest.mark.slow
+def test_continued_runs_stay_flagged_after_a_rerun_with_the_profiles_config(
+    tmp_path, capsys, monkeypatch
+):
+    """Real runs: a finished cell continued with ``allow_changed_config=true``, then rerun with
+    the profile's config (which rewrites metrics.json without ``config_changes``: the
+    ``config_resolved.changed-1.yaml`` beside the saved config still tells), then trained on with
+    ``trainer.max_epochs=2`` (the profile asks 1). ``status`` and the report say both."""
+    from tests.conftest import run_python
+
+    profile = Profile.load("smoke", results_dir=str(tmp_path))
+    profile.cells, profile.seeds = ["ce"], [0]
+    monkeypatch.setattr(Profile, "load", classmethod(lambda cls, *a, **k: profile))
+    finish_teacher(profile)  # CE students do not load it
+    assert harness.main(["run", "--profile", "smoke"]) == 0
+    assert "differs" not in (profile.out / "table.md").read_text()
+
+    def train(*extra: str) -> None:
+        proc = run_python(["train.py", *profile.cell_overrides("ce", 0), *extra])
+        assert proc.returncode == 0, proc.stderr[-2000:]
+
+    train("module.optimizer.lr=0.5", "allow_changed_config=true")
+    train()
+    metrics = harness.read_metrics(profile.run_dir("ce", 0))
+    assert metrics["epochs"] == 1 and "config_changes" not in metrics
+    changed = "continued with allow_changed_config=true, changing module.optimizer.lr"
+    capsys.readouterr()
+    assert harness.main(["status", "--profile", "smoke"]) == 0
+    assert f"ce-s0 differs from the profile ({changed}): not in" in capsys.readouterr().out
+    train("trainer.max_epochs=2")
+    assert harness.main(["report", "--profile", "smoke"]) == 0
+    table = (profile.out / "table.md").read_text()
+    assert "| ce | 0 | —[^1] |" in table and "seed 0 not in the mean" in table
+    assert f"{changed}; trained 2 epochs, the profile asks 1" in footnote(table, "| ce |", "")

@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import os
 import re
+import subprocess
+import sys
 from datetime import datetime
 from pathlib import Path
 
@@ -16,7 +18,7 @@ from distill import harness
 from distill.harness import HarnessError, Profile
 from distill.harness import devices as devices_module
 from distill.harness import slurm as slurm_module
-from tests.conftest import compose_cfg
+from tests.conftest import REPO_ROOT, compose_cfg
 from tests.test_harness import finish_teacher, hydra_config
 
 SLURM_TARGET = "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher"
@@ -103,6 +105,7 @@ def test_dry_run_plans_gpus_round_robin_and_writes_nothing(tmp_path, capsys, mon
     table order (seed by seed) alternating between the GPUs, each process seeing only its GPU
     (visible indices mapped through the parent's CUDA_VISIBLE_DEVICES)."""
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,7")
+    monkeypatch.setattr(devices_module, "visible_gpus", lambda: 2)  # CUDA shows both
     profile = tiny(tmp_path, ["ce", "gradcam"], [0, 1], gpu=True)
     assert harness.run(profile, dry_run=True, devices="0,1") == []
     out = capsys.readouterr().out
@@ -291,6 +294,7 @@ BAD_INPUT = {
 @pytest.mark.parametrize("case", list(BAD_INPUT))
 def test_bad_placement_is_one_line_naming_the_fix(tmp_path, capsys, monkeypatch, case):
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
+    monkeypatch.setattr(devices_module, "visible_gpus", lambda: 2)
     profile = tiny(tmp_path, ["ce"], [0])
     monkeypatch.setattr(Profile, "load", classmethod(lambda cls, *a, **k: profile))
     flags, message = BAD_INPUT[case]
@@ -311,12 +315,55 @@ def test_workers_that_cannot_run_the_trainer_are_refused(
     tmp_path, capsys, monkeypatch, common, flags, message
 ):
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    monkeypatch.setattr(devices_module, "visible_gpus", lambda: 2)
     profile = tiny(tmp_path, ["ce"], [0])
     profile.common = [common if o == "trainer=cpu" else o for o in profile.common]
     monkeypatch.setattr(Profile, "load", classmethod(lambda cls, *a, **k: profile))
     assert harness.main(["run", "--profile", "smoke", "--dry-run", *flags]) == 2
     err = capsys.readouterr().err
     assert message in err.replace("(", "").replace(")", "") and err.count("\n") == 1
+
+
+def test_gpu_index_that_cuda_does_not_show_is_refused_before_anything_starts(tmp_path):
+    """``--devices 7`` with a GPU profile, CUDA_VISIBLE_DEVICES unset: CUDA shows no GPU 7 here
+    (none on a CPU machine), so the CLI says so in one line and exits 2; no teacher is started
+    (before: the teacher's log held Lightning's traceback), the results folder is not even
+    created."""
+    smoke = (REPO_ROOT / "configs" / "harness" / "smoke.yaml").read_text()
+    assert "  - trainer=cpu\n" in smoke
+    (tmp_path / "gpu.yaml").write_text(smoke.replace("  - trainer=cpu\n", "  - trainer=gpu\n"))
+    env = {k: v for k, v in os.environ.items() if k != "CUDA_VISIBLE_DEVICES"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "distill.harness", "run", "--profile", str(tmp_path / "gpu.yaml")]
+        + ["--results-dir", str(tmp_path / "res"), "--devices", "7"],
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert proc.stderr.startswith("error: --devices: GPU 7 is not visible: this machine shows ")
+    assert proc.stderr.count("\n") == 1 and "$ " not in proc.stdout
+    assert not (tmp_path / "res").exists()
+
+
+def test_gpu_beyond_the_visible_count_is_refused(tmp_path, capsys, monkeypatch):
+    """One visible GPU, ``--devices 0,1``: GPU 1 is refused naming the count (also in a dry run,
+    whose plan is what ``run`` would do)."""
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    monkeypatch.setattr(devices_module, "visible_gpus", lambda: 1)
+    profile = tiny(tmp_path, ["ce"], [0], gpu=True)
+    monkeypatch.setattr(Profile, "load", classmethod(lambda cls, *a, **k: profile))
+    assert harness.main(["run", "--profile", "smoke", "--dry-run", "--devices", "0,1"]) == 2
+    out, err = capsys.readouterr()
+    assert err == (
+        "error: --devices: GPU 1 is not visible: this machine shows 1 "
+        "(torch.cuda.device_count()); use indices below 1, or cpu:N\n"
+    )
+    assert "$ " not in out
+    assert harness.main(["run", "--profile", "smoke", "--dry-run", "--devices", "0"]) == 0
+    assert plan_of(capsys.readouterr().out)[0] == ("teacher", "gpu:0", "0")
 
 
 def test_n_jobs_is_a_deprecated_cpu_spec(tmp_path, capsys):

@@ -26,9 +26,17 @@ from distill.harness.profiles import (
     compose_profile,
     table_cells,
 )
-from distill.harness.reporting import PAPER_ERRORS, check_report_configs, collect, pooled_sd, report
+from distill.harness.reporting import (
+    PAPER_ERRORS,
+    check_report_configs,
+    collect,
+    pooled_sd,
+    report,
+    rerun_command,
+)
 from distill.harness.runner import (
     Failure,
+    deviating_runs,
     failure_summary,
     pending_cells,
     placement,
@@ -42,6 +50,7 @@ from distill.harness.runs import (
     check_same_config,
     compose,
     config_mismatch,
+    deviation,
     read_metrics,
     saved_config,
 )
@@ -70,6 +79,8 @@ __all__ = [
     "compose_profile",
     "config_mismatch",
     "cost",
+    "deviating_runs",
+    "deviation",
     "failure_summary",
     "main",
     "parse_devices",
@@ -78,6 +89,7 @@ __all__ = [
     "pooled_sd",
     "read_metrics",
     "report",
+    "rerun_command",
     "results_lock",
     "round_robin",
     "run",

@@ -12,10 +12,13 @@ which worker, or each sweep command and which job index is which run) and starts
 A cell that dies does not stop the others: the failed ones are listed at the end (with their log)
 and the exit status is 1. Finished runs are skipped, interrupted runs resume from ``last.ckpt``, and
 a run directory made with a different configuration is refused (by ``run``, ``status`` and
-``report``). One ``run`` at a time per results folder (a lock file, ``.harness.lock``). Paths under
-the results folder are stored relative to it (``${paths.log_dir}/...``), so a copied or moved
-results folder stays valid. ``python -m distill.harness report --profile cpu-mini`` writes
-``results/<profile>/table.md``, ``table.csv`` and ``chart.png``.
+``report``); a finished run continued with a changed config or trained for other epochs than the
+profile's is kept, listed by ``status`` and ``run`` and left out of the table's means with a
+footnote (a NaN test error is named in the table). One ``run`` at a time per results folder (a
+lock file, ``.harness.lock``). Paths under the results folder are stored relative to it
+(``${paths.log_dir}/...``), so a copied or moved results folder stays valid.
+``python -m distill.harness report --profile cpu-mini`` writes ``results/<profile>/table.md``,
+``table.csv`` and ``chart.png``.
 """
 
 from __future__ import annotations
@@ -28,8 +31,8 @@ from pathlib import Path
 from distill.harness.cost_model import cost
 from distill.harness.lock import running_holder
 from distill.harness.profiles import ROOT, HarnessError, Profile
-from distill.harness.reporting import report
-from distill.harness.runner import failure_summary, pending_cells, run
+from distill.harness.reporting import report, rerun_command
+from distill.harness.runner import deviation_lines, failure_summary, pending_cells, run
 from distill.harness.slurm import override_value
 
 
@@ -42,6 +45,11 @@ def _slurm_options(args: argparse.Namespace) -> list[str]:
     }
     named = [f"{k}={override_value(v)}" for k, v in flags.items() if v is not None]
     return [*named, *args.slurm_option]
+
+
+def _deviations(profile: Profile, profile_arg: str) -> list[str]:
+    """Lines for the finished runs that differ from the profile (see ``deviating_runs``)."""
+    return deviation_lines(profile, rerun_command(profile, profile_arg))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -84,23 +92,28 @@ def main(argv: Sequence[str] | None = None) -> int:
                 launcher=args.launcher,
                 slurm=_slurm_options(args),
             )
+            for line in _deviations(profile, args.profile):
+                print(f"warning: {line} (kept, not retrained)", file=sys.stderr, flush=True)
             if not args.dry_run:
-                print(f"report: {report(profile)}")
+                print(f"report: {report(profile, args.profile)}")
             if failures:
                 print(failure_summary(failures), file=sys.stderr)
                 return 1
         elif args.command == "report":
-            print(report(profile).read_text())
+            print(report(profile, args.profile).read_text())
         elif args.command == "cost":
             print(cost(profile, Path(args.step_times)))
         else:
             if holder := running_holder(profile.out):
                 print(f"a harness run is in progress in {profile.out} ({holder})")
-            pending = pending_cells(profile)
+            pending, differ = pending_cells(profile), _deviations(profile, args.profile)
             for seed, cells in pending.items():
                 print(f"seed {seed}: pending {cells}")
+            for line in differ:
+                print(line)
             if not pending:
-                print(f"every run of profile {profile.name!r} is finished")
+                also = f"; {len(differ)} differ from the profile (above)" if differ else ""
+                print(f"every run of profile {profile.name!r} is finished{also}")
     except HarnessError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

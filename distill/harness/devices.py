@@ -2,12 +2,12 @@
 next step from a shared queue when its last one has ended.
 
 ``auto``: one worker per visible GPU when the profile trains on GPU (else one CPU worker); ``0,1``:
-GPUs by index among the visible ones (through ``CUDA_VISIBLE_DEVICES`` when it is set); ``cpu:N``:
-N CPU workers. A GPU worker's processes see only their GPU (``CUDA_VISIBLE_DEVICES=<i>``), a CPU
-worker's none (``CUDA_VISIBLE_DEVICES=``); with several workers, each process gets
-``cores // workers`` threads (``OMP_NUM_THREADS``, ``MKL_NUM_THREADS``). The training config is
-the profile's wherever a run goes (placement is by environment only), so a run compares equal
-whichever device made it.
+GPUs by index among the visible ones (through ``CUDA_VISIBLE_DEVICES`` when it is set; an index
+that CUDA does not show here is refused before anything starts); ``cpu:N``: N CPU workers. A GPU
+worker's processes see only their GPU (``CUDA_VISIBLE_DEVICES=<i>``), a CPU worker's none
+(``CUDA_VISIBLE_DEVICES=``); with several workers, each process gets ``cores // workers``
+threads (``OMP_NUM_THREADS``, ``MKL_NUM_THREADS``). The training config is the profile's wherever
+a run goes (placement is by environment only), so a run compares equal whichever device made it.
 
 Steps start in table order, seed by seed (a stopped run leaves whole seeds of the table). Their
 durations are unknown, so a dry run shows the start order as if they were equal: round robin.
@@ -66,7 +66,8 @@ def cpu_devices(count: int) -> list[Device]:
 
 
 def gpu_devices(indices: Sequence[int]) -> list[Device]:
-    """GPU workers for visible indices, mapped through this process's CUDA_VISIBLE_DEVICES."""
+    """GPU workers for visible indices, mapped through this process's CUDA_VISIBLE_DEVICES; an
+    index that CUDA does not show here (:func:`visible_gpus`) is refused before anything starts."""
     parent = os.environ.get("CUDA_VISIBLE_DEVICES")
     names = None if parent is None else [n.strip() for n in parent.split(",") if n.strip()]
     devices = []
@@ -76,9 +77,26 @@ def gpu_devices(indices: Sequence[int]) -> list[Device]:
                 f"--devices: GPU {i} is not visible (CUDA_VISIBLE_DEVICES={parent!r} shows "
                 f"{len(names)}); use indices below {len(names)}, or cpu:N"
             )
+        _check_visible(i)
         visible = str(i) if names is None else names[i]
         devices.append(Device("gpu", i, visible, _threads(len(indices))))
     return devices
+
+
+def _check_visible(index: int) -> None:
+    count = visible_gpus()
+    if index < count:
+        return
+    if count == 0:
+        raise HarnessError(
+            f"--devices: GPU {index} is not visible: this machine shows no GPU "
+            "(torch.cuda.device_count() is 0); use --devices cpu:N with a CPU profile "
+            "(trainer=cpu), or --launcher slurm"
+        )
+    raise HarnessError(
+        f"--devices: GPU {index} is not visible: this machine shows {count} "
+        f"(torch.cuda.device_count()); use indices below {count}, or cpu:N"
+    )
 
 
 def parse_devices(spec: str) -> list[Device] | None:

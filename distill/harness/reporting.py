@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from distill.harness.profiles import HarnessError, Profile
-from distill.harness.runs import config_mismatch, read_metrics
+from distill.harness.runs import config_mismatch, deviation, read_metrics
 
 # Test error (%) of the WRN-16-2 student, Shap-CAM paper Table 4 (first three columns from the
 # Grad-CAM++ paper, section 5). ShapleyCAM was not in the paper.
@@ -55,20 +55,36 @@ def check_report_configs(profile: Profile) -> None:
         )
 
 
+def rerun_command(profile: Profile, profile_arg: str | None = None) -> str:
+    """The ``run`` command line of this profile (``profile_arg``: how ``--profile`` named it)."""
+    command = f"python -m distill.harness run --profile {profile_arg or profile.name}"
+    if profile.results_dir != "results":
+        command += f" --results-dir {profile.results_dir}"
+    return command
+
+
 def collect(profile: Profile) -> list[dict[str, Any]]:
-    """One row per cell: errors per seed, mean, std, missing seeds, paper value (runs whose config
-    differs from the profile raise :class:`HarnessError`)."""
+    """One row per cell: errors of the seeds that ran as the profile asks (NaN kept: a diverged
+    run is a result), mean, std, missing seeds, diverged seeds, excluded runs (seed, run dir, how
+    it differs: :func:`~distill.harness.runs.deviation`), paper value. Runs whose saved config
+    differs from the profile raise :class:`HarnessError`."""
     check_report_configs(profile)
     rows = []
     for cell in profile.cells:
-        errors, missing, wall = [], [], 0.0
+        errors, missing, diverged, excluded, wall = [], [], [], [], 0.0
         for seed in profile.seeds:
-            metrics = read_metrics(profile.run_dir(cell, seed))
+            run_dir = profile.run_dir(cell, seed)
+            metrics = read_metrics(run_dir)
             if metrics is None or metrics.get("test_error") is None:
                 missing.append(seed)
-            else:
-                errors.append(float(metrics["test_error"]))
-                wall += float(metrics.get("wall_seconds") or 0.0)
+                continue
+            wall += float(metrics.get("wall_seconds") or 0.0)
+            if why := deviation(run_dir, profile.cell_overrides(cell, seed)):
+                excluded.append((seed, run_dir, why))
+                continue
+            errors.append(float(metrics["test_error"]))
+            if not math.isfinite(errors[-1]):
+                diverged.append(seed)
         mean, std = _mean_std(errors) if errors else (float("nan"), float("nan"))
         rows.append(
             {
@@ -77,6 +93,8 @@ def collect(profile: Profile) -> list[dict[str, Any]]:
                 "mean": mean,
                 "std": std,
                 "missing": missing,
+                "diverged": diverged,
+                "excluded": excluded,
                 "paper": PAPER_ERRORS.get(cell, float("nan")),
                 "wall_seconds": wall,
             }
@@ -96,6 +114,7 @@ def pooled_sd(rows: Sequence[dict[str, Any]]) -> tuple[float, int]:
     than each cell's own standard deviation from a handful of seeds. ``(nan, 0)`` without
     repeated seeds.
     """
+    rows = [r for r in rows if math.isfinite(r["mean"])]  # a diverged cell has no seed noise
     squares = sum(sum((e - r["mean"]) ** 2 for e in r["errors"]) for r in rows)
     dof = sum(max(len(r["errors"]) - 1, 0) for r in rows)
     return (math.sqrt(squares / dof), dof) if dof else (float("nan"), 0)
@@ -111,6 +130,8 @@ def _noise_note(row: dict[str, Any], base: dict[str, Any], sd: float) -> str:
     of means (:func:`_diff_se` with the pooled seed noise ``sd``)."""
     if row["cell"] == base["cell"] or not row["errors"] or not base["errors"]:
         return ""
+    if not math.isfinite(row["mean"]) or not math.isfinite(base["mean"]):
+        return "" if row.get("diverged") else f"baseline {base['cell']} diverged"
     if not math.isfinite(sd):
         return "single seeds: noise unknown"
     beyond = abs(row["mean"] - base["mean"]) > 2 * _diff_se(row, base, sd)
@@ -135,17 +156,94 @@ def _fmt(x: float, sign: bool = False) -> str:
     return f"{x:+.2f}" if sign else f"{x:.2f}"
 
 
-def report(profile: Profile) -> Path:
-    """Write table.md, table.csv and chart.png under results/<profile>/."""
+class _Footnotes:
+    """Markdown footnotes ``[^n]``, numbered as they are referenced."""
+
+    def __init__(self) -> None:
+        self.texts: list[str] = []
+
+    def ref(self, text: str) -> str:
+        self.texts.append(text)
+        return f"[^{len(self.texts)}]"
+
+    def lines(self) -> list[str]:
+        return [f"[^{n}]: {text}" for n, text in enumerate(self.texts, 1)]
+
+
+def _seeds(seeds: Sequence[int]) -> str:
+    return f"seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))}"
+
+
+def _error_cell(row: dict[str, Any], notes: _Footnotes, rerun: str) -> str:
+    """``mean ± std``; ``NaN (diverged: seed 1)`` when a seed's test error is NaN; a footnote
+    per diverged run (its run directory) and per run left out of the mean (what differs, and how
+    to train it as the profile asks)."""
+    if row["diverged"]:
+        text = f"NaN (diverged: {_seeds(row['diverged'])})"
+    else:
+        text = f"{_fmt(row['mean'])} ± {_fmt(row['std'])}" if row["errors"] else "—"
+    for seed in row["diverged"]:
+        run_dir = row["run_dirs"][seed]
+        text += notes.ref(
+            f"`{row['cell']}` seed {seed}: test error NaN, the run diverged ({run_dir}); the "
+            "cell's mean is NaN, not the mean of its other seeds."
+        )
+    for seed, run_dir, why in row["excluded"]:
+        text += notes.ref(
+            f"`{row['cell']}` seed {seed} is not in the mean: {why} ({run_dir}). To train it as "
+            f"the profile asks: `mv {run_dir} {run_dir}.set-aside && {rerun}`."
+        )
+    return text
+
+
+def _note(row: dict[str, Any], base: dict[str, Any] | None, sd: float) -> str:
+    parts = [_noise_note(row, base, sd)] if base else []
+    if row["excluded"]:
+        seeds = [seed for seed, _, _ in row["excluded"]]
+        parts.append(f"{_seeds(seeds)} not in the mean: differs from the profile")
+    if row["missing"]:
+        parts.append(f"missing seeds {row['missing']}")
+    return "; ".join(p for p in parts if p)
+
+
+def _teacher_lines(
+    profile: Profile, teacher: dict[str, Any], notes: _Footnotes
+) -> tuple[list[str], str]:
+    """The footer's teacher sentence, and a warning above the table when the teacher differs
+    from the profile (every distilled cell then does too; it cannot be left out of a mean)."""
+    error = teacher.get("test_error")
+    value = float("nan") if error is None else float(error)
+    nan = error is not None and not math.isfinite(value)
+    shown = "NaN (diverged)" if nan else f"{_fmt(value)}%"
+    why = deviation(profile.teacher_dir, profile.teacher_overrides())
+    if why is None:
+        return [], f"Teacher test error: {shown}."
+    ref = notes.ref(
+        f"The teacher ({profile.teacher_dir}) {why}. To train the table as the profile asks, "
+        f"run it into another results folder (`--results-dir NEW`)."
+    )
+    warning = f"**The teacher differs from the profile{ref}: so do the cells distilled from it.**"
+    return [warning, ""], f"Teacher test error: {shown}{ref}."
+
+
+def report(profile: Profile, profile_arg: str | None = None) -> Path:
+    """Write table.md, table.csv and chart.png under results/<profile>/ (``profile_arg``: how
+    ``--profile`` named the profile, for the rerun commands in the footnotes)."""
     rows = collect(profile)
+    for row in rows:
+        row["run_dirs"] = {s: profile.run_dir(row["cell"], s) for s in profile.seeds}
     by_cell = {r["cell"]: r for r in rows}
     sd, dof = pooled_sd(rows)
+    notes, rerun = _Footnotes(), rerun_command(profile, profile_arg)
+    teacher = read_metrics(profile.teacher_dir) or {}
+    warning, teacher_line = _teacher_lines(profile, teacher, notes)
     profile.out.mkdir(parents=True, exist_ok=True)
     lines = [
         f"# Student test error (%), profile `{profile.name}`",
         "",
         profile.description.strip(),
         "",
+        *warning,
         "| cell | seeds | error (mean ± std) | paper | diff to paper | diff to baseline | note |",
         "|---|---|---|---|---|---|---|",
     ]
@@ -164,17 +262,17 @@ def report(profile: Profile) -> Path:
                 "diff_baseline",
                 "note",
                 "missing_seeds",
+                "diverged_seeds",
+                "excluded_seeds",
+                "excluded_why",
             ]
         )
         for row in rows:
             base = by_cell.get(_baseline(row["cell"]))
             diff_base = row["mean"] - base["mean"] if base else float("nan")
-            note = _noise_note(row, base, sd) if base else ""
-            if row["missing"]:
-                note = (note + "; " if note else "") + f"missing seeds {row['missing']}"
-            cell_err = f"{_fmt(row['mean'])} ± {_fmt(row['std'])}"
+            note = _note(row, base, sd)
             lines.append(
-                f"| {row['cell']} | {len(row['errors'])} | {cell_err} | "
+                f"| {row['cell']} | {len(row['errors'])} | {_error_cell(row, notes, rerun)} | "
                 f"{_fmt(row['paper'])} | {_fmt(row['mean'] - row['paper'], True)} | "
                 f"{_fmt(diff_base, True)} | {note} |"
             )
@@ -191,18 +289,21 @@ def report(profile: Profile) -> Path:
                     diff_base,
                     note,
                     " ".join(map(str, row["missing"])),
+                    " ".join(map(str, row["diverged"])),
+                    " ".join(str(seed) for seed, _, _ in row["excluded"]),
+                    "; ".join(f"seed {seed}: {why}" for seed, _, why in row["excluded"]),
                 ]
             )
-    teacher = read_metrics(profile.teacher_dir) or {}
     total = sum(r["wall_seconds"] for r in rows) + float(teacher.get("wall_seconds") or 0.0)
     lines += [
         "",
-        f"Teacher test error: {_fmt(teacher.get('test_error') or float('nan'))}%. "
-        f"Training wall time of the finished runs (teacher + cells, fit + test, "
-        f"without precompute): {total / 60:.1f} min.",
+        f"{teacher_line} Training wall time of the finished runs (teacher + cells, fit + "
+        f"test, without precompute): {total / 60:.1f} min.",
         "",
         _noise_footer(sd, dof, len(profile.seeds)),
     ]
+    if notes.texts:
+        lines += ["", *notes.lines()]
     (profile.out / "table.md").write_text("\n".join(lines) + "\n")
     _chart(rows, profile.out / "chart.png", profile.name, sd)
     return profile.out / "table.md"

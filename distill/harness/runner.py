@@ -15,7 +15,7 @@ from distill.harness.devices import Local
 from distill.harness.lock import results_lock
 from distill.harness.processes import Runner, Step, exit_reason
 from distill.harness.profiles import HarnessError, Profile
-from distill.harness.runs import check_same_config, compose, read_metrics
+from distill.harness.runs import check_same_config, compose, deviation, read_metrics
 from distill.harness.slurm import Slurm
 
 Placement = Local | Slurm
@@ -122,6 +122,33 @@ def pending_cells(profile: Profile) -> dict[int, list[str]]:
             if read_metrics(run_dir) is None:
                 todo.setdefault(seed, []).append(cell)
     return todo
+
+
+def deviating_runs(profile: Profile) -> list[tuple[str, Path, str]]:
+    """Finished runs that differ from the profile since their start (name, run directory, how:
+    :func:`~distill.harness.runs.deviation`), the teacher first, then in table order. They count as
+    finished, so ``run`` never retrains (or overwrites) them; ``report`` leaves them out of the
+    means."""
+    found = [("teacher", profile.teacher_dir, profile.teacher_overrides())]
+    found += [
+        (f"{cell}-s{seed}", profile.run_dir(cell, seed), profile.cell_overrides(cell, seed))
+        for seed in profile.seeds
+        for cell in profile.cells
+    ]
+    return [(name, d, why) for name, d, overrides in found if (why := deviation(d, overrides))]
+
+
+def deviation_lines(profile: Profile, command: str) -> list[str]:
+    """One line per run of :func:`deviating_runs`, naming how to train it as the profile asks
+    (``command``: this profile's ``run`` command)."""
+    lines = []
+    for name, run_dir, why in deviating_runs(profile):
+        if name == "teacher":
+            fix = "run the profile into another results folder (--results-dir NEW)"
+        else:
+            fix = f"to train it as the profile asks: mv {run_dir} {run_dir}.set-aside && {command}"
+        lines.append(f"{name} differs from the profile ({why}): not in the table's means; {fix}")
+    return lines
 
 
 def _run_failure(name: str, run_dir: Path, code: int, step: Step) -> Failure | None:

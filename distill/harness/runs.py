@@ -1,5 +1,6 @@
 """A run directory as the harness sees it: its saved config, compared with the one the profile
-composes (paths under the results folder made relative first), and its ``metrics.json``."""
+composes (paths under the results folder made relative first), its ``metrics.json``, and how a
+finished run departs from the profile after it was started (:func:`deviation`)."""
 
 from __future__ import annotations
 
@@ -105,3 +106,50 @@ def read_metrics(run_dir: Path) -> dict[str, Any] | None:
     if not path.exists():
         return None
     return json.loads(path.read_text())
+
+
+def changed_keys(run_dir: Path, metrics: dict[str, Any]) -> list[str]:
+    """Config keys a continuation with ``allow_changed_config=true`` changed in ``run_dir``.
+
+    Two records, either one enough: ``config_changes`` in ``metrics.json`` (the last process's)
+    and every ``config_resolved.changed-N.yaml`` beside ``config_resolved.yaml`` (kept for good,
+    so a later rerun with the original config, which rewrites ``metrics.json`` without
+    ``config_changes``, does not hide that a changed config trained these weights).
+    """
+    from distill.config_checks import config_diff
+
+    keys = set(metrics.get("config_changes") or [])
+    original = run_dir / "config_resolved.yaml"
+    for changed in sorted(run_dir.glob("config_resolved.changed-*.yaml")):
+        diff = config_diff(_load_yaml(original), _load_yaml(changed)) if original.exists() else []
+        keys |= set(diff) or {f"unknown keys ({changed.name})"}
+    return sorted(keys)
+
+
+def _load_yaml(path: Path) -> dict[str, Any]:
+    return yaml.safe_load(path.read_text()) or {}
+
+
+def asked_epochs(overrides: Sequence[str]) -> int | None:
+    """``trainer.max_epochs`` of the composed config (None: not a plain number of epochs)."""
+    value = compose(overrides).get("trainer", {}).get("max_epochs")
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
+
+
+def deviation(run_dir: Path, overrides: Sequence[str]) -> str | None:
+    """How the finished run in ``run_dir`` differs from what ``overrides`` ask, after its start
+    (its saved config is :func:`config_mismatch`'s job): continued with a changed config, or
+    trained for another number of epochs than ``trainer.max_epochs`` (``epochs`` in
+    ``metrics.json``; a run without that record is not checked). None: as asked, or not finished.
+    """
+    metrics = read_metrics(run_dir)
+    if metrics is None:
+        return None
+    found = []
+    if keys := changed_keys(run_dir, metrics):
+        found.append(f"continued with allow_changed_config=true, changing {', '.join(keys)}")
+    epochs = metrics.get("epochs")
+    asked = None if epochs is None else asked_epochs(overrides)
+    if asked is not None and int(epochs) != asked:
+        found.append(f"trained {int(epochs)} epochs, the profile asks {asked}")
+    return "; ".join(found) or None
