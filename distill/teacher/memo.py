@@ -436,8 +436,8 @@ class TeacherMemo:
         if damaged:
             self._warn_once(
                 table.name,
-                f"teacher memo table {self.directory / table.name}: {damaged} stored row(s) fail "
-                "their checksum (damaged on disk); they are recomputed and rewritten",
+                f"teacher memo table {self.directory / table.name}: stored rows fail their "
+                "checksum (damaged on disk); each is recomputed and rewritten (reported once)",
             )
         return ok, values
 
