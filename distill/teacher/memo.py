@@ -342,6 +342,12 @@ class TeacherMemo:
         """Stable hash of a JSON-serializable description."""
         return fingerprint_hash(data)
 
+    def set_verify(self, on: bool) -> None:
+        """Check rows' CRCs on read (the default) or not (benchmarks: the check's overhead)."""
+        self.verify = on
+        for table in self._tables.values():
+            table.verify = on
+
     def _foreign(self, what: str, found: Mapping[str, Any]) -> ForeignMemoError:
         diff = _diff(self.fingerprint, found)
         return ForeignMemoError(
