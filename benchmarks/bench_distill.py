@@ -16,6 +16,10 @@ one batch, 10^4 permutations) and variants (online Shap-CAM teacher maps, Score-
 ``max_channels``). Prints a Markdown table; ``--json`` also writes the step times that
 ``python -m distill.harness cost`` turns into a cost model.
 
+``--verify-overhead R`` times the memo's CRC check: one process per preset alternates memo-hit
+steps of two copies of the preset, one verifying every row read against its CRC-32 (the
+default) and one not, for ``R`` rounds; the ratio is verified over unverified.
+
 ``--alternated R`` is the robust ratio on a noisy machine: one process per preset builds both the
 preset's and ``ce_kd``'s modules and alternates their steps for ``R`` rounds after a warm-up, so
 load drifts hit both sides alike; the ratio is the preset's summed time over ``ce_kd``'s.
@@ -37,7 +41,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from datetime import date
 from pathlib import Path
 
@@ -96,11 +100,13 @@ def make_batch(batch: int) -> dict:
 
 @dataclass(frozen=True)
 class Mode:
-    """How a step runs: bf16 autocast, channels_last, teacher outputs from a filled memo."""
+    """How a step runs: bf16 autocast, channels_last, teacher outputs from a filled memo
+    (rows CRC-checked unless ``verify`` is off)."""
 
     bf16: bool = False
     channels_last: bool = False
     memo: bool = False
+    verify: bool = True
 
 
 class _MemoData:
@@ -140,6 +146,7 @@ def student_module(name: str, extra: dict, mode: Mode = Mode()):  # -> StudentMo
         module.teacher.net.to(memory_format=torch.channels_last)
     if mode.memo:
         module.teacher.enable_memo(_MemoData(), "bf16-mixed" if mode.bf16 else "32-true")
+        module.teacher.memo.set_verify(mode.verify)
     return module
 
 
@@ -185,6 +192,7 @@ def step_fn(preset: str, batch: int, device: str, mode: Mode):  # -> Callable[[]
         opt.step()
 
     step.module = module  # type: ignore[attr-defined]  (for bench_scan_threads.py)
+    step.data = data  # type: ignore[attr-defined]
     return step
 
 
@@ -228,6 +236,58 @@ def run_alternated(
         "ce_kd_step_s": totals["ce_kd"] / rounds,
         "ratio": totals[preset] / totals["ce_kd"],
     }
+
+
+def run_verify_overhead(preset: str, batch: int, rounds: int, device: str, mode: Mode) -> dict:
+    """Memo-hit steps of ``preset`` with and without the CRC check, alternated (ABBA) ``rounds``
+    times after one warm-up each (the first fills the memo both read); then the memo read alone
+    (``Teacher.outputs`` of the batch, all hits) ``20 * rounds`` times each."""
+    sync = device_sync(device)
+    modes = {
+        "verified": replace(mode, memo=True),
+        "unverified": replace(mode, memo=True, verify=False),
+    }
+    steps = {name: step_fn(preset, batch, device, m) for name, m in modes.items()}
+    totals = dict.fromkeys(steps, 0.0)
+    for step in steps.values():
+        step()
+    for i in range(rounds):  # ABBA: neither side always runs first
+        for name, step in list(steps.items())[:: 1 if i % 2 == 0 else -1]:
+            totals[name] += timed(step, sync)
+    lookups = dict.fromkeys(steps, 0.0)  # the memo read alone: teacher outputs of the batch
+    for i in range(20 * rounds):
+        for name, step in list(steps.items())[:: 1 if i % 2 == 0 else -1]:
+            teacher, data = step.module.teacher, step.data  # type: ignore[attr-defined]
+            need = bool(step.module.loss_cfg.kd.enabled)  # type: ignore[attr-defined]
+            lookups[name] += timed(lambda t=teacher, d=data, k=need: t.outputs(d, k), sync)
+    return {
+        "preset": preset,
+        "rounds": rounds,
+        "lookup_verified_ms": 1e3 * lookups["verified"] / (20 * rounds),
+        "lookup_unverified_ms": 1e3 * lookups["unverified"] / (20 * rounds),
+        "verified_s": totals["verified"] / rounds,
+        "unverified_s": totals["unverified"] / rounds,
+        "ratio": totals["verified"] / totals["unverified"],
+    }
+
+
+def verify_overhead(args: argparse.Namespace) -> None:
+    """One subprocess per preset; verified / unverified memo-hit steps as a Markdown table."""
+    print(
+        f"| preset (batch {args.batch}, {args.verify_overhead} alternated rounds, memo hits) "
+        "| CRC checked (s) | not checked (s) | ratio | memo read, checked (ms) | not checked (ms) |"
+    )
+    print("|---|---|---|---|---|---|")
+    for preset in args.presets:
+        if preset in SPECIAL:
+            continue
+        r = child(args, "--verify-pair", preset, "--verify-overhead", str(args.verify_overhead))
+        print(
+            f"| {preset} | {r['verified_s']:.4f} | {r['unverified_s']:.4f} | {r['ratio']:.3f} "
+            f"| {r['lookup_verified_ms']:.2f} | {r['lookup_unverified_ms']:.2f} |",
+            flush=True,
+        )
+    print(f"machine: {machine()}", file=sys.stderr)
 
 
 def child(args: argparse.Namespace, *flags: str, memo: bool | None = None) -> dict:
@@ -292,11 +352,25 @@ def main() -> None:
         metavar="R",
         help="ratios to ce_kd from R rounds of alternated steps in one process per preset",
     )
+    parser.add_argument(
+        "--verify-overhead",
+        type=int,
+        default=0,
+        metavar="R",
+        help="memo-hit steps with / without the memo's CRC check, R alternated rounds",
+    )
+    parser.add_argument("--verify-pair", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--one", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--pair", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     mode = Mode(args.bf16, args.channels_last, args.memo)
     baseline = Mode() if args.baseline_fp32 else mode
+    if args.verify_pair:
+        r = run_verify_overhead(
+            args.verify_pair, args.batch, args.verify_overhead, args.device, mode
+        )
+        print(json.dumps(r))
+        return
     if args.pair:
         result = run_alternated(args.pair, args.batch, args.alternated, args.device, mode, baseline)
         print(json.dumps(result))
@@ -307,6 +381,9 @@ def main() -> None:
     unknown = [p for p in args.presets if p not in PRESETS and p not in SPECIAL]
     if unknown:
         parser.error(f"unknown presets {unknown}; choose from {[*SPECIAL, *PRESETS]}")
+    if args.verify_overhead:
+        verify_overhead(args)
+        return
     if args.alternated:
         alternated(args)
         return

@@ -105,6 +105,11 @@ def fill_memo(cfg: DictConfig, teacher: Teacher, datamodule: Any, device: torch.
         labels = datamodule.train_labels[idx].to(device)
         with autocast:
             teacher.outputs({"image": images, "label": labels, "index": idx, "aug": aug}, True)
+        if not (teacher.memo.writable and teacher.memo.readable):  # full disk, ... (warned)
+            raise CacheError(
+                f"teacher memo {teacher.memo.directory} could not be written; the views done "
+                "so far are kept: make room and run this command again to finish it"
+            )
         if (start // size) % 200 == 199:
             print(f"  {start + len(pair)}/{total} views done", flush=True)
     print(f"teacher memo ready: {teacher.memo.directory}", flush=True)

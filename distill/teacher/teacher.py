@@ -28,6 +28,7 @@ from distill.teacher.cache import (
 from distill.teacher.loading import load_teacher, resolve_teacher_checkpoint, teacher_digest
 from distill.teacher.memo import (
     EXECUTION_OPTIONS,
+    FULL_DISK,
     MemoTable,
     TeacherMemo,
     memo_fingerprint,
@@ -150,7 +151,9 @@ class Teacher(nn.Module):
         self, batch: Mapping[str, Any], need_logits: bool
     ) -> tuple[Tensor | None, Tensor | None]:
         """Teacher logits (if ``need_logits``) and maps (if it has a CAM) for a training batch;
-        online maps and logits come from one CAM pass, or from the memo when it is enabled."""
+        online maps and logits come from one CAM pass, or from the memo when it is enabled.
+        Both are float32 whatever the autocast: the memo stores the computed values as float32,
+        so a run computes the same with and without it (bf16 values upcast exactly)."""
         x, y = batch["image"], batch["label"]
         if self.memo is not None and (need_logits or self.source == "online"):
             logits, maps = self._memo_outputs(batch, need_logits)
@@ -158,10 +161,9 @@ class Teacher(nn.Module):
                 maps = self.cached(batch["index"], batch.get("aug"))
             return logits, maps
         if self.cam is not None and self.source == "online":
-            out = self.cam.compute(x, y)
-            return out.logits.detach(), out.maps.detach()
+            return self._compute(x, y, maps=True)
         maps = None if self.cam is None else self.cached(batch["index"], batch.get("aug"))
-        return (self.logits(x) if need_logits else None), maps
+        return (self._compute(x, y, maps=False)[0] if need_logits else None), maps
 
     # ----------------------------------------------------------------- offline cache
     def fingerprint(self, datamodule: Any) -> dict[str, Any]:
@@ -233,8 +235,11 @@ class Teacher(nn.Module):
 
     def enable_memo(self, datamodule: Any, precision: str) -> None:
         """Serve logits and online maps from the memo of this teacher, dataset, view policy and
-        ``precision`` (a :class:`~distill.teacher.memo.ForeignMemoError` for a ``loss.memo_dir``
-        built for another); off with a one-line warning when it could not be exact."""
+        ``precision``, opening (or creating) its tables now. Refused (a
+        :class:`~distill.teacher.cache.CacheError` naming the fix): a memo built for another
+        configuration, a damaged table, a directory that cannot be written (read-only file
+        system, permissions). Off with a one-line warning: when it could not be exact, or the
+        disk is full."""
         if not self.use_memo:
             return
         blocker = self.memo_blocker(datamodule)
@@ -254,8 +259,27 @@ class Teacher(nn.Module):
             f"training, or ahead of it with:\n    {precompute_command(True, 'loss.memo_dir')}"
         )
         directory = self.memo_dir or Path(self.memo_root) / TeacherMemo.key_of(fingerprint)[:16]
-        self.memo = TeacherMemo(directory, fingerprint, rebuild_hint=hint)
-        self._memo_tables: dict[str, MemoTable] = {}
+        try:
+            self.memo = TeacherMemo(
+                directory, fingerprint, rebuild_hint=hint, fill_hint=precompute_command()
+            )
+            self._memo_tables: dict[str, MemoTable] = {}
+            self._table("logits", self.num_classes)  # every miss stores logits
+            if self.cam is not None and self.source == "online":
+                self._table("maps", self.map_size[0] * self.map_size[1])
+        except OSError as err:
+            self.memo = None
+            reason = err.strerror or str(err)
+            if err.errno in FULL_DISK:
+                warnings.warn(
+                    f"teacher memo off: cannot write {directory} ({reason})", stacklevel=2
+                )
+                return
+            option = "loss.memo_dir" if self.memo_dir else "module.memo_root"
+            raise CacheError(
+                f"teacher memo {directory} cannot be written ({reason}): set {option} to a "
+                "writable directory, or run without the memo (loss.teacher_memo=false)"
+            ) from None
 
     def _table(self, kind: str, size: int) -> MemoTable:
         """The memo's ``logits`` table, or the ``maps`` table of this teacher's CAM settings."""
@@ -296,8 +320,10 @@ class Teacher(nn.Module):
         maps_t = self._table("maps", self.map_size[0] * self.map_size[1]) if want_maps else None
         needed = [t for t, on in ((logits_t, need_logits), (maps_t, want_maps)) if on]
         hit = torch.ones(len(rows), dtype=torch.bool)
+        read: dict[MemoTable, Tensor] = {}
         for table in needed:
-            hit &= table.filled(rows)
+            ok, read[table] = self.memo.read(table, rows)  # CRC-verified; damaged rows miss
+            hit &= ok
         miss = (~hit).nonzero().squeeze(1)
         self.memo_lookups += len(rows)
         self.memo_hits += len(rows) - len(miss)
@@ -321,9 +347,9 @@ class Teacher(nn.Module):
         if len(found):
             dev_found = found.to(x.device)
             if logits is not None:
-                logits[dev_found] = logits_t.read(rows[found]).to(x.device)
+                logits[dev_found] = read[logits_t][found].to(x.device)
             if maps is not None:
-                maps[dev_found] = maps_t.read(rows[found]).to(x.device).view(-1, *self.map_size)
+                maps[dev_found] = read[maps_t][found].to(x.device).view(-1, *self.map_size)
         return logits, maps
 
     @cached_property
