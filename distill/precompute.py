@@ -89,7 +89,8 @@ def fill_memo(cfg: DictConfig, teacher: Teacher, datamodule: Any, device: torch.
         teacher.net.to(memory_format=torch.channels_last)
     indices = datamodule.train_indices.sort().values
     pad, size = datamodule.view_pad, int(cfg.get("precompute_batch_size", 256))
-    outputs = ", ".join(f"{teacher.method} maps" if n == "maps" else n for n in teacher.needs)
+    needs = list(dict.fromkeys(["logits", *teacher.needs]))  # the logits always (as KD reads)
+    outputs = ", ".join(f"{teacher.method} maps" if n == "maps" else n for n in needs)
     print(
         f"teacher memo: {outputs} ({precision}), {len(indices)} training "
         f"images x {num_views(pad)} views -> {teacher.memo.directory}",
@@ -107,7 +108,7 @@ def fill_memo(cfg: DictConfig, teacher: Teacher, datamodule: Any, device: torch.
         labels = datamodule.train_labels[idx].to(device)
         with autocast:
             batch = {"image": images, "label": labels, "index": idx, "aug": aug}
-            teacher.collect(batch, teacher.needs)
+            teacher.collect(batch, needs)
         if (start // size) % 200 == 199:
             print(f"  {start + len(pair)}/{total} views done", flush=True)
     print(f"teacher memo ready: {teacher.memo.directory}", flush=True)

@@ -190,3 +190,22 @@ def test_bad_objective_options_stop_the_run_naming_the_key(tiny_cfg, overrides, 
         train(tiny_cfg(*overrides))
     assert "\n" not in str(info.value)
     assert isinstance(info.value, (ConfigError, LossConfigError))
+
+
+@pytest.mark.parametrize(
+    ("preset", "needs", "forwards"),
+    [("shapcam", ["maps"], 0), ("shapcam_kd", ["logits", "maps"], 1), ("at", ["at"], 1)],
+)
+def test_a_step_asks_the_teacher_only_for_what_its_objectives_read(
+    tiny_cfg, preset, needs, forwards
+):
+    """Cached Shap-CAM maps without KD need no teacher pass at all; AT's maps and the logits
+    come from one pass."""
+    module = student(tiny_cfg(f"loss={preset}")).train()
+    assert module.teacher.needs == needs
+    module.teacher.cached_maps = torch.rand(8, 8, 8)
+    module.teacher.cache_position = torch.arange(8)
+    calls = []
+    module.teacher.net.register_forward_hook(lambda m, i, o: calls.append(1))
+    module.compute_loss(_batch([0, 1, 2, 3]))
+    assert len(calls) == forwards

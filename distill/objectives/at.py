@@ -22,7 +22,6 @@ from distill.objectives.base import (
     exact,
     finite,
     layer_shapes,
-    upcast,
 )
 
 if TYPE_CHECKING:
@@ -45,12 +44,18 @@ class ATConfig:
 
 def attention(feature: Tensor, p: float, size: Sequence[int]) -> Tensor:
     """``at(A) = vec(mean_c |A_c|^p) / ||vec(mean_c |A_c|^p)||`` (B, h*w) of a feature map
-    (B, C, H, W) average-pooled to ``size`` first when larger (RepDistiller / mdistiller)."""
+    (B, C, H, W) average-pooled to ``size`` first when larger (RepDistiller / mdistiller).
+
+    The powers stay in the feature's dtype (bf16 under autocast: the network's own precision)
+    and the channel mean accumulates in float32 (float64 for float64 features), which keeps the
+    step within a few percent of ``ce_kd``'s; the rest is float32/float64."""
+    a = feature
+    if tuple(a.shape[-2:]) != tuple(size):
+        a = F.adaptive_avg_pool2d(a, tuple(size))
+    powered = a.square() if p == 2 else a.abs().pow(p)
+    dtype = torch.float64 if a.dtype == torch.float64 else torch.float32
     with exact(feature):
-        a = upcast(feature)
-        if tuple(a.shape[-2:]) != tuple(size):
-            a = F.adaptive_avg_pool2d(a, tuple(size))
-        return F.normalize(a.abs().pow(p).mean(1).flatten(1), dim=1)
+        return F.normalize(powered.mean(1, dtype=dtype).flatten(1), dim=1)
 
 
 def at_loss(student: Sequence[Tensor], teacher: Sequence[Tensor]) -> Tensor:

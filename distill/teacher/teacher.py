@@ -19,6 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from distill.loss_config import LossConfig, build_cam
+from distill.objectives import teacher_needs
 from distill.objectives.base import TeacherOutput, capture, check_layers
 from distill.teacher.cache import (
     CacheError,
@@ -104,7 +105,7 @@ class Teacher(nn.Module):
         self.cam = build_cam(cfg.method, self.net, self.layer, self.options) if cfg.method else None
         self.extra: dict[str, TeacherOutput] = {}  # objectives' outputs (require())
         self._output_shapes: dict[str, tuple[int, ...]] = {}
-        self.needs: list[str] = ["logits", *(["maps"] if self.cam is not None else [])]
+        self.needs: list[str] = teacher_needs(cfg)  # what a training step collects
         self.register_buffer("cached_maps", torch.empty(0), persistent=False)
         self.register_buffer("cache_position", torch.empty(0, dtype=torch.long), persistent=False)
 
@@ -161,16 +162,13 @@ class Teacher(nn.Module):
         return self.cam(x, y).detach()
 
     def require(self, objectives: Iterable[Any]) -> None:
-        """Serve what ``objectives`` (:class:`~distill.objectives.Objective` s) read: their
-        :class:`~distill.objectives.TeacherOutput` s join logits and maps, and :attr:`needs`
-        becomes the names a training step collects (logits always: every pass gives them)."""
-        names: list[str] = ["logits"]
+        """Serve the :class:`~distill.objectives.TeacherOutput` s that ``objectives``
+        (:class:`~distill.objectives.Objective` s) declare, besides logits and maps; a training
+        step collects :attr:`needs` (what the loss config's objectives read)."""
         for objective in objectives:
             for output in objective.teacher_outputs():
                 check_layers(self.net, output.layers, f"{objective.name} (teacher layers)")
                 self.extra[output.name] = output
-            names += objective.teacher_needs(objective.loss)
-        self.needs = list(dict.fromkeys(names))
 
     def outputs(
         self, batch: Mapping[str, Any], need_logits: bool
