@@ -193,3 +193,11 @@ def test_dkd_warm_up_follows_the_epoch(tiny_cfg, steppable, epoch, w):
     assert terms["tckd"].item() == pytest.approx(want_t, rel=1e-9)
     assert terms["nckd"].item() == pytest.approx(want_n, rel=1e-9)
     torch.testing.assert_close(loss, terms["ce"] + w * (1.0 * terms["tckd"] + 6.0 * terms["nckd"]))
+
+
+@pytest.mark.parametrize("p", [2.0, 3.0])
+def test_attention_gradient_is_the_formulas(p):
+    """AT's channel mean of squares has a hand-written backward: check it numerically."""
+    f = torch.randn(2, 3, 4, 4, generator=GEN, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x: attention(x, p, (2, 2)), (f,))
+    assert torch.autograd.gradcheck(lambda x: attention(x, p, (4, 4)), (f,))
