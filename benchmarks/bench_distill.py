@@ -8,7 +8,8 @@ Each preset runs in a fresh subprocess (so peak RSS is its own): WRN-16-2 studen
 teacher (random weights), one training step = loss (student forward + CAMs + teacher) + backward +
 SGD step, on a fixed random batch with random crop/flip parameters, median of ``--steps`` steps
 after one warm-up. The table cells (``distill.presets.table_methods()``: ``ce`` and every
-registered CAM method with both loss presets, each without and with ``_kd``; twelve today) use
+registered CAM method with both loss presets, each without and with ``_kd``; twelve today) and
+the baseline objectives' presets (``distill.presets.baseline_presets()``: AT, CAT-KD, DKD) use
 their presets' defaults (the ``paper`` profile's settings); ``shapcam`` (cache) reads teacher
 maps from an in-memory cache exactly as training does (lookup + alignment). Extra rows:
 ``teacher`` (a WRN-40-2 cross-entropy step), ``precompute`` (offline Shap-CAM teacher maps for
@@ -47,11 +48,12 @@ from pathlib import Path
 
 from _common import device_sync, load_avg, machine_info, peak_rss_mb, timed
 
-from distill.presets import table_methods
+from distill.presets import baseline_presets, table_methods
 
 ROOT = Path(__file__).resolve().parents[1]
-# the paper's table cells: ce and every registered CAM method with both loss presets
-CELLS = [f"{m}{kd}" for m in table_methods() for kd in ("", "_kd")]
+# the paper's table cells: ce and every registered CAM method with both loss presets; then the
+# presets of the registered baseline objectives (at, at_kd, catkd, dkd, ...)
+CELLS = [f"{m}{kd}" for m in table_methods() for kd in ("", "_kd")] + baseline_presets()
 ONLINE_1000 = {"teacher_maps": "online", "teacher_cam": {"n_permutations": 1000, "seed": 0}}
 # label -> (loss preset, extra loss options); cells use their defaults
 PRESETS: dict[str, tuple[str, dict]] = {

@@ -100,6 +100,33 @@ def validate_options(cfg: DictConfig) -> None:
             f"module.compile=true does not work with a CAM loss (loss.method={method}): the "
             "compiled net hides the CAM layer from the hooks; set module.compile=false"
         )
+    if OmegaConf.select(cfg, "loss") is not None:
+        _check_objectives(cfg)
+
+
+def _check_objectives(cfg: DictConfig) -> None:
+    """The loss objectives' options in their domains; objectives that read the teacher need the
+    student module; hooked student layers do not survive ``module.compile``."""
+    from distill.objectives import active_objectives, check_objectives, teacher_needs
+
+    loss: Any = OmegaConf.to_container(cfg.loss, resolve=True)
+    check_objectives(loss)
+    objectives = [o for o in active_objectives(loss) if o.name != "ce"]
+    active = [o.name for o in objectives]
+    target = str(OmegaConf.select(cfg, "module._target_", default=""))
+    if teacher_needs(loss) and target.endswith(".ClassifierModule"):
+        raise ConfigError(
+            f"loss objectives {', '.join(active)} read a frozen teacher, which the classifier "
+            "module (teacher training) has none of: start from a student preset (e.g. "
+            "loss=ce_kd, loss=dkd) or add module=student"
+        )
+    hooked = [o.name for o in objectives if o.hooks_student]
+    if OmegaConf.select(cfg, "module.compile", default=False) and hooked:
+        raise ConfigError(
+            f"module.compile=true does not work with loss objective(s) {', '.join(hooked)}: "
+            "the compiled net hides the student layers they read from the hooks; set "
+            "module.compile=false"
+        )
 
 
 # ----------------------------------------------------------------------------- data identity

@@ -1,20 +1,22 @@
 """The ``loss`` config group: one schema (defaults written once), its Hydra registration, and
 building the configured CAM methods.
 
-:class:`LossConfig` (with :class:`KDConfig`) is the structured config of the group: it is stored
-in Hydra's ConfigStore as ``loss/_schema`` and ``configs/loss/ce.yaml`` lists it first in its
-defaults, so every preset is validated against it at composition. A misspelt key
+:class:`LossConfig` is the structured config of the group: the CAM/memo keys plus one key
+``loss.<name>`` per registered objective with options (its ``Config`` dataclass, e.g.
+:class:`KDConfig` at ``loss.kd``; :mod:`distill.objectives`). It is stored in Hydra's
+ConfigStore as ``loss/_schema`` and ``configs/loss/ce.yaml`` lists it first in its defaults, so
+every preset is validated against it at composition. A misspelt key
 (``loss.alpah=1``) or a value of the wrong type (``loss.alpha=abc``) is refused by Hydra naming
 the key; new keys are refused too (``+loss.x=1``), except inside the free-form CAM option dicts
 ``cam`` / ``student_cam`` / ``teacher_cam`` (checked against :func:`cams.method_options` when the
 CAMs are built, :func:`build_cam`). Option domains (``alpha >= 0``, ``kd.beta`` in [0, 1], ...)
-are checked at start-up by :mod:`distill.config_checks`.
+are checked at start-up by :mod:`distill.config_checks` (each objective's own by its ``check``).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, make_dataclass
 from typing import Any
 
 from torch import nn
@@ -22,6 +24,8 @@ from torch import nn
 import cams
 from cams.utils import NORMALIZATIONS
 from distill.losses import LossConfigError, check_alpha
+from distill.objectives import OBJECTIVES
+from distill.objectives.kd import KDConfig
 
 __all__ = [
     "SCHEMA_NAME",
@@ -38,22 +42,11 @@ TEACHER_MAP_SOURCES = ("online", "cache")
 
 
 @dataclass
-class KDConfig:
-    """Hinton KD (attention-transfer convention):
-    ``(1 - beta) * CE + beta * T^2 * KL(softmax(t / T) || softmax(s / T))``."""
-
-    enabled: bool = False
-    temperature: float = 4.0  # T > 0
-    beta: float = 0.9  # KD weight in [0, 1]; the CE weight is 1 - beta
-
-
-@dataclass
-class LossConfig:
-    """Every key of the ``loss`` group with its default (documented in ``configs/loss/ce.yaml``).
-
-    The objective is ``classification + alpha * || N(L_s) - N(L_t) ||^2`` on true-class CAMs of
-    ``method`` at ``student_layer`` / ``teacher_layer`` (see :mod:`distill.losses`).
-    """
+class _LossKeys:
+    """The keys of the ``loss`` group besides the objectives' own (``loss.<objective>``): the
+    preset name, the explanation term's CAM (``method`` ... ``fresh_orderings``; the ``cam``
+    objective), the teacher memo and the CAM logging. :class:`LossConfig` adds one key per
+    registered objective with options (``kd``, ``dkd``, ``at``, ...)."""
 
     name: str = "ce"
     method: str | None = None  # a cams.METHODS name; None: no explanation term
@@ -70,12 +63,11 @@ class LossConfig:
     cam: dict[str, Any] = field(default_factory=dict)
     student_cam: dict[str, Any] = field(default_factory=dict)
     teacher_cam: dict[str, Any] = field(default_factory=dict)
-    kd: KDConfig = field(default_factory=KDConfig)
     agreement_batches: int = 2
     grid_every_n_epochs: int = 10
 
     @classmethod
-    def from_mapping(cls, data: Mapping[str, Any]) -> LossConfig:
+    def from_mapping(cls, data: Mapping[str, Any]) -> Any:
         """A validated config from a composed ``loss`` node or a plain dict (missing keys take
         their defaults). Raises :class:`LossConfigError` for unknown keys, wrong types,
         a bad ``alpha``, ``norm`` or ``teacher_maps``."""
@@ -105,6 +97,32 @@ class LossConfig:
     def options(self, side: str) -> dict[str, Any]:
         """CAM options for ``side`` ("student" or "teacher"): shared ``cam`` + side-specific."""
         return {**self.cam, **getattr(self, f"{side}_cam")}
+
+
+def _objective_fields() -> list[tuple[str, type, Any]]:
+    """``loss.<name>`` of every registered objective with options (its ``Config``)."""
+    taken = {f.name for f in fields(_LossKeys)}
+    out = []
+    for name, objective in OBJECTIVES.items():
+        if objective.Config is None:
+            continue
+        if name in taken:
+            raise ValueError(f"objective {name!r} clashes with the loss key loss.{name}")
+        out.append((name, objective.Config, field(default_factory=objective.Config)))
+    return out
+
+
+LossConfig = make_dataclass(
+    "LossConfig",
+    _objective_fields(),
+    bases=(_LossKeys,),
+    namespace={
+        "__module__": __name__,
+        "__doc__": """Every key of the ``loss`` group with its default (documented in
+    ``configs/loss/ce.yaml``): the keys of :class:`_LossKeys` and ``loss.<name>`` (enabled +
+    options) of every registered objective (:data:`distill.objectives.OBJECTIVES`).""",
+    },
+)
 
 
 def register_configs() -> None:

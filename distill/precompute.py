@@ -6,9 +6,10 @@
 With ``loss.teacher_maps=cache`` (Shap-CAM's presets) it builds the offline map cache described
 below. Otherwise it fills the teacher-output memo (:mod:`distill.teacher.memo`) for every
 training image and every one of its crop/flip views (162 with ``pad=4``), in the precision and
-memory format training will use: the teacher logits, and the maps when the preset has online
-maps. The memo also fills lazily during training, so this is optional (on a GPU it takes
-minutes; on a CPU hours); an interrupted fill resumes where it stopped.
+memory format training will use: every teacher output the preset's objectives read (the logits,
+online CAM maps, AT's attention maps, CAT-KD's pooled CAMs, ...). The memo also fills lazily
+during training, so this is optional (on a GPU it takes minutes; on a CPU hours); an
+interrupted fill resumes where it stopped.
 
 Takes the same overrides as ``train.py`` and builds only the teacher
 (:meth:`distill.teacher.Teacher.from_config`, the object training uses), so the cache it writes
@@ -27,10 +28,11 @@ from typing import Any
 
 import hydra
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from distill.data.augment import normalize_images
 from distill.integrity import IntegrityError
+from distill.objectives import teacher_needs
 from distill.precision import use_channels_last
 from distill.teacher import CacheError, ForeignCacheError, Teacher, cached_indices
 from distill.teacher.memo import num_views, view_params
@@ -39,8 +41,7 @@ from distill.train import USER_ERRORS, instantiate
 
 def precompute(cfg: DictConfig) -> str:
     """Build (or finish, or repair) the cache, or fill the memo, for ``cfg``; its directory."""
-    kd = bool(cfg.loss.get("kd", {}).get("enabled", False))
-    if cfg.loss.method is None and not kd:
+    if not teacher_needs(OmegaConf.to_container(cfg.loss, resolve=True)):  # type: ignore[arg-type]
         raise CacheError(f"loss={cfg.loss.name} uses no teacher: nothing to precompute")
     datamodule = instantiate(cfg.data)
     datamodule.prepare_data()
@@ -88,8 +89,10 @@ def fill_memo(cfg: DictConfig, teacher: Teacher, datamodule: Any, device: torch.
         teacher.net.to(memory_format=torch.channels_last)
     indices = datamodule.train_indices.sort().values
     pad, size = datamodule.view_pad, int(cfg.get("precompute_batch_size", 256))
+    needs = list(dict.fromkeys(["logits", *teacher.needs]))  # the logits always (as KD reads)
+    outputs = ", ".join(f"{teacher.method} maps" if n == "maps" else n for n in needs)
     print(
-        f"teacher memo: {teacher.method or 'logits'} ({precision}), {len(indices)} training "
+        f"teacher memo: {outputs} ({precision}), {len(indices)} training "
         f"images x {num_views(pad)} views -> {teacher.memo.directory}",
         flush=True,
     )
@@ -104,7 +107,8 @@ def fill_memo(cfg: DictConfig, teacher: Teacher, datamodule: Any, device: torch.
             images = images.contiguous(memory_format=torch.channels_last)
         labels = datamodule.train_labels[idx].to(device)
         with autocast:
-            teacher.outputs({"image": images, "label": labels, "index": idx, "aug": aug}, True)
+            batch = {"image": images, "label": labels, "index": idx, "aug": aug}
+            teacher.collect(batch, needs)
         if not (teacher.memo.writable and teacher.memo.readable):  # full disk, ... (warned)
             raise CacheError(
                 f"teacher memo {teacher.memo.directory} could not be written; the views done "

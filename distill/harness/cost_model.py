@@ -41,14 +41,20 @@ def _cached_methods(cells: Sequence[str], configs: dict[str, dict[str, Any]]) ->
 
 
 def memo_tables(loss: dict[str, Any]) -> tuple[set[str], set[str]]:
-    """The memo tables a run with this ``loss`` config reads, and those its misses fill."""
+    """The memo tables a run with this ``loss`` config reads (the teacher outputs its objectives
+    read: ``logits``, ``maps-<method>`` for online CAM maps, ``at``, ``catkd``, ...), and those
+    its misses fill (with the logits: every teacher pass gives them)."""
+    from distill.objectives import teacher_needs  # imports torch: only when costing
+
     if not loss.get("teacher_memo", True):
         return set(), set()
-    needs = {"logits"} if loss.get("kd", {}).get("enabled") else set()
-    if loss.get("method") and loss.get("teacher_maps") == "online":
-        maps = {f"maps-{loss['method']}"}
-        return needs | maps, needs | maps | {"logits"}  # a CAM pass also gives the logits
-    return needs, needs
+    online = loss.get("teacher_maps") == "online"
+    needs = {
+        f"maps-{loss['method']}" if name == "maps" else name
+        for name in teacher_needs(loss)
+        if name != "maps" or online
+    }
+    return needs, (needs | {"logits"}) if needs else set()
 
 
 def miss_fraction(prior_draws: int, epochs: int, views: int = VIEWS) -> float:

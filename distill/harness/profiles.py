@@ -45,7 +45,7 @@ class Profile:
 
     name: str
     seeds: list[int]
-    cells: list[str] | None = None  # null or absent: every table cell (table_cells())
+    cells: list[str] | None = None  # null or absent: every table cell; may add baseline presets
     common: list[str] = field(default_factory=list)
     teacher: list[str] = field(default_factory=list)
     student: list[str] = field(default_factory=list)
@@ -74,6 +74,9 @@ class Profile:
         known = table_cells()
         if profile.cells is None:
             profile.cells = known
+        from distill.presets import baseline_presets
+
+        known = [*known, *baseline_presets()]  # a profile may list the baselines' cells too
         bad = [c for c in profile.cells if c not in known]
         if bad:
             raise HarnessError(f"profile {name!r} names unknown cells {bad}; known: {known}")

@@ -1,9 +1,11 @@
-"""Student training: CE (+ Hinton KD) + alpha * || N(L_s) - N(L_t) ||^2 on true-class CAMs.
+"""Student training against a frozen teacher: the sum of the configured objectives' terms.
 
-:class:`StudentModule` composes the classification loss (CE, or KD from the teacher's
-logits), the explanation term (student CAM vs teacher map) and a teacher source
-(:class:`distill.teacher.Teacher`: frozen network, its CAM, online or cached maps). It also logs
-map agreement, draws CAM grids and keeps its checkpoints student-only.
+:class:`StudentModule` runs the student's one forward (its CAM when ``loss.method`` is set, the
+layers the objectives read hooked), collects what the objectives read from the teacher
+(:class:`distill.teacher.Teacher`: frozen network, its CAM, online, memo or cached outputs) and
+sums the weighted terms of every active objective (:mod:`distill.objectives`: CE, Hinton KD,
+the CAM term, AT, CAT-KD, DKD, ...). It also logs map agreement, draws CAM grids and keeps its
+checkpoints student-only.
 """
 
 from __future__ import annotations
@@ -12,12 +14,13 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from distill.loss_config import LossConfig, build_cam
-from distill.losses import LossConfigError, explanation_loss, kd_loss, map_agreement
+from distill.losses import map_agreement
 from distill.modules.classifier import ClassifierModule
+from distill.objectives import StudentOutputs, build_objectives
+from distill.objectives.base import capture
 from distill.teacher import Teacher
 
 
@@ -27,29 +30,15 @@ def step_seed(seed: int, run_seed: int, step: int) -> int:
     return (mixed ^ (mixed >> 31)) & ((1 << 63) - 1)
 
 
-def _layer_output_shape(model: nn.Module, layer: str, probe: Tensor) -> tuple[int, ...]:
-    """Shape of ``layer``'s output for ``probe`` (eval mode, no grad, mode restored)."""
-    captured: list[tuple[int, ...]] = []
-    handle = dict(model.named_modules())[layer].register_forward_hook(
-        lambda m, i, o: captured.append(tuple(o.shape))
-    )
-    was_training = model.training
-    try:
-        with torch.no_grad():
-            model.eval()(probe)
-    finally:
-        model.train(was_training)
-        handle.remove()
-    return captured[0]
-
-
 class StudentModule(ClassifierModule):
-    """A student trained against a frozen teacher with KD and/or an explanation loss.
+    """A student trained against a frozen teacher with the objectives of its loss config.
 
     The student's map is computed by :mod:`cams` with ``create_graph=True`` in the same forward
-    pass that produces its logits (one forward per step); the teacher's logits and maps come from
-    ``teacher`` (:meth:`distill.teacher.Teacher.outputs`: online on the same augmented batch, or
-    from the offline cache).
+    pass that produces its logits and the hooked layer outputs (one forward per step); the
+    teacher's outputs come from ``teacher`` (:meth:`distill.teacher.Teacher.collect`: online on
+    the same augmented batch, from the memo, or maps from the offline cache). The loss is
+    ``sum(weight * value)`` over the terms of the active objectives; each term is logged as
+    ``train/<name>``.
 
     Args:
         net: the student network.
@@ -98,12 +87,14 @@ class StudentModule(ClassifierModule):
             teacher_checkpoint=teacher.checkpoint,
             teacher_arch=type(teacher.net).__name__,
         )
+        self.objectives = build_objectives(cfg, self.net, teacher.net)
+        teacher.require(self.objectives)
+        self.student_layers = [layer for o in self.objectives for layer in o.student_layers]
         self.student_cam = None
         if cfg.method is not None:
             self.student_cam = build_cam(
                 cfg.method, self.net, cfg.student_layer, cfg.options("student")
             )
-            self._check_map_shapes()
         self.run_seed = torch.initial_seed()  # seed_everything's seed: per-run ordering streams
         self.ordering_seed = getattr(self.student_cam, "seed", None)
         self._grid_batch: dict[str, Tensor] | None = None
@@ -114,29 +105,6 @@ class StudentModule(ClassifierModule):
         return self.teacher.cam
 
     # ----------------------------------------------------------------- setup
-    def _check_map_shapes(self) -> None:
-        """Stop before training when student and teacher maps differ in size (one 32x32 probe)."""
-        probe = torch.zeros(2, 3, 32, 32)
-        cfg = self.loss_cfg
-        outputs = {
-            "student": _layer_output_shape(self.net, cfg.student_layer, probe),
-            "teacher": _layer_output_shape(self.teacher.net, cfg.teacher_layer, probe),
-        }
-        for side, shape in outputs.items():
-            if len(shape) != 4:
-                layer = getattr(cfg, f"{side}_layer")
-                raise LossConfigError(
-                    f"loss.{side}_layer={layer} outputs shape {shape}, not spatial maps "
-                    f"(B, C, h, w): choose a convolutional layer, e.g. loss.{side}_layer=block3"
-                )
-        shapes = [shape[-2:] for shape in outputs.values()]
-        if shapes[0] != shapes[1]:
-            raise LossConfigError(
-                f"student layer {cfg.student_layer!r} gives {shapes[0]} maps but teacher "
-                f"layer {cfg.teacher_layer!r} gives {shapes[1]}: choose layers of equal "
-                "resolution (loss.student_layer=..., loss.teacher_layer=...)"
-            )
-
     def setup(self, stage: str) -> None:
         super().setup(stage)
         if self.use_channels_last:
@@ -157,37 +125,40 @@ class StudentModule(ClassifierModule):
 
     # ----------------------------------------------------------------- losses
     def compute_loss(self, batch: Mapping[str, Any]) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
-        cfg = self.loss_cfg
         x, y = batch["image"], batch["label"]
         if self.use_channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
             batch = {**batch, "image": x}  # the teacher reads the same layout
-        if self.student_cam is not None:
-            self._seed_student_cam()
-            out = self.student_cam.compute(x, y, create_graph=True)
-            logits, student_maps = out.logits, out.maps
-        else:
-            logits, student_maps = self.net(x), None
-        teacher_logits, teacher_maps = self.teacher.outputs(batch, need_logits=cfg.kd.enabled)
-        ce = F.cross_entropy(logits, y)
-        terms = {"ce": ce}
-        loss = ce
-        if cfg.kd.enabled:
-            terms["kd"] = kd_loss(logits, teacher_logits, cfg.kd.temperature)
-            loss = (1 - cfg.kd.beta) * ce + cfg.kd.beta * terms["kd"]
-        if student_maps is not None:
-            terms["cam"] = explanation_loss(student_maps, teacher_maps, cfg.norm)
-            if self._trainer is not None:
-                agreement = map_agreement(student_maps.detach(), teacher_maps).mean()
-                self.log(
-                    "train/map_agreement",
-                    agreement,
-                    on_step=False,
-                    on_epoch=True,
-                    batch_size=len(y),
-                )
-            loss = loss + cfg.alpha * terms["cam"]
-        return loss, logits, terms
+        student = self.student_outputs(x, y)
+        teacher = self.teacher.collect(batch, self.teacher.needs)
+        terms: dict[str, Tensor] = {}
+        loss: Tensor | None = None
+        for objective in self.objectives:
+            for term in objective.terms(student, teacher, batch, self.current_epoch):
+                if term.name in terms:
+                    raise ValueError(f"two objectives return a term named {term.name!r}")
+                terms[term.name] = term.value
+                part = term.weight * term.value
+                loss = part if loss is None else loss + part
+        assert loss is not None  # cross-entropy is always on
+        if student.maps is not None and "maps" in teacher and self._trainer is not None:
+            agreement = map_agreement(student.maps.detach(), teacher["maps"]).mean()
+            self.log(
+                "train/map_agreement", agreement, on_step=False, on_epoch=True, batch_size=len(y)
+            )
+        return loss, student.logits, terms
+
+    def student_outputs(self, x: Tensor, y: Tensor) -> StudentOutputs:
+        """The student's one forward: logits, its CAM maps (with ``loss.method``, differentiable)
+        and the outputs of the layers the objectives read."""
+        with capture(self.net, self.student_layers) as features:
+            if self.student_cam is not None:
+                self._seed_student_cam()
+                out = self.student_cam.compute(x, y, create_graph=True)
+                logits, maps = out.logits, out.maps
+            else:
+                logits, maps = self.net(x), None
+        return StudentOutputs(logits, maps, dict(features))
 
     def _seed_student_cam(self) -> None:
         """Sampled CAMs (Shap-CAM's orderings) draw fresh samples every training step: the seed

@@ -8,8 +8,9 @@ the cache the precompute writes is exactly the one training looks for (:meth:`Te
 
 from __future__ import annotations
 
+import math
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,8 @@ import torch
 from torch import Tensor, nn
 
 from distill.loss_config import LossConfig, build_cam
+from distill.objectives import teacher_needs
+from distill.objectives.base import TeacherOutput, capture, check_layers
 from distill.teacher.cache import (
     CacheError,
     ForeignCacheError,
@@ -74,6 +77,10 @@ class Teacher(nn.Module):
     The cache identity is the fingerprint (checkpoint SHA-256, method, layer, CAM options without
     execution options, dataset identity, indices covered); its directory is
     ``<cache_root>/<key[:16]>`` or ``loss.cache_dir`` when set.
+
+    Besides its logits and maps the teacher gives the outputs the run's objectives declare
+    (:meth:`require`: e.g. attention maps of its groups, pooled all-class CAMs), all from one
+    forward (:meth:`collect`), and through the memo when it is enabled.
     """
 
     def __init__(
@@ -97,6 +104,9 @@ class Teacher(nn.Module):
         self.memo: TeacherMemo | None = None
         self.memo_lookups = self.memo_hits = 0
         self.cam = build_cam(cfg.method, self.net, self.layer, self.options) if cfg.method else None
+        self.extra: dict[str, TeacherOutput] = {}  # objectives' outputs (require())
+        self._output_shapes: dict[str, tuple[int, ...]] = {}
+        self.needs: list[str] = teacher_needs(cfg)  # what a training step collects
         self.register_buffer("cached_maps", torch.empty(0), persistent=False)
         self.register_buffer("cache_position", torch.empty(0, dtype=torch.long), persistent=False)
 
@@ -123,8 +133,10 @@ class Teacher(nn.Module):
         """The teacher of a composed training config (``cfg.module`` of a student run)."""
         import hydra
 
+        from distill.objectives import build_objectives
+
         module = cfg.module
-        return cls.load(
+        teacher = cls.load(
             hydra.utils.instantiate(module.teacher_net),
             cfg.loss,
             module.get("teacher_checkpoint"),
@@ -133,6 +145,9 @@ class Teacher(nn.Module):
             module.cache_root,
             module.get("memo_root", DEFAULT_MEMO_ROOT),
         )
+        objectives = build_objectives(cfg.loss, hydra.utils.instantiate(cfg.model), teacher.net)
+        teacher.require(objectives)
+        return teacher
 
     def train(self, mode: bool = True) -> Teacher:
         """The teacher stays in eval mode whatever its parent does."""
@@ -147,23 +162,45 @@ class Teacher(nn.Module):
         """Online maps (B, h, w) of the classes ``y`` for images ``x`` (detached)."""
         return self.cam(x, y).detach()
 
+    def require(self, objectives: Iterable[Any]) -> None:
+        """Serve the :class:`~distill.objectives.TeacherOutput` s that ``objectives``
+        (:class:`~distill.objectives.Objective` s) declare, besides logits and maps; a training
+        step collects :attr:`needs` (what the loss config's objectives read)."""
+        for objective in objectives:
+            for output in objective.teacher_outputs():
+                check_layers(self.net, output.layers, f"{objective.name} (teacher layers)")
+                self.extra[output.name] = output
+
     def outputs(
         self, batch: Mapping[str, Any], need_logits: bool
     ) -> tuple[Tensor | None, Tensor | None]:
-        """Teacher logits (if ``need_logits``) and maps (if it has a CAM) for a training batch;
-        online maps and logits come from one CAM pass, or from the memo when it is enabled.
-        Both are float32 whatever the autocast: the memo stores the computed values as float32,
-        so a run computes the same with and without it (bf16 values upcast exactly)."""
-        x, y = batch["image"], batch["label"]
-        if self.memo is not None and (need_logits or self.source == "online"):
-            logits, maps = self._memo_outputs(batch, need_logits)
-            if self.cam is not None and self.source == "cache":
-                maps = self.cached(batch["index"], batch.get("aug"))
-            return logits, maps
-        if self.cam is not None and self.source == "online":
-            return self._compute(x, y, maps=True)
-        maps = None if self.cam is None else self.cached(batch["index"], batch.get("aug"))
-        return (self._compute(x, y, maps=False)[0] if need_logits else None), maps
+        """Teacher logits (if ``need_logits``) and maps (if it has a CAM) for a training batch
+        (:meth:`collect`)."""
+        names = (["logits"] if need_logits else []) + (["maps"] if self.cam is not None else [])
+        out = self.collect(batch, names)
+        return out.get("logits"), out.get("maps")
+
+    def collect(self, batch: Mapping[str, Any], names: Sequence[str]) -> dict[str, Tensor]:
+        """The teacher outputs ``names`` for a training batch: ``"logits"``, ``"maps"`` (its CAM
+        of the true class) and the :meth:`require` d outputs. Online ones come from one pass
+        (the CAM's forward when maps are online), or from the memo when it is enabled (misses
+        are computed and stored); cached maps from the offline cache, aligned to the batch. Computed
+        outputs are float32 under autocast (bf16/fp16 upcast exactly): the memo stores float32, so
+        a run computes the same with and without it."""
+        names = list(dict.fromkeys(names))
+        unknown = [n for n in names if n not in ("logits", "maps", *self.extra)]
+        if unknown or ("maps" in names and self.cam is None):
+            raise ValueError(f"the teacher does not provide {unknown or ['maps']}")
+        cached = "maps" in names and self.source == "cache"
+        live = [n for n in names if not (cached and n == "maps")]
+        out: dict[str, Tensor] = {}
+        if live and self.memo is not None:
+            out.update(self._memo_outputs(batch, live))
+        elif live:
+            out.update(self._compute(batch["image"], batch["label"], live))
+        if cached:
+            out["maps"] = self.cached(batch["index"], batch.get("aug"))
+        return {n: out[n] for n in names}
 
     # ----------------------------------------------------------------- offline cache
     def fingerprint(self, datamodule: Any) -> dict[str, Any]:
@@ -264,9 +301,8 @@ class Teacher(nn.Module):
                 directory, fingerprint, rebuild_hint=hint, fill_hint=precompute_command()
             )
             self._memo_tables: dict[str, MemoTable] = {}
-            self._table("logits", self.num_classes)  # every miss stores logits
-            if self.cam is not None and self.source == "online":
-                self._table("maps", self.map_size[0] * self.map_size[1])
+            for kind in self._memo_kinds():  # opened now: a damaged one is refused at start
+                self._table(kind)
         except OSError as err:
             self.memo = None
             reason = err.strerror or str(err)
@@ -281,13 +317,20 @@ class Teacher(nn.Module):
                 "writable directory, or run without the memo (loss.teacher_memo=false)"
             ) from None
 
-    def _table(self, kind: str, size: int) -> MemoTable:
-        """The memo's ``logits`` table, or the ``maps`` table of this teacher's CAM settings."""
+    def _memo_kinds(self) -> list[str]:
+        """The memo tables this teacher reads: logits (every miss stores them), online maps and
+        the required outputs."""
+        maps = ["maps"] if self.cam is not None and self.source == "online" else []
+        return ["logits", *maps, *self.extra]
+
+    def _table(self, kind: str) -> MemoTable:
+        """The memo's ``logits`` table, the ``maps`` table of this teacher's CAM settings, or
+        the table of a required output (named after it and a hash of its description)."""
         assert self.memo is not None
         if kind not in self._memo_tables:
             if kind == "logits":
-                name, desc = "logits", {"kind": "logits"}
-            else:
+                name, desc, size = "logits", {"kind": "logits"}, self.num_classes
+            elif kind == "maps":
                 options = {
                     k: self.options[k] for k in sorted(self.options) if k not in EXECUTION_OPTIONS
                 }
@@ -298,59 +341,59 @@ class Teacher(nn.Module):
                     "options": options,
                 }
                 name = f"maps-{self.method}-{TeacherMemo.key_of(desc)[:12]}"
+                size = self.map_size[0] * self.map_size[1]
+            else:
+                desc = {"kind": kind, **self.extra[kind].description}
+                name = f"{kind}-{TeacherMemo.key_of(desc)[:12]}"
+                size = math.prod(self.output_shape(kind))
             self._memo_tables[kind] = self.memo.table(name, size, desc)
         return self._memo_tables[kind]
 
-    def _compute(self, x: Tensor, y: Tensor, maps: bool) -> tuple[Tensor, Tensor | None]:
-        """Teacher logits (and maps) of a batch, computed now (float32, detached)."""
-        if maps:
-            out = self.cam.compute(x, y)
-            return out.logits.detach().float(), out.maps.detach().float()
-        return self.logits(x).float(), None
+    def _compute(self, x: Tensor, y: Tensor, names: Sequence[str]) -> dict[str, Tensor]:
+        """The outputs ``names`` of a batch, computed now in one teacher pass (detached)."""
+        extras = [self.extra[n] for n in names if n in self.extra]
+        layers = [layer for output in extras for layer in output.layers]
+        with capture(self.net, layers) as features:
+            if "maps" in names:
+                out = self.cam.compute(x, y)
+                result = {"logits": out.logits.detach(), "maps": out.maps.detach()}
+            else:
+                result = {"logits": self.logits(x)}
+        with torch.no_grad():
+            for output in extras:
+                found = [features[layer].detach() for layer in output.layers]
+                result[output.name] = output.compute(found, result["logits"])
+        return {name: _upcast(value) for name, value in result.items()}
 
-    def _memo_outputs(
-        self, batch: Mapping[str, Any], need_logits: bool
-    ) -> tuple[Tensor | None, Tensor | None]:
-        """Logits/maps from the memo; the views it lacks are computed and stored."""
+    def _memo_outputs(self, batch: Mapping[str, Any], names: Sequence[str]) -> dict[str, Tensor]:
+        """``names`` from the memo; the views it lacks are computed (with the logits, which
+        every pass gives) and stored."""
         assert self.memo is not None
         x, y = batch["image"], batch["label"]
-        want_maps = self.cam is not None and self.source == "online"
         rows = self.memo.rows_of(batch["index"], view_ids(batch.get("aug"), len(y), self.memo.pad))
-        logits_t = self._table("logits", self.num_classes)
-        maps_t = self._table("maps", self.map_size[0] * self.map_size[1]) if want_maps else None
-        needed = [t for t, on in ((logits_t, need_logits), (maps_t, want_maps)) if on]
+        tables = {n: self._table(n) for n in dict.fromkeys(["logits", *names])}
         hit = torch.ones(len(rows), dtype=torch.bool)
-        read: dict[MemoTable, Tensor] = {}
-        for table in needed:
-            ok, read[table] = self.memo.read(table, rows)  # CRC-verified; damaged rows miss
+        read: dict[str, Tensor] = {}
+        for name in names:
+            ok, read[name] = self.memo.read(tables[name], rows)  # CRC-verified; damaged rows miss
             hit &= ok
         miss = (~hit).nonzero().squeeze(1)
         self.memo_lookups += len(rows)
         self.memo_hits += len(rows) - len(miss)
-        logits = maps = None
-        if need_logits:
-            logits = torch.empty(len(rows), self.num_classes, device=x.device)
-        if want_maps:
-            maps = torch.empty(len(rows), *self.map_size, device=x.device)
+        out = {n: torch.empty(len(rows), *self.output_shape(n), device=x.device) for n in names}
         if len(miss):
             dev_miss = miss.to(x.device)
-            new_logits, new_maps = self._compute(x[dev_miss], y[dev_miss], want_maps)
-            stored = {logits_t: new_logits}
-            if want_maps:
-                stored[maps_t] = new_maps.flatten(1)
-            self.memo.store(stored, rows[miss])
-            if logits is not None:
-                logits[dev_miss] = new_logits
-            if maps is not None:
-                maps[dev_miss] = new_maps
+            new = self._compute(x[dev_miss], y[dev_miss], names)
+            self.memo.store({tables[n]: v.float().flatten(1) for n, v in new.items()}, rows[miss])
+            for name in names:
+                out[name][dev_miss] = new[name].float()
         found = hit.nonzero().squeeze(1)
         if len(found):
             dev_found = found.to(x.device)
-            if logits is not None:
-                logits[dev_found] = read[logits_t][found].to(x.device)
-            if maps is not None:
-                maps[dev_found] = read[maps_t][found].to(x.device).view(-1, *self.map_size)
-        return logits, maps
+            for name in names:
+                values = read[name][found].to(x.device)
+                out[name][dev_found] = values.view(-1, *self.output_shape(name))
+        return out
 
     @cached_property
     def _probe(self) -> tuple[int, tuple[int, int]]:
@@ -373,9 +416,27 @@ class Teacher(nn.Module):
         """(h, w) of the teacher's maps at ``loss.teacher_layer``."""
         return self._probe[1]
 
+    def output_shape(self, name: str) -> tuple[int, ...]:
+        """Per-sample shape of output ``name`` (a probe on one 32x32 input, eval mode)."""
+        if name == "logits":
+            return (self.num_classes,)
+        if name == "maps":
+            return self.map_size
+        if name not in self._output_shapes:
+            param = next(self.net.parameters())
+            probe = torch.zeros(1, 3, 32, 32, device=param.device, dtype=param.dtype)
+            found = self._compute(probe, None, [name])  # type: ignore[arg-type]
+            self._output_shapes[name] = tuple(found[name].shape[1:])
+        return self._output_shapes[name]
+
     def memo_hit_rate(self, reset: bool = True) -> float | None:
         """Fraction of memo lookups served from disk since the last reset (None: no lookups)."""
         rate = self.memo_hits / self.memo_lookups if self.memo_lookups else None
         if reset:
             self.memo_lookups = self.memo_hits = 0
         return rate
+
+
+def _upcast(value: Tensor) -> Tensor:
+    """Half-precision values as float32 (exact); float32/float64 ones as they are."""
+    return value.float() if value.dtype in (torch.bfloat16, torch.float16) else value
