@@ -96,7 +96,10 @@ def test_figure_shows_every_method_and_student_labelled(
         return real_save(fig, path)
 
     monkeypatch.setattr(explain, "save_figure", spy)
-    students = {"a": save_net(tmp_path / "a.ckpt", 16, 1), "b": save_net(tmp_path / "b.ckpt", 10, 2)}
+    students = {
+        "a": save_net(tmp_path / "a.ckpt", 16, 1),
+        "b": save_net(tmp_path / "b.ckpt", 10, 2),
+    }
     images = synthetic_images()
     path = explain_figure(
         teacher_ckpt, students, images, ["gradcam", "gradcampp"], tmp_path / "f.png", device="cpu"
