@@ -344,14 +344,25 @@ def cam_figure(
     )
 
 
-def save_figure(fig: Figure, path: str | Path) -> Path:
-    """Write ``fig`` as PNG at its own dpi (Agg; no pyplot state), creating the directory."""
+def save_figure(fig: Figure, path: str | Path, palette: bool = False) -> Path:
+    """Write ``fig`` as PNG at its own dpi (Agg; no pyplot state), creating the directory.
+
+    ``palette``: a 256-colour PNG (median cut, no dithering; about 2.5x smaller, slight banding in
+    smooth maps), e.g. for figures committed to documentation.
+    """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from PIL import Image
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    FigureCanvasAgg(fig)
-    fig.savefig(path, dpi=fig.dpi, format="png")
+    canvas = FigureCanvasAgg(fig)
+    if not palette:
+        fig.savefig(path, dpi=fig.dpi, format="png")
+        return path
+    canvas.draw()
+    image = Image.fromarray(np.asarray(canvas.buffer_rgba())).convert("RGB")
+    image = image.quantize(256, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE)
+    image.save(path, format="png", optimize=True)
     return path
 
 

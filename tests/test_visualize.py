@@ -61,6 +61,10 @@ def test_cam_figure_is_labelled_readable_and_right(tmp_path: Path) -> None:
     path = save_figure(fig, tmp_path / "fig.png")
     width, height = Image.open(path).size
     assert width >= 800 and height >= 800, (width, height)
+    small_png = save_figure(fig, tmp_path / "palette.png", palette=True)
+    with Image.open(small_png) as img:
+        assert img.mode == "P" and img.size == (width, height)
+    assert small_png.stat().st_size < 0.6 * path.stat().st_size
     drawn = texts(fig)
     small = [(t.get_text(), t.get_fontsize()) for t in drawn if t.get_fontsize() < 10]
     assert not small, small
