@@ -180,6 +180,41 @@ def _panel_pixels(column: Column, image: Tensor, i: int, side: int, norms: dict)
     return cmap(norm(values), bytes=True)[..., :3]
 
 
+@dataclass(frozen=True)
+class _Layout:
+    """Geometry of :func:`map_grid` in inches, measured from the figure's top-left corner."""
+
+    blocks: int
+    rows: int
+    left: float
+    top: float
+    row_h: float
+    block_w: float
+    title_h: float
+    width: float
+    height: float
+
+    @classmethod
+    def of(cls, n: int, columns: Sequence[Column], blocks: int, title: str, bars: int) -> _Layout:
+        title_h = LINE * max((_lines(t) for c in columns for t in c.titles), default=0)
+        notes_h = LINE * max((len(ns) for c in columns for ns in c.notes), default=0)
+        header_h = LINE * max(_lines(c.header) for c in columns) + 0.1
+        row_h = PANEL + title_h + notes_h + 0.15
+        block_w = len(columns) * (PANEL + GAP) + 0.35
+        left, right, top = 0.45, 1.05 * bars + 0.1, LINE * _lines(title) + 0.15 + header_h
+        width = max(left + blocks * block_w + right, 8.2)  # >= 800 px at 100 dpi
+        rows = max(1, math.ceil(n / blocks))
+        height = top + rows * row_h + 0.1
+        return cls(blocks, rows, left, top, row_h, block_w, title_h, width, height)
+
+    def panel(self, i: int, j: int) -> tuple[float, float]:
+        """Top-left corner of image ``i``'s panel in column ``j``."""
+        r, b = divmod(i, self.blocks)
+        return self.left + b * self.block_w + j * (
+            PANEL + GAP
+        ), self.top + r * self.row_h + self.title_h
+
+
 def map_grid(
     images: Tensor,
     columns: Sequence[Column],
@@ -199,42 +234,35 @@ def map_grid(
     (no resampling when saved at ``fig.dpi``: :func:`save_figure`), the texts are figure texts.
     """
     import matplotlib
-    from matplotlib.cm import ScalarMappable
     from matplotlib.colors import Normalize
     from matplotlib.figure import Figure
 
-    n, n_cols = len(images), len(columns)
-    rows = max(1, math.ceil(n / blocks))
-    title_h = LINE * max((_lines(t) for c in columns for t in c.titles), default=0)
-    notes_h = LINE * max((len(ns) for c in columns for ns in c.notes), default=0)
-    header_h = LINE * max(_lines(c.header) for c in columns) + 0.1
-    row_h = PANEL + title_h + notes_h + 0.15
-    block_w = n_cols * (PANEL + GAP) + 0.35
     bars = [k for k in SCALES if k in {c.kind for c in columns}]
-    labels = {**BAR_LABELS, **(bar_labels or {})}
-    left, right = 0.45, 1.05 * len(bars) + 0.1
-    top = LINE * _lines(title) + 0.15 + header_h
-    width = max(left + blocks * block_w + right, 8.2)  # >= 800 px at 100 dpi
-    height = top + rows * row_h + 0.1
-    fig = Figure(figsize=(width, height), dpi=dpi)
+    lay = _Layout.of(len(images), columns, blocks, title, len(bars))
+    fig = Figure(figsize=(lay.width, lay.height), dpi=dpi)
     norms = {k: (Normalize(low, 1.0), matplotlib.colormaps[c]) for k, (low, c) in SCALES.items()}
 
     def text(x: float, y: float, s: str, **kwargs: Any) -> None:  # inches from the top left
-        fig.text(x / width, 1 - y / height, s, **{"fontsize": FONT, **kwargs})
+        fig.text(x / lay.width, 1 - y / lay.height, s, **{"fontsize": FONT, **kwargs})
 
-    side = _inches_to_px(PANEL, dpi)
-    canvas = np.zeros((_inches_to_px(height, dpi), _inches_to_px(width, dpi), 4), np.uint8)
     if title:
-        text(width / 2, 0.1, title, ha="center", va="top", fontsize=FONT + 2)
+        text(lay.width / 2, 0.1, title, ha="center", va="top", fontsize=FONT + 2)
     for b in range(blocks):
         for j, col in enumerate(columns):
-            x = left + b * block_w + j * (PANEL + GAP) + PANEL / 2
-            text(x, top - 0.05, col.header, ha="center", va="bottom", fontweight="bold")
-    for i in range(n):
-        r, b = divmod(i, blocks)
-        y = top + r * row_h + title_h
+            x, _ = lay.panel(b, j)
+            text(
+                x + PANEL / 2,
+                lay.top - 0.05,
+                col.header,
+                ha="center",
+                va="bottom",
+                fontweight="bold",
+            )
+    side = _inches_to_px(PANEL, dpi)
+    canvas = np.zeros((_inches_to_px(lay.height, dpi), _inches_to_px(lay.width, dpi), 4), np.uint8)
+    for i in range(len(images)):
         for j, col in enumerate(columns):
-            x = left + b * block_w + j * (PANEL + GAP)
+            x, y = lay.panel(i, j)
             px, py = _inches_to_px(x, dpi), _inches_to_px(y, dpi)
             panel = canvas[py : py + side, px : px + side]
             panel[..., :3] = _panel_pixels(col, images[i], i, side, norms)
@@ -252,19 +280,30 @@ def map_grid(
                     va="top",
                     color=note.color,
                 )
-            if j == 0 and i < len(row_labels):
-                text(x - 0.05, y + PANEL / 2, row_labels[i], ha="right", va="center", rotation=90)
+        if i < len(row_labels):
+            x, y = lay.panel(i, 0)
+            text(x - 0.05, y + PANEL / 2, row_labels[i], ha="right", va="center", rotation=90)
     fig.figimage(canvas, xo=0, yo=0, origin="upper")
-    bar_h = min(rows * row_h - title_h - notes_h, 4.0)
-    for k, kind in enumerate(bars):
-        x = width - right + 0.15 + k * 1.05
+    _colour_bars(fig, lay, {k: norms[k] for k in bars}, {**BAR_LABELS, **(bar_labels or {})})
+    return fig
+
+
+def _colour_bars(
+    fig: Figure, lay: _Layout, scales: Mapping[str, Any], labels: Mapping[str, str]
+) -> None:
+    """One colour bar per kind of map column, right of the grid, from the first row down."""
+    from matplotlib.cm import ScalarMappable
+
+    bar_h = min((lay.rows - 1) * lay.row_h + PANEL, 4.0)  # first panel top to last panel bottom
+    for k, (kind, (norm, cmap)) in enumerate(scales.items()):
+        x = lay.width - 1.05 * (len(scales) - k) + 0.05
+        top = lay.top + lay.title_h
         cax = fig.add_axes(
-            (x / width, 1 - (top + title_h + bar_h) / height, 0.15 / width, bar_h / height)
+            (x / lay.width, 1 - (top + bar_h) / lay.height, 0.15 / lay.width, bar_h / lay.height)
         )
-        bar = fig.colorbar(ScalarMappable(*norms[kind]), cax=cax)
+        bar = fig.colorbar(ScalarMappable(norm=norm, cmap=cmap), cax=cax)
         bar.set_label(labels[kind], fontsize=FONT)
         bar.ax.tick_params(labelsize=FONT)
-    return fig
 
 
 def _verdict(prefix: str, pred: int, label: int, images: FigureImages) -> Note:
