@@ -91,9 +91,9 @@ def test_figure_shows_every_method_and_student_labelled(
     drawn: list[list] = []
     real_save = explain.save_figure
 
-    def spy(fig, path):
+    def spy(fig, path, **kwargs):
         drawn.append(texts(fig))
-        return real_save(fig, path)
+        return real_save(fig, path, **kwargs)
 
     monkeypatch.setattr(explain, "save_figure", spy)
     students = {

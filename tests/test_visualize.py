@@ -147,9 +147,9 @@ def test_student_run_writes_figures_of_the_same_images_to_files_and_loggers(
     saved: list[list[str]] = []
     real_save = visualize.save_figure
 
-    def spy(fig, path):  # record what each saved figure says
+    def spy(fig, path, **kwargs):  # record what each saved figure says
         saved.append([t.get_text() for t in texts(fig)])
-        return real_save(fig, path)
+        return real_save(fig, path, **kwargs)
 
     monkeypatch.setattr(visualize, "save_figure", spy)
     cfg = tiny(
