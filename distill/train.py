@@ -64,6 +64,7 @@ from distill.teacher import (
     resolve_teacher_checkpoint,
     teacher_digest,
 )
+from distill.visualize import last_figure
 
 __all__ = ["CONFIG_DIR", "USER_ERRORS", "StartupGuard", "main", "repo_root", "train"]
 
@@ -421,6 +422,7 @@ def _fit_and_test(
         "wall_seconds": round(time.perf_counter() - start, 1),  # this process: fit + test
         "resumed": ckpt_path is not None,
         "resumed_from": ckpt_path,
+        "cam_figure": str(figure) if (figure := last_figure(output_dir)) else None,
         **record,
     }
     if trainer.is_global_zero:

@@ -4,8 +4,8 @@
 layers the objectives read hooked), collects what the objectives read from the teacher
 (:class:`distill.teacher.Teacher`: frozen network, its CAM, online, memo or cached outputs) and
 sums the weighted terms of every active objective (:mod:`distill.objectives`: CE, Hinton KD,
-the CAM term, AT, CAT-KD, DKD, ...). It also logs map agreement, draws CAM grids and keeps its
-checkpoints student-only.
+the CAM term, AT, CAT-KD, DKD, ...). It also logs map agreement and keeps its checkpoints
+student-only (the CAM figure is drawn by the callback :class:`distill.visualize.CamFigure`).
 """
 
 from __future__ import annotations
@@ -97,7 +97,6 @@ class StudentModule(ClassifierModule):
             )
         self.run_seed = torch.initial_seed()  # seed_everything's seed: per-run ordering streams
         self.ordering_seed = getattr(self.student_cam, "seed", None)
-        self._grid_batch: dict[str, Tensor] | None = None
 
     @property
     def teacher_cam(self) -> Any:
@@ -121,7 +120,6 @@ class StudentModule(ClassifierModule):
         rate = self.teacher.memo_hit_rate()
         if rate is not None:
             self.log("teacher/memo_hit_rate", rate, on_epoch=True, sync_dist=True)
-        self._log_cam_grid()
 
     # ----------------------------------------------------------------- losses
     def compute_loss(self, batch: Mapping[str, Any]) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
@@ -171,11 +169,6 @@ class StudentModule(ClassifierModule):
         self.student_cam.seed = step_seed(base, self.run_seed, self.global_step) if fresh else base
 
     # ----------------------------------------------------------------- validation extras
-    def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> Tensor:
-        if batch_idx == 0 and self.student_cam is not None and self._grid_due():
-            self._grid_batch = {"image": batch["image"][:8].detach(), "label": batch["label"][:8]}
-        return super().training_step(batch, batch_idx)
-
     def validation_step(self, batch: Mapping[str, Any], batch_idx: int) -> Any:
         result = super().validation_step(batch, batch_idx)
         if self.student_cam is not None and batch_idx < self.loss_cfg.agreement_batches:
@@ -183,24 +176,6 @@ class StudentModule(ClassifierModule):
             agreement = map_agreement(self.student_cam(x, y), self.teacher.explain(x, y)).mean()
             self.log("val/map_agreement", agreement, on_epoch=True, batch_size=len(y))
         return result
-
-    def _grid_due(self) -> bool:
-        every = self.loss_cfg.grid_every_n_epochs
-        last = (
-            self.trainer.max_epochs is not None
-            and self.current_epoch + 1 >= self.trainer.max_epochs
-        )
-        return every > 0 and ((self.current_epoch + 1) % every == 0 or last)
-
-    def _log_cam_grid(self) -> None:
-        """Overlay grid of the epoch's first training images: input, teacher map, student map."""
-        if self._grid_batch is None:
-            return
-        from distill.visualize import log_cam_grid
-
-        x, y = self._grid_batch["image"], self._grid_batch["label"]
-        log_cam_grid(self, x, self.teacher.explain(x, y), self.student_cam(x, y))
-        self._grid_batch = None
 
     # ----------------------------------------------------------------- checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
