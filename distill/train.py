@@ -37,6 +37,7 @@ from distill.checkpointing import (
 )
 from distill.config_checks import ConfigError, check_saved_config, data_key, validate_options
 from distill.data.sources import DataError
+from distill.fidelity import fidelity_metrics
 from distill.integrity import IntegrityError, atomic_write
 from distill.losses import LossConfigError
 from distill.modules.classifier import (
@@ -329,6 +330,7 @@ def _fit_and_test(
         "wall_seconds": round(time.perf_counter() - start, 1),  # this process: fit + test
         "resumed": ckpt_path is not None,
         "resumed_from": ckpt_path,
+        **fidelity_metrics(test_metrics),  # fidelity_*, faithfulness_* (distill.fidelity)
         **record,
     }
     if trainer.is_global_zero:
