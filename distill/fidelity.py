@@ -1,14 +1,16 @@
 """Explanation fidelity of a run, measured on the test set after training (Lightning callback).
 
 :class:`FidelityCallback` runs inside ``trainer.test`` on the test batches as given (normalized,
-not augmented), under the trainer's precision, and logs (``metrics.json`` keys in brackets, see
-:func:`fidelity_metrics`; all but the last two are fractions in [0, 1], means over the images):
+not augmented), under the trainer's precision, and logs (in ``metrics.json`` with ``_`` for
+``/``, :func:`fidelity_metrics`; means over the measured images, fractions in [0, 1] but the KL,
+the image count and the seconds):
 
-* prediction fidelity (Stanton et al. 2021), student runs only:
+* prediction fidelity (Stanton et al. 2021), runs with a teacher (students; the CE baseline when
+  ``teacher.checkpoint`` is given):
   ``fidelity/top1_agreement`` = mean ``1[argmax s = argmax t]``;
   ``fidelity/kl_teacher_student`` = mean ``KL(p_t || p_s) = sum_k p_t,k (log p_t,k - log p_s,k)``
   (softmax at T = 1; in nats, >= 0, not bounded by 1);
-* explanation agreement, student runs only: mean per-image cosine of the flattened true-class maps
+* explanation agreement, runs with a teacher: mean per-image cosine of the flattened true-class maps
   of student and teacher, ``fidelity/map_cosine_gradcam`` with Grad-CAM at ``layer`` for every
   cell (one yardstick), ``fidelity/map_cosine_own`` with the cell's own CAM (``loss.method`` at
   ``loss.student_layer`` / ``loss.teacher_layer`` with the loss's CAM options, overridden by
@@ -18,11 +20,12 @@ not augmented), under the trainer's precision, and logs (``metrics.json`` keys i
   ``faithfulness/average_drop``, ``increase_in_confidence``, ``coherency``, ``complexity`` and
   ``adcc`` from :mod:`cams.metrics` (the author's pipeline: the class is the model's prediction);
 * ``fidelity/images`` (how many test images were measured) and ``fidelity/seconds`` (wall time of
-  the measurement, the slowest process).
+  the measurement, loading a teacher and building the CAMs included; the slowest process).
 
 ``max_images`` limits the measurement to evenly spaced test images (indices ``i`` with
 ``i % ceil(n_test / max_images) == 0``: every class when the set is sorted by class), the same
-images whatever the batch size or number of processes. Metrics are torchmetrics states, summed over
+images whatever the batch size or number of processes; they are gathered and measured in batches
+of the test batch size. Metrics are torchmetrics states, summed over
 processes under DDP.
 """
 
@@ -50,6 +53,7 @@ from cams.metrics import (
 from distill.config_checks import ConfigError
 from distill.loss_config import build_cam
 from distill.losses import map_agreement
+from distill.teacher import check_teacher_data, load_teacher
 
 __all__ = [
     "GROUPS",
@@ -102,6 +106,10 @@ class FidelityCallback(pl.Callback):
         own_method: also compare the maps of the cell's own CAM method (student runs with one).
         own_cam: per-method option overrides for the own-method maps, both nets (e.g. fewer
             Shap-CAM permutations than the teacher's training maps).
+        teacher_net, teacher_checkpoint: the teacher of a run whose module has none (the CE
+            baseline cell: ``teacher.model``, ``teacher.checkpoint``), loaded and verified at
+            setup when the checkpoint is given; a teacher run (no checkpoint) gets only the
+            faithfulness numbers.
     """
 
     def __init__(
@@ -111,6 +119,8 @@ class FidelityCallback(pl.Callback):
         layer: str = "block3",
         own_method: bool = True,
         own_cam: Mapping[str, Mapping[str, Any]] | None = None,
+        teacher_net: nn.Module | None = None,
+        teacher_checkpoint: str | None = None,
     ) -> None:
         if max_images is not None and (isinstance(max_images, bool) or max_images < 1):
             raise ConfigError(
@@ -120,27 +130,59 @@ class FidelityCallback(pl.Callback):
         self.enabled, self.max_images, self.layer = enabled, max_images, layer
         self.own_method = own_method
         self.own_cam = {k: dict(v) for k, v in (own_cam or {}).items()}
+        self.teacher_net, self.teacher_checkpoint = teacher_net, teacher_checkpoint
+        self.teacher: nn.Module | None = None  # the module's teacher, or the one loaded here
         self.metrics: dict[str, Metric] = {}
         self.cams: dict[str, Any] = {}
         self.own_is_yardstick = False
-        self.stride = 1
+        self.stride = self.batch_size = 1
         self.seconds = 0.0
+        self.pending: list[tuple[Tensor, Tensor]] = []  # selected images not measured yet
 
     # ----------------------------------------------------------------- setup
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        """Check the layers before anything runs (a misspelt layer fails before training)."""
-        if self.enabled:
-            for name, net in _nets(pl_module).items():
-                if self.layer not in dict(net.named_modules()):
-                    raise ConfigError(
-                        f"callbacks.fidelity.layer={self.layer!r} is not a module of the {name}'s "
-                        "network; choose one with spatial maps, e.g. block3"
-                    )
+        """Find the teacher and check the layers before anything runs (a misspelt layer or a bad
+        teacher checkpoint fails before training)."""
+        if not self.enabled:
+            return
+        start = time.perf_counter()
+        own = getattr(pl_module, "teacher", None)
+        self.teacher = own.net if own is not None else self._load_teacher(trainer)
+        self.seconds += time.perf_counter() - start
+        for name, net in self._nets(pl_module).items():
+            if self.layer not in dict(net.named_modules()):
+                raise ConfigError(
+                    f"callbacks.fidelity.layer={self.layer!r} is not a module of the {name}'s "
+                    "network; choose one with spatial maps, e.g. block3"
+                )
+
+    def _load_teacher(self, trainer: pl.Trainer) -> nn.Module | None:
+        """``teacher_net`` with the verified ``teacher_checkpoint`` (None without one)."""
+        if not self.teacher_checkpoint or self.teacher_net is None:
+            return None
+        if self.teacher is None:
+            check_teacher_data(
+                self.teacher_checkpoint, getattr(trainer.datamodule, "dataset_id", None)
+            )
+            self.teacher = load_teacher(self.teacher_net, self.teacher_checkpoint)
+        return self.teacher
+
+    def _nets(self, pl_module: pl.LightningModule) -> dict[str, nn.Module]:
+        """The run's own network (``student``) and the teacher's, if there is one."""
+        nets = {"student": pl_module.net}
+        if self.teacher is not None:
+            nets["teacher"] = self.teacher
+        return nets
 
     def on_test_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not self.enabled:
             return
-        nets = _nets(pl_module)
+        start = time.perf_counter()
+        nets = self._nets(pl_module)
+        if self.teacher is not None and self.teacher is self.teacher_net:  # loaded here
+            self.teacher.to(pl_module.device)
+            if getattr(pl_module, "use_channels_last", False):
+                self.teacher.to(memory_format=torch.channels_last)
         self.cams = {
             f"gradcam_{side}": build_cam("gradcam", net, self.layer) for side, net in nets.items()
         }
@@ -157,7 +199,8 @@ class FidelityCallback(pl.Callback):
         for metric in self.metrics.values():
             metric.to(pl_module.device)
         self.stride = self._stride(trainer)
-        self.seconds = 0.0
+        self.batch_size, self.pending = 1, []
+        self.seconds += time.perf_counter() - start
 
     def _own_cams(
         self, pl_module: pl.LightningModule, nets: dict[str, nn.Module]
@@ -201,25 +244,43 @@ class FidelityCallback(pl.Callback):
         if not self.enabled:
             return
         keep = batch["index"] % self.stride == 0
-        if not bool(keep.any()):
-            return
+        if bool(keep.any()):
+            self.batch_size = max(self.batch_size, len(keep))
+            self.pending.append((batch["image"][keep], batch["label"][keep]))
+            if sum(len(y) for _, y in self.pending) >= self.batch_size:
+                self._flush(trainer, pl_module, full_only=True)
+
+    def _flush(self, trainer: pl.Trainer, pl_module: pl.LightningModule, full_only: bool) -> None:
+        """Measure the pending images in batches of the test batch size (``full_only``: keep a
+        last partial one pending): a few large calls instead of one small one per test batch."""
         start = time.perf_counter()
+        x, y = (torch.cat(parts) for parts in zip(*self.pending, strict=True))
+        self.pending = []
+        for begin in range(0, len(y), self.batch_size):
+            end = begin + self.batch_size
+            if full_only and end > len(y):
+                self.pending = [(x[begin:], y[begin:])]
+                break
+            self._update(trainer, pl_module, x[begin:end], y[begin:end])
+        self.seconds += time.perf_counter() - start
+
+    def _update(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, x: Tensor, y: Tensor
+    ) -> None:
         # the test loop runs in inference mode; the CAMs need ordinary tensors (and autograd)
         with torch.inference_mode(False), trainer.precision_plugin.forward_context():
-            x, y = batch["image"][keep].clone(), batch["label"][keep].clone()
+            x, y = x.clone(), y.clone()
             if getattr(pl_module, "use_channels_last", False):
                 x = x.contiguous(memory_format=torch.channels_last)
             with torch.no_grad():  # the CAMs take their gradients themselves
                 values = self._measure(pl_module, x, y)
         for name, value in values.items():  # the states live in the loop's inference mode
             self.metrics[name].update(value)
-        self.seconds += time.perf_counter() - start
 
     def _measure(self, pl_module: pl.LightningModule, x: Tensor, y: Tensor) -> dict[str, Any]:
         """Per-image values of a batch (metric name -> (B,) tensor or ExplanationScores)."""
         cams = self.cams
-        net = _nets(pl_module)["student"]
-        scores = explanation_scores(net, cams["gradcam_student"], x, None, _FIELDS)
+        scores = self._faithfulness(pl_module.net, x)
         values: dict[str, Any] = {f"faithfulness/{name}": scores for name in FAITHFULNESS}
         values["fidelity/images"] = torch.tensor(float(len(y)), device=y.device)
         if "gradcam_teacher" not in cams:
@@ -236,11 +297,28 @@ class FidelityCallback(pl.Callback):
             values["fidelity/map_cosine_own"] = own.float()
         return values
 
+    def _faithfulness(self, net: nn.Module, x: Tensor) -> Any:
+        """:func:`cams.metrics.explanation_scores` of the net's Grad-CAM for its predicted
+        class; its first two passes (the logits that pick the class, the maps of ``x``) come from
+        one forward (``compute``), the passes on the masked inputs are its own."""
+        cam = self.cams["gradcam_student"]
+        first = cam.compute(x)  # the predicted class's maps and the logits of one forward
+
+        def model(inputs: Tensor) -> Tensor:
+            return first.logits if inputs is x else net(inputs)
+
+        def cam_fn(inputs: Tensor, targets: Tensor) -> Tensor:
+            return first.maps if inputs is x else cam(inputs, targets)
+
+        return explanation_scores(model, cam_fn, x, None, _FIELDS)  # type: ignore[arg-type]
+
     def on_test_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Log the means (each metric syncs its sums itself under DDP) and the time taken;
         nothing when no image was measured."""
         if not self.enabled or not self.metrics:
             return
+        if self.pending:
+            self._flush(trainer, pl_module, full_only=False)
         if float(self.metrics["fidelity/images"].compute()) > 0:
             for name, metric in self.metrics.items():
                 pl_module.log(name, metric.compute().float(), on_epoch=True, sync_dist=False)
@@ -250,16 +328,7 @@ class FidelityCallback(pl.Callback):
             )
         for metric in self.metrics.values():
             metric.reset()
-        self.cams = {}
-
-
-def _nets(pl_module: pl.LightningModule) -> dict[str, nn.Module]:
-    """The run's own network (``student``) and, for a student run, the teacher's."""
-    nets = {"student": pl_module.net}
-    teacher = getattr(pl_module, "teacher", None)
-    if teacher is not None:
-        nets["teacher"] = teacher.net
-    return nets
+        self.cams, self.seconds = {}, 0.0
 
 
 def _metric(name: str) -> Metric:

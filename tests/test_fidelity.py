@@ -13,11 +13,15 @@ import hydra
 import pytest
 import pytorch_lightning as pl
 import torch
+from torch.utils.data import DataLoader
 
 import cams
 from cams.metrics import ADCC, AverageDrop, Coherency, Complexity, IncreaseInConfidence
 from distill.config_checks import ConfigError
 from distill.fidelity import FidelityCallback, kl_teacher_student, top1_agreement
+from distill.models import WideResNet
+from distill.modules.classifier import ClassifierModule
+from distill.teacher import TeacherError, load_teacher
 from distill.train import build_callbacks, train
 from tests.conftest import TINY, compose_cfg, run_python, student, tiny
 
@@ -37,6 +41,7 @@ STUDENT_KEYS = {
     "fidelity_map_cosine_gradcam",
     "fidelity_map_cosine_own",
 }
+SMALL = ["model.depth=10", "model.widen_factor=1"]  # a faster student for the direct comparisons
 TEACHER_KEYS = {*(f"faithfulness_{k}" for k in FAITHFULNESS), "fidelity_images", "fidelity_seconds"}
 
 
@@ -66,7 +71,8 @@ def test_agreement_and_kl_by_hand() -> None:
 # ----------------------------------------------------------------------------- trainer.test
 
 
-def _test_run(module: pl.LightningModule, datamodule: Any, **options: Any) -> dict[str, float]:
+def _test_run(module: pl.LightningModule, data: Any, **options: Any) -> dict[str, float]:
+    """``trainer.test`` with the callback; ``data``: a datamodule or a dataloader."""
     trainer = pl.Trainer(
         accelerator="cpu",
         devices=1,
@@ -77,7 +83,8 @@ def _test_run(module: pl.LightningModule, datamodule: Any, **options: Any) -> di
         enable_model_summary=False,
         callbacks=[FidelityCallback(**options)],
     )
-    return trainer.test(module, datamodule=datamodule, verbose=False)[0]
+    source = {"dataloaders": data} if isinstance(data, DataLoader) else {"datamodule": data}
+    return trainer.test(module, verbose=False, **source)[0]
 
 
 def _test_set(cfg: Any) -> tuple[Any, torch.Tensor, torch.Tensor]:
@@ -106,49 +113,64 @@ def _faithfulness(net: torch.nn.Module, x: torch.Tensor) -> dict[str, float]:
     return out
 
 
+def _expected(s_net: Any, t_net: Any, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
+    """Every number of a run with a teacher, computed directly (own method: see the callers)."""
+    with torch.no_grad():
+        s_logits, t_logits = s_net(x).double(), t_net(x).double()
+    p_t, p_s = t_logits.softmax(1), s_logits.softmax(1)
+    maps = [cams.build("gradcam", net, "block3")(x, y) for net in (s_net, t_net)]
+    return {
+        "fidelity/images": float(len(y)),
+        "fidelity/top1_agreement": float(
+            (t_logits.argmax(1) == s_logits.argmax(1)).double().mean()
+        ),
+        "fidelity/kl_teacher_student": float((p_t * (p_t.log() - p_s.log())).sum(1).mean()),
+        "fidelity/map_cosine_gradcam": float(_cosine(*maps)),
+        **{f"faithfulness/{k}": v for k, v in _faithfulness(s_net, x).items()},
+    }
+
+
+def _check(result: dict[str, float], expected: dict[str, float]) -> None:
+    assert set(result) == {"test/err", "test/loss", "fidelity/seconds", *expected}
+    for key, value in expected.items():
+        assert result[key] == pytest.approx(value, rel=1e-4, abs=1e-5), key
+    assert result["fidelity/seconds"] > 0
+
+
 def test_student_numbers_equal_direct_computations(tmp_path, teacher_ckpt) -> None:
     """Every key against references computed here on the selected images (every 4th of 32,
     batches of 10: the selection follows the test-set index, not the position in a batch)."""
-    cfg = tiny(tmp_path, teacher_ckpt, "loss=gradcampp", "data.eval_batch_size=10")
+    cfg = tiny(tmp_path, teacher_ckpt, *SMALL, "loss=gradcampp", "data.eval_batch_size=10")
     module = student(cfg).eval()
     dm, x, y = _test_set(cfg)
     result = _test_run(module, dm, max_images=10)
     x, y = x[::4], y[::4]  # stride ceil(32 / 10) = 4
     s_net, t_net = module.net, module.teacher.net
-    with torch.no_grad():
-        s_logits, t_logits = s_net(x).double(), t_net(x).double()
-    p_t, p_s = t_logits.softmax(1), s_logits.softmax(1)
-    expected = {
-        "fidelity/images": 8.0,
-        "fidelity/top1_agreement": float(
-            (t_logits.argmax(1) == s_logits.argmax(1)).double().mean()
-        ),
-        "fidelity/kl_teacher_student": float((p_t * (p_t.log() - p_s.log())).sum(1).mean()),
-        "fidelity/map_cosine_gradcam": float(
-            _cosine(
-                cams.build("gradcam", s_net, "block3")(x, y),
-                cams.build("gradcam", t_net, "block3")(x, y),
-            )
-        ),
-        "fidelity/map_cosine_own": float(
-            _cosine(
-                cams.build("gradcampp", s_net, "block3")(x, y),
-                cams.build("gradcampp", t_net, "block3")(x, y),
-            )
-        ),
-        **{f"faithfulness/{k}": v for k, v in _faithfulness(s_net, x).items()},
-    }
-    assert set(result) == {"test/err", "test/loss", "fidelity/seconds", *expected}
-    for key, value in expected.items():
-        assert result[key] == pytest.approx(value, rel=1e-4, abs=1e-5), key
+    own = [cams.build("gradcampp", net, "block3")(x, y) for net in (s_net, t_net)]
+    expected = {**_expected(s_net, t_net, x, y), "fidelity/map_cosine_own": float(_cosine(*own))}
+    assert expected["fidelity/images"] == 8
+    _check(result, expected)
+    # the own method is not the yardstick
     assert expected["fidelity/map_cosine_own"] != pytest.approx(
         expected["fidelity/map_cosine_gradcam"]
-    )  # the own method is not the yardstick
-    assert result["fidelity/seconds"] > 0
+    )
+
+
+def test_ce_baseline_is_compared_with_the_given_teacher(tmp_path, teacher_ckpt) -> None:
+    """A run without a teacher of its own (the CE cell) loads teacher.checkpoint."""
+    cfg = compose_cfg(*TINY, *SMALL, f"paths.log_dir={tmp_path}")
+    torch.manual_seed(1)
+    module = ClassifierModule(hydra.utils.instantiate(cfg.model)).eval()
+    dm, x, y = _test_set(cfg)
+    result = _test_run(
+        module, dm, teacher_net=WideResNet(10, 2), teacher_checkpoint=str(teacher_ckpt)
+    )
+    teacher = load_teacher(WideResNet(10, 2), teacher_ckpt)
+    _check(result, _expected(module.net, teacher, x, y))  # no own method: no own cosine
 
 
 def test_own_shapcam_maps_use_the_loss_options_with_the_override(tmp_path, teacher_ckpt) -> None:
-    cfg = tiny(tmp_path, teacher_ckpt, "loss=shapcam", "data.synthetic_test_size=8")
+    cfg = tiny(tmp_path, teacher_ckpt, *SMALL, "loss=shapcam", "data.synthetic_test_size=8")
     module = student(cfg).eval()
     dm, x, y = _test_set(cfg)
     # baseline "zero" (the preset: "mean") makes the override visible in the maps: on these random
@@ -166,17 +188,29 @@ def test_own_shapcam_maps_use_the_loss_options_with_the_override(tmp_path, teach
 
 
 def test_a_run_without_teacher_gets_only_faithfulness(tmp_path) -> None:
-    from distill.modules.classifier import ClassifierModule
-
-    cfg = compose_cfg(*TINY, f"paths.log_dir={tmp_path}")
+    cfg = compose_cfg(*TINY, *SMALL, f"paths.log_dir={tmp_path}")
     torch.manual_seed(1)
     module = ClassifierModule(hydra.utils.instantiate(cfg.model)).eval()
     dm, x, _ = _test_set(cfg)
-    result = _test_run(module, dm)
+    result = _test_run(module, dm, teacher_net=WideResNet(10, 2))  # no checkpoint: no teacher
     assert {k for k in result if k.startswith("fidelity/")} == {
         "fidelity/images",
         "fidelity/seconds",
     }
+    for key, value in _faithfulness(module.net, x).items():
+        assert result[f"faithfulness/{key}"] == pytest.approx(value, rel=1e-4, abs=1e-5), key
+
+
+def test_images_are_measured_in_test_sized_batches_to_the_last_one() -> None:
+    """Batches of 10, 4, 10 images: measured as 10, 10 (4 + 6 of the third batch) and the 4
+    left at the end; every image counts once."""
+    torch.manual_seed(2)
+    module = ClassifierModule(WideResNet(10, 1)).eval()
+    x, y = torch.randn(24, 3, 32, 32), torch.randint(0, 10, (24,))
+    bounds = [(0, 10), (10, 14), (14, 24)]
+    batches = [{"image": x[a:b], "label": y[a:b], "index": torch.arange(a, b)} for a, b in bounds]
+    result = _test_run(module, DataLoader(batches, batch_size=None))
+    assert result["fidelity/images"] == 24
     for key, value in _faithfulness(module.net, x).items():
         assert result[f"faithfulness/{key}"] == pytest.approx(value, rel=1e-4, abs=1e-5), key
 
@@ -229,11 +263,28 @@ def _test_loss(run_dir: Path) -> float:
     return float(rows[-1]["test/loss"])
 
 
-def test_teacher_run_writes_its_faithfulness(tmp_path) -> None:
+def test_teacher_and_ce_baseline_runs_write_their_keys(tmp_path, teacher_ckpt) -> None:
+    """A teacher run (no teacher.checkpoint): its faithfulness; the CE baseline cell (the
+    harness gives it teacher.checkpoint): everything but the own-method cosine."""
     metrics = train(compose_cfg(*TINY, f"paths.log_dir={tmp_path}", "run_name=t"))
     saved = json.loads((tmp_path / "train" / "t" / "metrics.json").read_text())
     assert _keys(saved) == TEACHER_KEYS == _keys(metrics)
     _check_ranges(saved)
+    ce = train(
+        compose_cfg(
+            *TINY, f"paths.log_dir={tmp_path}", "run_name=ce", f"teacher.checkpoint={teacher_ckpt}"
+        )
+    )
+    assert _keys(ce) == STUDENT_KEYS - {"fidelity_map_cosine_own"}
+    _check_ranges(ce)
+
+
+def test_missing_teacher_of_a_ce_run_stops_before_training(tmp_path) -> None:
+    missing = tmp_path / "nope.ckpt"
+    cfg = compose_cfg(*TINY, f"paths.log_dir={tmp_path}", f"teacher.checkpoint={missing}")
+    with pytest.raises(TeacherError, match=f"teacher checkpoint {missing} does not exist"):
+        train(cfg)
+    assert not list(tmp_path.rglob("last.ckpt"))
 
 
 def test_removing_the_callback(tmp_path) -> None:
