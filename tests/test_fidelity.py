@@ -317,3 +317,27 @@ def test_bad_layer_is_one_line_before_training(tmp_path: Path) -> None:
     assert res.returncode == 2, res.stderr[-2000:]
     assert "error: callbacks.fidelity.layer='block9' is not a module" in res.stderr
     assert "Traceback" not in res.stderr and not list(tmp_path.rglob("last.ckpt"))
+
+
+@pytest.mark.slow
+def test_two_ddp_processes_give_the_single_process_numbers(tmp_path, teacher_ckpt) -> None:
+    """The same weights tested by one process and by two gloo ranks (each half of the test
+    set): the metrics are synced sums, so the numbers agree and every image counts once. (A CE
+    run with a teacher: ``train=false`` cannot load a student's teacher-less checkpoint.)"""
+    common = [
+        *TINY,
+        f"teacher.checkpoint={teacher_ckpt}",
+        f"paths.log_dir={tmp_path}",
+        "trainer.precision=32-true",
+    ]
+    trained = train(compose_cfg(*common, "run_name=fit"))
+    test_only = [*common, "train=false", f"ckpt_path={trained['checkpoint']}"]
+    single = train(compose_cfg(*test_only, "run_name=single"))
+    ddp = ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "run_name=ddp"]
+    res = run_python(["train.py", *test_only, *ddp])
+    assert res.returncode == 0, res.stderr[-3000:]
+    both = json.loads((tmp_path / "train" / "ddp" / "metrics.json").read_text())
+    assert _keys(both) == _keys(single) == STUDENT_KEYS - {"fidelity_map_cosine_own"}
+    assert both["fidelity_images"] == single["fidelity_images"] == 32
+    for key in _keys(single) - {"fidelity_seconds"}:
+        assert both[key] == pytest.approx(single[key], rel=1e-4, abs=1e-5), key
