@@ -33,7 +33,9 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
@@ -108,8 +110,8 @@ class FidelityCallback(pl.Callback):
             Shap-CAM permutations than the teacher's training maps).
         teacher_net, teacher_checkpoint: the teacher of a run whose module has none (the CE
             baseline cell: ``teacher.model``, ``teacher.checkpoint``), loaded and verified at
-            setup when the checkpoint is given; a teacher run (no checkpoint) gets only the
-            faithfulness numbers.
+            setup when the checkpoint is given; a teacher run (no checkpoint) or a missing file
+            (a warning) gets only the faithfulness numbers.
     """
 
     def __init__(
@@ -132,6 +134,7 @@ class FidelityCallback(pl.Callback):
         self.own_cam = {k: dict(v) for k, v in (own_cam or {}).items()}
         self.teacher_net, self.teacher_checkpoint = teacher_net, teacher_checkpoint
         self.teacher: nn.Module | None = None  # the module's teacher, or the one loaded here
+        self.warned = False
         self.metrics: dict[str, Metric] = {}
         self.cams: dict[str, Any] = {}
         self.own_is_yardstick = False
@@ -157,8 +160,19 @@ class FidelityCallback(pl.Callback):
                 )
 
     def _load_teacher(self, trainer: pl.Trainer) -> nn.Module | None:
-        """``teacher_net`` with the verified ``teacher_checkpoint`` (None without one)."""
+        """``teacher_net`` with the verified ``teacher_checkpoint`` (None without one). A CE run
+        does not need its teacher: a missing file only warns (no teacher trained yet); a damaged
+        or foreign one stops the run (:class:`~distill.teacher.TeacherError`)."""
         if not self.teacher_checkpoint or self.teacher_net is None:
+            return None
+        if not Path(self.teacher_checkpoint).exists():
+            if not self.warned:
+                warnings.warn(
+                    f"fidelity: teacher checkpoint {self.teacher_checkpoint} does not exist; "
+                    "this run gets faithfulness numbers only (no agreement with a teacher)",
+                    stacklevel=2,
+                )
+                self.warned = True
             return None
         if self.teacher is None:
             check_teacher_data(

@@ -279,10 +279,20 @@ def test_teacher_and_ce_baseline_runs_write_their_keys(tmp_path, teacher_ckpt) -
     _check_ranges(ce)
 
 
-def test_missing_teacher_of_a_ce_run_stops_before_training(tmp_path) -> None:
+def test_ce_run_without_its_teacher_file_warns_and_trains(tmp_path) -> None:
+    """No teacher trained yet: the CE baseline still trains, with its faithfulness only."""
     missing = tmp_path / "nope.ckpt"
     cfg = compose_cfg(*TINY, f"paths.log_dir={tmp_path}", f"teacher.checkpoint={missing}")
-    with pytest.raises(TeacherError, match=f"teacher checkpoint {missing} does not exist"):
+    with pytest.warns(UserWarning, match=f"teacher checkpoint {missing} does not exist"):
+        metrics = train(cfg)
+    assert _keys(metrics) == TEACHER_KEYS
+
+
+def test_damaged_teacher_of_a_ce_run_stops_before_training(tmp_path) -> None:
+    damaged = tmp_path / "teacher.ckpt"
+    damaged.write_bytes(b"not a checkpoint")
+    cfg = compose_cfg(*TINY, f"paths.log_dir={tmp_path}", f"teacher.checkpoint={damaged}")
+    with pytest.raises(TeacherError, match=f"teacher checkpoint {damaged} is not a readable"):
         train(cfg)
     assert not list(tmp_path.rglob("last.ckpt"))
 
