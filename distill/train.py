@@ -49,6 +49,7 @@ from distill.config_checks import (
     validate_options,
 )
 from distill.data.sources import DataError
+from distill.fidelity import fidelity_metrics
 from distill.integrity import IntegrityError, atomic_write
 from distill.losses import LossConfigError
 from distill.modules.classifier import (
@@ -423,6 +424,7 @@ def _fit_and_test(
         "resumed": ckpt_path is not None,
         "resumed_from": ckpt_path,
         "cam_figure": str(figure) if (figure := last_figure(output_dir)) else None,
+        **fidelity_metrics(test_metrics),  # fidelity_*, faithfulness_* (distill.fidelity)
         **record,
     }
     if trainer.is_global_zero:

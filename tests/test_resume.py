@@ -40,8 +40,8 @@ RUN = {
 }
 STEPS_PER_EPOCH, EPOCHS = 14, 2
 # metrics.json keys that differ from an uninterrupted run by design; the next three name the run
-BY_DESIGN = {"resumed", "resumed_from", "wall_seconds"}
-OWN_RUN = {"checkpoint", "run_dir", "run_name"}
+BY_DESIGN = {"resumed", "resumed_from", "wall_seconds", "fidelity_seconds"}  # timings
+OWN_RUN = {"checkpoint", "run_dir", "run_name", "cam_figure"}
 
 
 def _env() -> dict[str, str]:
