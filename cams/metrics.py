@@ -70,6 +70,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchmetrics import Metric
 
+from cams._checks import TargetsLike, check_range, check_targets
+
 __all__ = [
     "ADCC",
     "AverageDrop",
@@ -168,7 +170,7 @@ def explanation_scores(
     model: nn.Module,
     cam_fn: CamFn,
     x: Tensor,
-    targets: Tensor | None = None,
+    targets: TargetsLike = None,
     fields: tuple[str, ...] = _FIELDS,
 ) -> ExplanationScores:
     """Per-sample Y, O, D, coherency and complexity for a batch (see module docstring).
@@ -177,7 +179,8 @@ def explanation_scores(
         model: classifier returning logits ``(B, K)``.
         cam_fn: ``cam_fn(x, targets) -> (B, h, w)`` explanation maps.
         x: normalized inputs ``(B, C, H, W)``.
-        targets: ``(B,)`` classes; ``None`` = the model's predicted class.
+        targets: ``(B,)`` classes (an integer tensor, a list or tuple of ints, or one int for
+            the batch, as for the CAM methods); ``None`` = the model's predicted class.
         fields: subset of ``("drop", "deletion", "coherency", "complexity")``; ``"drop"``
             gives O (for AD and IC), ``"deletion"`` gives D.
     """
@@ -186,11 +189,13 @@ def explanation_scores(
         raise ValueError(f"unknown fields {sorted(unknown)}; expected a subset of {_FIELDS}")
     if x.ndim != 4:
         raise ValueError(f"x must have shape (B, C, H, W), got {tuple(x.shape)}")
+    given = check_targets(targets, x.shape[0], x.device)
     with torch.no_grad():
         logits = model(x)
-    if targets is None:
-        targets = logits.argmax(1)
-    targets = targets.to(x.device).long()
+    if given is None:
+        given = logits.argmax(1)
+    check_range(given, logits.shape[1])
+    targets = given
     base = torch.softmax(logits.float(), dim=1).gather(1, targets[:, None])[:, 0]
     cam = scale_maps(cam_fn(x, targets).detach(), tuple(x.shape[-2:])).to(x.dtype)
     scores = ExplanationScores(base=base)
@@ -240,7 +245,7 @@ class _ExplanationMetric(Metric):
         model: nn.Module | ExplanationScores,
         cam_fn: CamFn | None = None,
         x: Tensor | None = None,
-        targets: Tensor | None = None,
+        targets: TargetsLike = None,
     ) -> None:
         """``update(model, cam_fn, x, targets=None)`` or ``update(scores)``."""
         if isinstance(model, ExplanationScores):

@@ -193,6 +193,39 @@ def test_given_targets_are_used() -> None:
     torch.testing.assert_close(scores.base, torch.tensor([1 / 28]))
 
 
+def test_targets_as_list_tuple_or_int_match_tensor_targets() -> None:
+    """``update(targets=[3] * B)`` (a list, a tuple, one int, a 1-D tensor) scores like a
+    ``(B,)`` long tensor of the same classes; the cam function always receives that tensor."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(144, 5))
+    x = torch.randn(6, 3, 6, 6)
+    seen: list[Tensor] = []
+
+    def cam(x: Tensor, t: Tensor) -> Tensor:
+        seen.append(t)
+        return x.square().sum(1)[:, ::2, ::2] + t.view(-1, 1, 1)
+
+    given = [3, 1, 3, 0, 4, 2]
+    reference = ExplanationMetrics()
+    reference.update(model, cam, x, torch.tensor(given))
+    expected = reference.compute()
+    for targets in (given, tuple(given), torch.tensor(given, dtype=torch.int32)):
+        metric = ExplanationMetrics()
+        metric.update(model, cam, x, targets=targets)
+        for key, value in metric.compute().items():
+            torch.testing.assert_close(value, expected[key])
+    one, same = ExplanationMetrics(), ExplanationMetrics()
+    one.update(model, cam, x, targets=3)
+    same.update(model, cam, x, targets=[3] * 6)
+    for key, value in one.compute().items():
+        torch.testing.assert_close(value, same.compute()[key])
+    assert all(t.dtype == torch.long and t.shape == (6,) for t in seen)
+    with pytest.raises(ValueError, match=r"targets must lie in \[0, 5\)"):
+        explanation_scores(model, cam, x, [7] * 6)
+    with pytest.raises(ValueError, match=r"targets must have shape \(6,\)"):
+        explanation_scores(model, cam, x, [3] * 5)
+
+
 def test_bad_inputs() -> None:
     model, x = PixelSum([1.0, 1.0]), image(LN9, LN3)
     with pytest.raises(ValueError, match="non-finite"):
