@@ -11,6 +11,7 @@ statistics directly; the generic path reruns the network from the target with th
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -175,6 +176,7 @@ class BaseCAM:
         self.fast_path = bool(fast_path)
         self._head: Head | None | bool = False  # False = not detected yet
         self.last_path = ""  # "fast" or "generic": which path the last call used
+        self._warned_detached = False  # the no-gradient warning fires once per object
 
     def __repr__(self) -> str:
         return (
@@ -223,6 +225,8 @@ class BaseCAM:
         check_input(x)
         tgt = check_targets(targets, x.shape[0], x.device)
         grad_on = torch.is_grad_enabled()
+        if grad_on and not create_graph:
+            self._warn_detached(x)
         create_graph = bool(create_graph) and grad_on
         fwd = self._forward(
             x, body_graph=create_graph or (keep_logits and grad_on), create_graph=create_graph
@@ -250,6 +254,26 @@ class BaseCAM:
         if not (keep_logits and grad_on) or frozen:
             logits = logits.detach()
         return CAMOutput(maps, logits)
+
+    def _warn_detached(self, x: Tensor) -> None:
+        """Once per object: maps of a train-mode model computed with autograd on but
+        ``create_graph=False`` are detached, so a loss on them trains nothing.
+
+        Not raised in eval mode, under ``torch.no_grad()``, with ``create_graph=True``, or
+        when nothing could be differentiated (no parameter and not ``x`` requires grad)."""
+        if self._warned_detached or not self.model.training:
+            return
+        if not x.requires_grad and not any(p.requires_grad for p in self.model.parameters()):
+            return
+        self._warned_detached = True
+        warnings.warn(
+            f"{type(self).__name__} at {self.target_name!r}: maps computed on a train-mode "
+            "model with autograd on but create_graph=False are detached and carry no gradient "
+            "into a loss; pass create_graph=True to train through them, or compute them under "
+            "torch.no_grad() / in eval mode when only looking at them",
+            UserWarning,
+            stacklevel=4,
+        )
 
     def _forward(self, x: Tensor, *, body_graph: bool, create_graph: bool) -> Forward:
         cap = _Capture(self.target_name, self._needs_grad)
