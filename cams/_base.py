@@ -28,6 +28,7 @@ from cams._checks import (
     check_targets,
     resolve_target_layer,
 )
+from cams._compat import CompatMeta, call_input, plain_targets
 from cams._head import BNStats, Head, detect_head, grad_hvp
 from cams._precision import Autocast, upcast
 from cams.utility import Utility, get_utility
@@ -141,12 +142,17 @@ class _Capture:
         return output.clone()  # later in-place ops must not modify the captured activation
 
 
-class BaseCAM:
+class BaseCAM(metaclass=CompatMeta):
     """Base class. Subclasses implement :meth:`_maps` ``(x, fwd, targets, create_graph)``.
+
+    pytorch-grad-cam / torchcam spellings are accepted where they mean the same
+    (:mod:`cams._compat`): ``target_layers=[m]``, ``with Method(...) as cam``,
+    ``cam(input_tensor=x, targets=[ClassifierOutputTarget(c)])``.
 
     Args:
         model: a classifier returning logits (B, K).
-        target_layer: a submodule or its dotted name in ``model.named_modules()``.
+        target_layer: a submodule or its dotted name in ``model.named_modules()`` (or a
+            one-element list of either, as ``target_layers=[m]``).
         utility: "logit", "prob", "logprob" or "rest" (per sample, see :mod:`cams.utility`).
         relu: apply the final ReLU (``False`` returns the signed map).
         fast_path: use the closed-form head when detected (``False`` forces the generic path).
@@ -184,11 +190,30 @@ class BaseCAM:
             f"utility={self.utility.name!r}, relu={self.relu})"
         )
 
+    def __enter__(self) -> BaseCAM:
+        """``with Method(...) as cam``: nothing to release (no hook outlives a call)."""
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
     # ------------------------------------------------------------------ public API
     def __call__(
-        self, x: Tensor, targets: TargetsLike = None, *, create_graph: bool = False
+        self,
+        x: Tensor | None = None,
+        targets: TargetsLike = None,
+        *,
+        create_graph: bool = False,
+        input_tensor: Tensor | None = None,
+        **native: Any,
     ) -> Tensor:
-        """Maps (B, h, w) on ``x``'s device; leaves modes, ``.grad`` and buffers as found."""
+        """Maps (B, h, w) on ``x``'s device; leaves modes, ``.grad`` and buffers as found.
+
+        ``input_tensor`` is pytorch-grad-cam's name for ``x``; its ``aug_smooth`` /
+        ``eigen_smooth`` (and torchcam's ``class_idx`` / ``scores``) are refused when set, with
+        the cams way to do it. Maps stay at the layer's resolution and unscaled: pytorch-grad-cam's
+        array is ``cams.metrics.scale_maps(maps, x.shape[-2:]).numpy()``."""
+        x = call_input(x, input_tensor, native)
         with preserve_state(self.model):
             return self._run(x, targets, create_graph=create_graph, keep_logits=False).maps
 
@@ -223,6 +248,7 @@ class BaseCAM:
         self, x: Tensor, targets: TargetsLike, *, create_graph: bool, keep_logits: bool
     ) -> CAMOutput:
         check_input(x)
+        targets = plain_targets(targets, self.utility.name, type(self).__name__)
         tgt = check_targets(targets, x.shape[0], x.device)
         grad_on = torch.is_grad_enabled()
         if grad_on and not create_graph:
