@@ -14,7 +14,7 @@ from cams.scorecam import ScoreCAM
 from cams.shapcam import ShapCAM
 from cams.shapleycam import ShapleyCAM
 from cams.utility import UTILITIES, Utility, get_utility
-from cams.utils import normalize, overlay, upsample
+from cams.utils import normalize, overlay, save_png, to_uint8, upsample
 
 __all__ = [
     "METHODS",
@@ -35,5 +35,7 @@ __all__ = [
     "normalize",
     "overlay",
     "register",
+    "save_png",
+    "to_uint8",
     "upsample",
 ]

@@ -1,12 +1,15 @@
-"""Helpers for maps (B, h, w): normalization, upsampling, colored overlays (torch only)."""
+"""Helpers for maps (B, h, w): normalization, upsampling, colored overlays, 8-bit images and
+PNG files (torch only; :func:`save_png` imports Pillow when called)."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["NORMALIZATIONS", "jet", "normalize", "overlay", "upsample"]
+__all__ = ["NORMALIZATIONS", "jet", "normalize", "overlay", "save_png", "to_uint8", "upsample"]
 
 NORMALIZATIONS: tuple[str, ...] = ("l2", "minmax", "none")
 
@@ -51,7 +54,10 @@ def upsample(
     mode: str = "bilinear",
     align_corners: bool | None = False,
 ) -> Tensor:
-    """Resize maps (B, h, w) to ``size`` (e.g. the input's (H, W)) with ``F.interpolate``."""
+    """Resize maps (B, h, w) to ``size`` (e.g. the input's (H, W)) with ``F.interpolate``.
+
+    The default (bilinear, half-pixel centres) equals Pillow's ``Image.resize(..., BILINEAR)``
+    when enlarging (to float32 rounding)."""
     _check_maps(maps)
     if isinstance(size, int):
         size = (size, size)
@@ -82,3 +88,33 @@ def overlay(images: Tensor, maps: Tensor, alpha: float = 0.5) -> Tensor:
         )
     heat = normalize(upsample(maps.to(images.dtype), images.shape[-2:]), "minmax")
     return ((1 - alpha) * images + alpha * jet(heat).permute(0, 3, 1, 2)).clamp(0, 1)
+
+
+def to_uint8(images: Tensor) -> Tensor:
+    """Images (B, 3, H, W) or (3, H, W) in [0, 1] (e.g. :func:`overlay`'s output) to RGB
+    ``uint8`` arrays (B, H, W, 3) or (H, W, 3) on the CPU: ``round(255 · clamp(v, 0, 1))``.
+
+    ``.numpy()`` of the result is what Pillow, matplotlib or cv2 (after ``[..., ::-1]``) take.
+    """
+    if not isinstance(images, Tensor) or images.dim() not in (3, 4) or images.shape[-3] != 3:
+        shape = tuple(images.shape) if isinstance(images, Tensor) else type(images).__name__
+        raise ValueError(f"images must be a tensor (B, 3, H, W) or (3, H, W), got {shape}")
+    rgb = (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8)
+    return rgb.movedim(-3, -1).cpu()
+
+
+def save_png(images: Tensor, path: str | Path, scale: int = 1) -> Path:
+    """Write images (B, 3, H, W) or (3, H, W) in [0, 1] to one PNG, side by side in a row, each
+    enlarged ``scale`` times (nearest neighbour, so a 32-pixel CIFAR image stays sharp).
+
+    Returns the path; the file is ``B·W·scale`` pixels wide and ``H·scale`` high."""
+    from PIL import Image
+
+    if isinstance(scale, bool) or not isinstance(scale, int) or scale < 1:
+        raise ValueError(f"scale must be a positive int, got {scale!r}")
+    rgb = to_uint8(images)
+    row = rgb if rgb.dim() == 3 else torch.cat(list(rgb), dim=1)  # (H, B·W, 3)
+    row = row.repeat_interleave(scale, 0).repeat_interleave(scale, 1)
+    path = Path(path)
+    Image.fromarray(row.numpy()).save(path, format="PNG")
+    return path
