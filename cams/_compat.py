@@ -5,6 +5,7 @@ with a short error naming the cams call that does it."""
 
 from __future__ import annotations
 
+import inspect
 import operator
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -58,6 +59,12 @@ class CompatMeta(type):
     """Metaclass of :class:`cams.BaseCAM`: rewrites the native constructor keywords
     (``target_layers=[m]``, ``target_layer=[m]``) to cams' ``target_layer=m`` and refuses the
     ones cams does not take with :data:`NOT_OFFERED`'s advice."""
+
+    def __init__(cls, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        init = inspect.signature(cls.__init__)  # help() and IDEs show the class's own signature
+        params = list(init.parameters.values())[1:]
+        cls.__signature__ = init.replace(parameters=params, return_annotation=init.empty)
 
     def __call__(cls, model: Any = None, target_layer: Any = None, *args: Any, **kw: Any) -> Any:
         _refuse(kw, constructor=True)

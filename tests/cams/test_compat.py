@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import copy
+import inspect
 
 import pytest
 import torch
@@ -59,6 +60,12 @@ def test_torchcam_layer_spellings(setup) -> None:
     for layer in ("block3", model.block3, ["block3"], [model.block3]):
         torch.testing.assert_close(cams.LayerCAM(model, target_layer=layer)(x, classes), ref)
     torch.testing.assert_close(cams.build("layercam", model, [model.block3])(x, classes), ref)
+
+
+def test_classes_keep_their_own_signature() -> None:
+    params = list(inspect.signature(cams.GradCAM).parameters)
+    assert params[:2] == ["model", "target_layer"] and "variant" in params
+    assert "n_permutations" in inspect.signature(cams.ShapCAM).parameters
 
 
 def test_what_is_not_offered_names_the_cams_way(setup) -> None:
