@@ -105,12 +105,15 @@ def plain_targets(targets: Any, utility: str, method: str) -> Any:
     for t in targets:
         kind = type(t).__name__
         if not hasattr(t, "category"):
-            raise TypeError(f"targets mix class indices and {kind}; pass one kind")
+            raise TypeError(
+                f"targets mix pytorch-grad-cam targets and {kind}; pass one kind: "
+                "class indices or target objects"
+            )
         wanted = TARGET_UTILITIES.get(kind, utility)
         if wanted != utility:
             raise ValueError(
                 f"{kind} explains utility {wanted!r} but this {method} explains {utility!r}; "
-                f"build it with utility={wanted!r}, or pass ClassifierOutputTarget / class indices"
+                f"build it with utility={wanted!r}, or pass class indices to explain {utility!r}"
             )
         try:
             out.append(operator.index(t.category))

@@ -75,7 +75,8 @@ def test_what_is_not_offered_names_the_cams_way(setup) -> None:
     with pytest.raises(TypeError, match="reshape_transform is not offered"):
         cams.GradCAM(model, [model.block3], reshape_transform=lambda t: t)
     cam = cams.GradCAM(model, "block3")
-    with pytest.raises(ValueError, match=r"explains utility 'prob'.*utility='prob'"):
+    prob = r"explains utility 'prob'.*utility='prob', or pass class indices to explain 'logit'"
+    with pytest.raises(ValueError, match=prob):
         cam(x, [T.ClassifierOutputSoftmaxTarget(c) for c in classes])
     with pytest.raises(ValueError, match=r"explains utility 'logit'.*utility='logit'"):
         cams.ScoreCAM(model, "block3")(x, [T.ClassifierOutputTarget(c) for c in classes])
@@ -89,7 +90,7 @@ def test_what_is_not_offered_names_the_cams_way(setup) -> None:
         cam(x, smooth=True)
     with pytest.raises(TypeError, match="pass x or input_tensor, not both"):
         cam(x, input_tensor=x)
-    with pytest.raises(TypeError, match="mix class indices and int"):
+    with pytest.raises(TypeError, match="mix pytorch-grad-cam targets and int; pass one kind"):
         cam(x, [T.ClassifierOutputTarget(3), 1, 2])
     # the messages that were already clear stay as they were
     with pytest.raises(TypeError, match="targets must be class indices"):
