@@ -48,6 +48,7 @@ from distill.config_checks import (
     unwritable,
     validate_options,
 )
+from distill.console import quiet_lightning, say
 from distill.data.sources import DataError
 from distill.fidelity import fidelity_metrics
 from distill.integrity import IntegrityError, atomic_write
@@ -114,13 +115,18 @@ _QUIET = (
     ".*The number of training batches.*",
     ".*across ranks is zero.*",
     ".*isinstance\\(treespec, LeafSpec\\)` is deprecated.*",
+    ".*module\\(s\\) in eval mode at the start of training.*",  # the frozen teacher: said by
+    # StudentModule.on_train_start ("teacher frozen in eval mode: N modules"), others warned there
+    ".*is not supported by the model summary.*",  # the size estimate of a bf16/16-bit run
 )
 
 
 def _quiet_warnings() -> None:
-    """Silence Lightning warnings that are expected with tensor-resident data."""
+    """Silence Lightning warnings that are expected here (tensor-resident data, frozen teacher)
+    and its tips (:func:`distill.console.quiet_lightning`)."""
     for pattern in _QUIET:
         warnings.filterwarnings("ignore", pattern)
+    quiet_lightning()
 
 
 # ----------------------------------------------------------------------------- building blocks
@@ -263,6 +269,42 @@ def finished_metrics(cfg: DictConfig, output_dir: Path) -> dict[str, Any] | None
     return metrics if epochs_done or steps_done else None
 
 
+def user_overrides() -> list[str]:
+    """The command line's overrides (``python train.py a=b ...``); [] outside Hydra."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return []
+    return list(HydraConfig.get().overrides.task)
+
+
+def _announce(cfg: DictConfig, output_dir: Path) -> None:
+    """The start-up lines: the overrides (the whole config with ``print_config=true``), the run
+    directory and the command that continues this run (its ``run_name`` fixed)."""
+    if cfg.get("print_config", False):
+        say(OmegaConf.to_yaml(cfg))
+    overrides = user_overrides()
+    say(f"overrides: {' '.join(overrides) if overrides else '(none)'}")
+    kept = [o for o in overrides if not o.startswith(("run_name=", "+run_name="))]
+    say(
+        f"run directory: {output_dir} (full config: .hydra/config.yaml, config_resolved.yaml); "
+        f"resume or extend it with: python train.py {' '.join([*kept, f'run_name={cfg.run_name}'])}"
+    )
+
+
+def loss_record(cfg: DictConfig, module: pl.LightningModule) -> dict[str, Any]:
+    """What was optimized: the loss preset, the CAM method, alpha and the weight of every term
+    of the active objectives (at the last training step; CE alone: ``{"ce": 1.0}``)."""
+    loss = cfg.get("loss") or {}
+    weights = getattr(module, "term_weights", None) or {"ce": 1.0}
+    return {
+        "loss_preset": loss.get("name"),
+        "cam_method": loss.get("method"),
+        "alpha": float(loss.get("alpha") or 0.0),
+        "loss_weights": weights,
+    }
+
+
 def _summary(metrics: dict[str, Any]) -> str:
     err = metrics.get("test_error")
     err_text = f"{err:.2f}%" if err is not None else "n/a"
@@ -296,8 +338,7 @@ def train(cfg: DictConfig, on_start: Callable[[], None] | None = None) -> dict[s
     _quiet_warnings()
     validate_options(cfg)  # before anything is written
     cfg, output_dir = _prepare_cfg(cfg)
-    if cfg.get("print_config", True):
-        print(OmegaConf.to_yaml(cfg), flush=True)
+    _announce(cfg, output_dir)
     teacher = resolve_teacher(cfg)
     is_main_process = (
         os.environ.get("LOCAL_RANK", "0") == "0" and os.environ.get("NODE_RANK", "0") == "0"
@@ -305,13 +346,12 @@ def train(cfg: DictConfig, on_start: Callable[[], None] | None = None) -> dict[s
     changed = check_saved_config(cfg, output_dir) if is_main_process else []
     finished = finished_metrics(cfg, output_dir)
     if finished is not None:
-        print(
+        say(
             f"run {output_dir} is already finished (epochs: {finished.get('epochs')}, "
             f"trainer.max_epochs={cfg.trainer.max_epochs}); its metrics.json is left as it is "
-            "(a larger trainer.max_epochs trains it further)",
-            flush=True,
+            "(a larger trainer.max_epochs trains it further)"
         )
-        print(_summary(finished), flush=True)
+        say(_summary(finished))
         return finished
     pl.seed_everything(cfg.seed, workers=True)
 
@@ -323,7 +363,7 @@ def train(cfg: DictConfig, on_start: Callable[[], None] | None = None) -> dict[s
     ckpt_path = resolve_ckpt_path(cfg, output_dir)
     if ckpt_path is not None:
         check_checkpoint_compatible(ckpt_path, module)
-        print(f"resuming from {ckpt_path}", flush=True)
+        say(f"resuming from {ckpt_path}")
 
     loggers = _instantiate_group(cfg.get("logger"))
     callbacks = build_callbacks(cfg, bool(loggers))
@@ -358,7 +398,7 @@ def _precision_record(cfg: DictConfig, trainer: pl.Trainer) -> dict[str, Any]:
     channels_last = use_channels_last(cfg.module.get("channels_last", False), precision)
     accelerator = type(trainer.accelerator).__name__.removesuffix("Accelerator").lower()
     if trainer.is_global_zero:
-        print(precision_summary(precision, channels_last, accelerator), flush=True)
+        say(precision_summary(precision, channels_last, accelerator))
     return {"precision": precision, "channels_last": channels_last, "accelerator": accelerator}
 
 
@@ -425,12 +465,13 @@ def _fit_and_test(
         "resumed_from": ckpt_path,
         "cam_figure": str(figure) if (figure := last_figure(output_dir)) else None,
         **fidelity_metrics(test_metrics),  # fidelity_*, faithfulness_* (distill.fidelity)
+        **loss_record(cfg, module),
         **record,
     }
     if trainer.is_global_zero:
         text = json.dumps(metrics, indent=2) + "\n"  # the "finished" marker: never torn
         atomic_write(output_dir / "metrics.json", lambda fh: fh.write(text.encode()))
-        print(_summary(metrics), flush=True)
+        say(_summary(metrics))
     return metrics
 
 
