@@ -119,21 +119,25 @@ class StudentModule(ClassifierModule):
             self.teacher.load_cache(self.trainer.datamodule)
         self.teacher.enable_memo(self.trainer.datamodule, str(self.trainer.precision))
 
-    def on_train_start(self) -> None:
-        """Say once that the frozen teacher is in eval mode (Lightning's generic eval-mode
-        warning is silenced by ``distill.train``); other modules in eval mode are warned about."""
-        super().on_train_start()
-        frozen = sum(1 for m in self.teacher.modules() if not m.training)
-        others = [n for n, m in self.named_modules() if not m.training and n != "teacher"]
-        others = [n for n in others if not n.startswith("teacher.")]
+    def on_fit_start(self) -> None:
+        """Say once, before any progress bar, that the frozen teacher is in eval mode (Lightning's
+        generic eval-mode warning is silenced by ``distill.train``)."""
+        super().on_fit_start()
         if self.trainer.is_global_zero:
+            frozen = sum(1 for m in self.teacher.modules() if not m.training)
             say(f"teacher frozen in eval mode: {frozen} modules")
-            if others:
-                warnings.warn(
-                    f"{len(others)} student module(s) in eval mode at the start of training "
-                    f"({', '.join(others[:5])}): BatchNorm/Dropout will not train",
-                    stacklevel=2,
-                )
+
+    def on_train_start(self) -> None:
+        """Warn about student modules in eval mode (what Lightning's silenced warning is for)."""
+        super().on_train_start()
+        others = [n for n, m in self.named_modules() if not m.training]
+        others = [n for n in others if n != "teacher" and not n.startswith("teacher.")]
+        if others and self.trainer.is_global_zero:
+            warnings.warn(
+                f"{len(others)} student module(s) in eval mode at the start of training "
+                f"({', '.join(others[:5])}): their BatchNorm/Dropout layers will not train",
+                stacklevel=2,
+            )
 
     def on_train_epoch_end(self) -> None:
         """Log the teacher memo's hit rate of the epoch (``teacher/memo_hit_rate``)."""
