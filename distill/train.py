@@ -28,6 +28,7 @@ from typing import Any
 import hydra
 import pytorch_lightning as pl
 import torch
+from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf, open_dict
@@ -192,8 +193,9 @@ def resolve_teacher(cfg: DictConfig) -> dict[str, str]:
     module = cfg.module
     if "teacher_run_dir" not in module:
         return {}
+    command = teacher_command(user_overrides()) or module.teacher_command
     path = resolve_teacher_checkpoint(
-        module.get("teacher_checkpoint"), module.teacher_run_dir, module.teacher_command
+        module.get("teacher_checkpoint"), module.teacher_run_dir, command
     )
     digest = teacher_digest(path)
     with open_dict(cfg):
@@ -271,11 +273,30 @@ def finished_metrics(cfg: DictConfig, output_dir: Path) -> dict[str, Any] | None
 
 def user_overrides() -> list[str]:
     """The command line's overrides (``python train.py a=b ...``); [] outside Hydra."""
-    from hydra.core.hydra_config import HydraConfig
-
     if not HydraConfig.initialized():
         return []
     return list(HydraConfig.get().overrides.task)
+
+
+_TEACHER_KEYS = {"teacher.epochs": "trainer.max_epochs", "teacher.seed": "seed"}
+
+
+def teacher_command(overrides: list[str]) -> str | None:
+    """The command that trains the teacher a student run looks for, from the student's own
+    command-line overrides: its ``data``/``paths`` overrides as given, ``teacher.epochs`` /
+    ``teacher.seed`` / ``teacher.model.*`` as the teacher run's keys. None outside Hydra."""
+    if not HydraConfig.initialized():
+        return None
+    kept = []
+    for override in overrides:
+        key, _, value = override.lstrip("+~").partition("=")
+        if key == "data" or key.startswith(("data.", "paths.")):
+            kept.append(override)
+        elif key in _TEACHER_KEYS:
+            kept.append(f"{_TEACHER_KEYS[key]}={value}")
+        elif key.startswith("teacher.model."):
+            kept.append(f"{key.removeprefix('teacher.')}={value}")
+    return " ".join(["python train.py experiment=teacher", *kept])
 
 
 def _announce(cfg: DictConfig, output_dir: Path) -> None:
@@ -541,8 +562,6 @@ def main(cfg: DictConfig) -> float | None:
     """``python train.py``: run :func:`train`; user errors print one message, exit status 2.
     A start-up that does not start training (refused, or the run is finished) leaves no trace
     of itself in the run directory."""
-    from hydra.core.hydra_config import HydraConfig
-
     hydra_cfg = HydraConfig.get()
     output_dir = Path(hydra_cfg.runtime.output_dir)
     with open_dict(cfg):
