@@ -60,6 +60,7 @@ from distill.modules.classifier import (
     check_checkpoint_compatible,
 )
 from distill.precision import default_precision, precision_summary, use_channels_last
+from distill.sweeps import job_dirname
 from distill.teacher import (
     CacheError,
     TeacherError,
@@ -107,6 +108,7 @@ OmegaConf.register_new_resolver("repo_root", repo_root, replace=True)
 OmegaConf.register_new_resolver("data_key", data_key, replace=True)
 OmegaConf.register_new_resolver("run_record_subdir", run_record_subdir, replace=True)
 OmegaConf.register_new_resolver("default_precision", default_precision, replace=True)
+OmegaConf.register_new_resolver("job_dirname", job_dirname, replace=True)
 CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "configs")
 
 _QUIET = (

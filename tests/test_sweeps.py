@@ -53,6 +53,19 @@ def test_alpha_multirun_writes_one_result_per_job(tmp_path, teacher_ckpt):
     }
     assert alphas == {"0.1", "1"}
     assert all(0 <= json.loads(p.read_text())["test_error"] <= 100 for p in results)
+    # job folders named by the swept override; the summary table, printed and written
+    assert [p.parent.name for p in results] == ["loss.alpha=0.1", "loss.alpha=1"]
+    errors = [json.loads(p.read_text())["test_error"] for p in results]
+    table = (tmp_path / "train" / "multirun_sweep" / "summary.md").read_text()
+    assert table.splitlines()[0].startswith("| loss.alpha | test_error |")
+    assert [row.split(" | ")[:2] for row in table.splitlines()[2:]] == [
+        ["| 0.1", f"{errors[0]:.4g}"], ["| 1", f"{errors[1]:.4g}"],
+    ]  # fmt: skip
+    assert table in proc.stdout
+    # the same command again: every job is found finished (resume by folder name)
+    again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert again.stdout.count("is already finished") == 2
 
 
 @pytest.mark.slow
