@@ -535,10 +535,13 @@ class StartupGuard(Callback):
         return path
 
 
-def _discard_startup(output_dir: Path, record_subdir: str | None, log_file: str | None) -> None:
+def _discard_startup(
+    output_dir: Path, record_subdir: str | None, log_file: str | None, log_size: int = 0
+) -> None:
     """Remove what Hydra wrote for a start-up that did not start training: its record
-    (``.hydra/`` or ``.hydra/rerun-*``), and the run directory (with its job log) when this
-    start-up created it; in a multirun, a job directory that holds nothing else."""
+    (``.hydra/`` or ``.hydra/rerun-*``), its lines in the job log (cut back to ``log_size``),
+    and the run directory (with its job log) when this start-up created it; in a multirun, a
+    job directory that holds nothing else."""
     if record_subdir is not None:
         record = output_dir / record_subdir
         for name in ("config.yaml", "hydra.yaml", "overrides.yaml"):
@@ -549,6 +552,8 @@ def _discard_startup(output_dir: Path, record_subdir: str | None, log_file: str 
     output_dir = Path(os.path.abspath(output_dir))
     missing = _CREATED_BY_START.pop(str(output_dir), None)
     log = Path(log_file) if log_file else None
+    if log is not None and log.is_file() and log.stat().st_size > log_size:
+        os.truncate(log, log_size)
     if missing is None:  # multirun job: its directory is this start-up's if nothing else is there
         left = set(output_dir.iterdir()) if output_dir.is_dir() else set()
         missing = [output_dir] if left <= {log} else []
@@ -557,6 +562,13 @@ def _discard_startup(output_dir: Path, record_subdir: str | None, log_file: str 
     for folder in missing:  # deepest first
         if folder.is_dir() and not any(folder.iterdir()):
             folder.rmdir()
+
+
+def _size(path: str | None) -> int:
+    try:
+        return os.path.getsize(path) if path else 0
+    except OSError:
+        return 0
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
@@ -569,6 +581,7 @@ def main(cfg: DictConfig) -> float | None:
     with open_dict(cfg):
         cfg.paths.output_dir = str(output_dir)
     log_file = OmegaConf.select(hydra_cfg, "job_logging.handlers.file.filename", default=None)
+    log_size = _size(log_file)
     record = _RECORD_SUBDIRS.get(str(output_dir))  # None: Hydra wrote no record of ours
     started: list[bool] = []
     try:
@@ -581,7 +594,7 @@ def main(cfg: DictConfig) -> float | None:
         sys.exit(err.exit_code)
     finally:
         if not started:
-            _discard_startup(output_dir, record, log_file)
+            _discard_startup(output_dir, record, log_file, log_size)
         _RECORD_SUBDIRS.pop(str(output_dir), None)
     key = cfg.get("optimized_metric")
     return metrics.get(key) if key else None

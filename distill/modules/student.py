@@ -206,6 +206,7 @@ class StudentModule(ClassifierModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Keep checkpoints student-only: the teacher is reloaded from ``teacher_checkpoint``."""
         super().on_save_checkpoint(checkpoint)
+        checkpoint["term_weights"] = dict(self.term_weights)  # metrics.json after a late resume
         state = checkpoint["state_dict"]
         for key in [k for k in state if k.startswith("teacher.")]:
             del state[key]
@@ -214,6 +215,7 @@ class StudentModule(ClassifierModule):
         """Student weights from the checkpoint, teacher weights from the loaded teacher (stale
         ``teacher.*`` entries of older checkpoints are replaced)."""
         super().on_load_checkpoint(checkpoint)
+        self.term_weights = dict(checkpoint.get("term_weights", {}))
         state = checkpoint["state_dict"]
         for key in [k for k in state if k.startswith("teacher.")]:
             del state[key]
