@@ -132,3 +132,22 @@ def test_ddp_ranks_share_the_teacher_memo(tmp_path, teacher_ckpt):
     with open(next((tmp_path / "train" / "gradcam_kd").glob("csv/**/metrics.csv"))) as fh:
         rates = [r["teacher/memo_hit_rate"] for r in csv.DictReader(fh)]
     assert [float(r) for r in rates if r] == [1.0]
+
+
+def test_job_folder_names_are_safe_short_and_stable(monkeypatch):
+    from omegaconf import OmegaConf
+
+    from distill.sweeps import job_dirname
+
+    def name(argv, task):
+        monkeypatch.setattr(sys, "argv", ["train.py", *argv])
+        return job_dirname(3, OmegaConf.create({"hydra": {"overrides": {"task": task}}}))
+
+    argv = ["-m", "loss=gradcam,ce", "data.root=/a/b", "loss.alpha=1"]
+    assert name(argv, ["loss=gradcam", "data.root=/a/b", "loss.alpha=1"]) == "loss=gradcam"
+    # no sweep on the command line (Optuna, a launcher's worker): every override but paths
+    task = ["paths.log_dir=/x", "loss.alpha=0.5", "loss.cam={a: 1}"]
+    assert name(["hparams_search=alpha_optuna"], task) == "loss.alpha=0.5,loss.cam=_a__1_"
+    long = name(["-m", "x=1,2"], [f"x={'v' * 300}"])
+    assert len(long) == 120 and long == name(["-m", "x=1,2"], [f"x={'v' * 300}"])
+    assert name(["-m", "x=1,2"], []) == "3"
