@@ -12,7 +12,6 @@ keeps its checkpoints student-only (the CAM figure is drawn by the callback
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Mapping
 from typing import Any
 
@@ -126,18 +125,6 @@ class StudentModule(ClassifierModule):
         if self.trainer.is_global_zero:
             frozen = sum(1 for m in self.teacher.modules() if not m.training)
             say(f"teacher frozen in eval mode: {frozen} modules")
-
-    def on_train_start(self) -> None:
-        """Warn about student modules in eval mode (what Lightning's silenced warning is for)."""
-        super().on_train_start()
-        others = [n for n, m in self.named_modules() if not m.training]
-        others = [n for n in others if n != "teacher" and not n.startswith("teacher.")]
-        if others and self.trainer.is_global_zero:
-            warnings.warn(
-                f"{len(others)} student module(s) in eval mode at the start of training "
-                f"({', '.join(others[:5])}): their BatchNorm/Dropout layers will not train",
-                stacklevel=2,
-            )
 
     def on_train_epoch_end(self) -> None:
         """Log the teacher memo's hit rate of the epoch (``teacher/memo_hit_rate``)."""
