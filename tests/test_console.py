@@ -13,7 +13,7 @@ import pytest
 
 from tests.conftest import TINY, run_python
 
-NOISE = ("eval mode at the start of training", "Tip:", "litlogger", "TPU available", "v_num")
+NOISE = ("eval mode at the start", "eval mode when", "Tip:", "litlogger", "TPU available", "v_num")
 
 
 @pytest.mark.slow
