@@ -28,6 +28,7 @@ from typing import Any
 import hydra
 import pytorch_lightning as pl
 import torch
+from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf, open_dict
@@ -48,6 +49,7 @@ from distill.config_checks import (
     unwritable,
     validate_options,
 )
+from distill.console import quiet_lightning, say
 from distill.data.sources import DataError
 from distill.fidelity import fidelity_metrics
 from distill.integrity import IntegrityError, atomic_write
@@ -58,6 +60,7 @@ from distill.modules.classifier import (
     check_checkpoint_compatible,
 )
 from distill.precision import default_precision, precision_summary, use_channels_last
+from distill.sweeps import job_dirname
 from distill.teacher import (
     CacheError,
     TeacherError,
@@ -105,6 +108,7 @@ OmegaConf.register_new_resolver("repo_root", repo_root, replace=True)
 OmegaConf.register_new_resolver("data_key", data_key, replace=True)
 OmegaConf.register_new_resolver("run_record_subdir", run_record_subdir, replace=True)
 OmegaConf.register_new_resolver("default_precision", default_precision, replace=True)
+OmegaConf.register_new_resolver("job_dirname", job_dirname, replace=True)
 CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "configs")
 
 _QUIET = (
@@ -114,13 +118,18 @@ _QUIET = (
     ".*The number of training batches.*",
     ".*across ranks is zero.*",
     ".*isinstance\\(treespec, LeafSpec\\)` is deprecated.*",
+    ".*module\\(s\\) in eval mode at the start of training.*",  # the frozen teacher: said by
+    # StudentModule.on_train_start ("teacher frozen in eval mode: N modules"), others warned there
+    ".*is not supported by the model summary.*",  # the size estimate of a bf16/16-bit run
 )
 
 
 def _quiet_warnings() -> None:
-    """Silence Lightning warnings that are expected with tensor-resident data."""
+    """Silence Lightning warnings that are expected here (tensor-resident data, frozen teacher)
+    and its tips (:func:`distill.console.quiet_lightning`)."""
     for pattern in _QUIET:
         warnings.filterwarnings("ignore", pattern)
+    quiet_lightning()
 
 
 # ----------------------------------------------------------------------------- building blocks
@@ -186,8 +195,9 @@ def resolve_teacher(cfg: DictConfig) -> dict[str, str]:
     module = cfg.module
     if "teacher_run_dir" not in module:
         return {}
+    command = teacher_command(user_overrides()) or module.teacher_command
     path = resolve_teacher_checkpoint(
-        module.get("teacher_checkpoint"), module.teacher_run_dir, module.teacher_command
+        module.get("teacher_checkpoint"), module.teacher_run_dir, command
     )
     digest = teacher_digest(path)
     with open_dict(cfg):
@@ -263,6 +273,61 @@ def finished_metrics(cfg: DictConfig, output_dir: Path) -> dict[str, Any] | None
     return metrics if epochs_done or steps_done else None
 
 
+def user_overrides() -> list[str]:
+    """The command line's overrides (``python train.py a=b ...``); [] outside Hydra."""
+    if not HydraConfig.initialized():
+        return []
+    return list(HydraConfig.get().overrides.task)
+
+
+_TEACHER_KEYS = {"teacher.epochs": "trainer.max_epochs", "teacher.seed": "seed"}
+
+
+def teacher_command(overrides: list[str]) -> str | None:
+    """The command that trains the teacher a student run looks for, from the student's own
+    command-line overrides: its ``data``/``paths`` overrides as given, ``teacher.epochs`` /
+    ``teacher.seed`` / ``teacher.model.*`` as the teacher run's keys. None outside Hydra."""
+    if not HydraConfig.initialized():
+        return None
+    kept = []
+    for override in overrides:
+        key, _, value = override.lstrip("+~").partition("=")
+        if key == "data" or key.startswith(("data.", "paths.")):
+            kept.append(override)
+        elif key in _TEACHER_KEYS:
+            kept.append(f"{_TEACHER_KEYS[key]}={value}")
+        elif key.startswith("teacher.model."):
+            kept.append(f"{key.removeprefix('teacher.')}={value}")
+    return " ".join(["python train.py experiment=teacher", *kept])
+
+
+def _announce(cfg: DictConfig, output_dir: Path) -> None:
+    """The start-up lines: the overrides (the whole config with ``print_config=true``), the run
+    directory and the command that continues this run (its ``run_name`` fixed)."""
+    if cfg.get("print_config", False):
+        say(OmegaConf.to_yaml(cfg))
+    overrides = user_overrides()
+    say(f"overrides: {' '.join(overrides) if overrides else '(none)'}")
+    kept = [o for o in overrides if not o.startswith(("run_name=", "+run_name="))]
+    say(
+        f"run directory: {output_dir} (full config: .hydra/config.yaml, config_resolved.yaml); "
+        f"resume or extend it with: python train.py {' '.join([*kept, f'run_name={cfg.run_name}'])}"
+    )
+
+
+def loss_record(cfg: DictConfig, module: pl.LightningModule) -> dict[str, Any]:
+    """What was optimized: the loss preset, the CAM method, alpha and the weight of every term
+    of the active objectives (at the last training step; CE alone: ``{"ce": 1.0}``)."""
+    loss = cfg.get("loss") or {}
+    weights = getattr(module, "term_weights", None) or {"ce": 1.0}
+    return {
+        "loss_preset": loss.get("name"),
+        "cam_method": loss.get("method"),
+        "alpha": float(loss.get("alpha") or 0.0),
+        "loss_weights": weights,
+    }
+
+
 def _summary(metrics: dict[str, Any]) -> str:
     err = metrics.get("test_error")
     err_text = f"{err:.2f}%" if err is not None else "n/a"
@@ -296,8 +361,7 @@ def train(cfg: DictConfig, on_start: Callable[[], None] | None = None) -> dict[s
     _quiet_warnings()
     validate_options(cfg)  # before anything is written
     cfg, output_dir = _prepare_cfg(cfg)
-    if cfg.get("print_config", True):
-        print(OmegaConf.to_yaml(cfg), flush=True)
+    _announce(cfg, output_dir)
     teacher = resolve_teacher(cfg)
     is_main_process = (
         os.environ.get("LOCAL_RANK", "0") == "0" and os.environ.get("NODE_RANK", "0") == "0"
@@ -305,13 +369,12 @@ def train(cfg: DictConfig, on_start: Callable[[], None] | None = None) -> dict[s
     changed = check_saved_config(cfg, output_dir) if is_main_process else []
     finished = finished_metrics(cfg, output_dir)
     if finished is not None:
-        print(
+        say(
             f"run {output_dir} is already finished (epochs: {finished.get('epochs')}, "
             f"trainer.max_epochs={cfg.trainer.max_epochs}); its metrics.json is left as it is "
-            "(a larger trainer.max_epochs trains it further)",
-            flush=True,
+            "(a larger trainer.max_epochs trains it further)"
         )
-        print(_summary(finished), flush=True)
+        say(_summary(finished))
         return finished
     pl.seed_everything(cfg.seed, workers=True)
 
@@ -323,7 +386,7 @@ def train(cfg: DictConfig, on_start: Callable[[], None] | None = None) -> dict[s
     ckpt_path = resolve_ckpt_path(cfg, output_dir)
     if ckpt_path is not None:
         check_checkpoint_compatible(ckpt_path, module)
-        print(f"resuming from {ckpt_path}", flush=True)
+        say(f"resuming from {ckpt_path}")
 
     loggers = _instantiate_group(cfg.get("logger"))
     callbacks = build_callbacks(cfg, bool(loggers))
@@ -358,7 +421,7 @@ def _precision_record(cfg: DictConfig, trainer: pl.Trainer) -> dict[str, Any]:
     channels_last = use_channels_last(cfg.module.get("channels_last", False), precision)
     accelerator = type(trainer.accelerator).__name__.removesuffix("Accelerator").lower()
     if trainer.is_global_zero:
-        print(precision_summary(precision, channels_last, accelerator), flush=True)
+        say(precision_summary(precision, channels_last, accelerator))
     return {"precision": precision, "channels_last": channels_last, "accelerator": accelerator}
 
 
@@ -425,12 +488,13 @@ def _fit_and_test(
         "resumed_from": ckpt_path,
         "cam_figure": str(figure) if (figure := last_figure(output_dir)) else None,
         **fidelity_metrics(test_metrics),  # fidelity_*, faithfulness_* (distill.fidelity)
+        **loss_record(cfg, module),
         **record,
     }
     if trainer.is_global_zero:
         text = json.dumps(metrics, indent=2) + "\n"  # the "finished" marker: never torn
         atomic_write(output_dir / "metrics.json", lambda fh: fh.write(text.encode()))
-        print(_summary(metrics), flush=True)
+        say(_summary(metrics))
     return metrics
 
 
@@ -471,10 +535,13 @@ class StartupGuard(Callback):
         return path
 
 
-def _discard_startup(output_dir: Path, record_subdir: str | None, log_file: str | None) -> None:
+def _discard_startup(
+    output_dir: Path, record_subdir: str | None, log_file: str | None, log_size: int = 0
+) -> None:
     """Remove what Hydra wrote for a start-up that did not start training: its record
-    (``.hydra/`` or ``.hydra/rerun-*``), and the run directory (with its job log) when this
-    start-up created it; in a multirun, a job directory that holds nothing else."""
+    (``.hydra/`` or ``.hydra/rerun-*``), its lines in the job log (cut back to ``log_size``),
+    and the run directory (with its job log) when this start-up created it; in a multirun, a
+    job directory that holds nothing else."""
     if record_subdir is not None:
         record = output_dir / record_subdir
         for name in ("config.yaml", "hydra.yaml", "overrides.yaml"):
@@ -485,6 +552,8 @@ def _discard_startup(output_dir: Path, record_subdir: str | None, log_file: str 
     output_dir = Path(os.path.abspath(output_dir))
     missing = _CREATED_BY_START.pop(str(output_dir), None)
     log = Path(log_file) if log_file else None
+    if log is not None and log.is_file() and log.stat().st_size > log_size:
+        os.truncate(log, log_size)
     if missing is None:  # multirun job: its directory is this start-up's if nothing else is there
         left = set(output_dir.iterdir()) if output_dir.is_dir() else set()
         missing = [output_dir] if left <= {log} else []
@@ -495,18 +564,24 @@ def _discard_startup(output_dir: Path, record_subdir: str | None, log_file: str 
             folder.rmdir()
 
 
+def _size(path: str | None) -> int:
+    try:
+        return os.path.getsize(path) if path else 0
+    except OSError:
+        return 0
+
+
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
 def main(cfg: DictConfig) -> float | None:
     """``python train.py``: run :func:`train`; user errors print one message, exit status 2.
     A start-up that does not start training (refused, or the run is finished) leaves no trace
     of itself in the run directory."""
-    from hydra.core.hydra_config import HydraConfig
-
     hydra_cfg = HydraConfig.get()
     output_dir = Path(hydra_cfg.runtime.output_dir)
     with open_dict(cfg):
         cfg.paths.output_dir = str(output_dir)
     log_file = OmegaConf.select(hydra_cfg, "job_logging.handlers.file.filename", default=None)
+    log_size = _size(log_file)
     record = _RECORD_SUBDIRS.get(str(output_dir))  # None: Hydra wrote no record of ours
     started: list[bool] = []
     try:
@@ -519,7 +594,7 @@ def main(cfg: DictConfig) -> float | None:
         sys.exit(err.exit_code)
     finally:
         if not started:
-            _discard_startup(output_dir, record, log_file)
+            _discard_startup(output_dir, record, log_file, log_size)
         _RECORD_SUBDIRS.pop(str(output_dir), None)
     key = cfg.get("optimized_metric")
     return metrics.get(key) if key else None

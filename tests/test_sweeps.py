@@ -53,6 +53,19 @@ def test_alpha_multirun_writes_one_result_per_job(tmp_path, teacher_ckpt):
     }
     assert alphas == {"0.1", "1"}
     assert all(0 <= json.loads(p.read_text())["test_error"] <= 100 for p in results)
+    # job folders named by the swept override; the summary table, printed and written
+    assert [p.parent.name for p in results] == ["loss.alpha=0.1", "loss.alpha=1"]
+    errors = [json.loads(p.read_text())["test_error"] for p in results]
+    table = (tmp_path / "train" / "multirun_sweep" / "summary.md").read_text()
+    assert table.splitlines()[0].startswith("| loss.alpha | test_error |")
+    assert [row.split(" | ")[:2] for row in table.splitlines()[2:]] == [
+        ["| 0.1", f"{errors[0]:.4g}"], ["| 1", f"{errors[1]:.4g}"],
+    ]  # fmt: skip
+    assert table in proc.stdout
+    # the same command again: every job is found finished (resume by folder name)
+    again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert again.stdout.count("is already finished") == 2
 
 
 @pytest.mark.slow
@@ -119,3 +132,22 @@ def test_ddp_ranks_share_the_teacher_memo(tmp_path, teacher_ckpt):
     with open(next((tmp_path / "train" / "gradcam_kd").glob("csv/**/metrics.csv"))) as fh:
         rates = [r["teacher/memo_hit_rate"] for r in csv.DictReader(fh)]
     assert [float(r) for r in rates if r] == [1.0]
+
+
+def test_job_folder_names_are_safe_short_and_stable(monkeypatch):
+    from omegaconf import OmegaConf
+
+    from distill.sweeps import job_dirname
+
+    def name(argv, task):
+        monkeypatch.setattr(sys, "argv", ["train.py", *argv])
+        return job_dirname(3, OmegaConf.create({"hydra": {"overrides": {"task": task}}}))
+
+    argv = ["-m", "loss=gradcam,ce", "data.root=/a/b", "loss.alpha=1"]
+    assert name(argv, ["loss=gradcam", "data.root=/a/b", "loss.alpha=1"]) == "loss=gradcam"
+    # no sweep on the command line (Optuna, a launcher's worker): every override but paths
+    task = ["paths.log_dir=/x", "loss.alpha=0.5", "loss.cam={a: 1}"]
+    assert name(["hparams_search=alpha_optuna"], task) == "loss.alpha=0.5,loss.cam=_a__1_"
+    long = name(["-m", "x=1,2"], [f"x={'v' * 300}"])
+    assert len(long) == 120 and long == name(["-m", "x=1,2"], [f"x={'v' * 300}"])
+    assert name(["-m", "x=1,2"], []) == "3"

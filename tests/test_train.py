@@ -224,3 +224,29 @@ def test_synthetic_is_learnable_via_train_api(tmp_path: Path) -> None:
     assert list((tmp_path / "train" / "learn" / "wandb").glob("offline-run-*"))
     wandb = pytest.importorskip("wandb")
     assert wandb.run is None  # finished after the run
+
+
+def test_eval_mode_module_still_warned_after_lightning_warning_is_silenced() -> None:
+    """distill.train silences Lightning's eval-mode warning (the frozen teacher); a module of
+    the trained network left in eval mode is still named in a warning of ours."""
+    import warnings
+
+    import pytorch_lightning as pl
+    from torch.utils.data import DataLoader
+
+    from distill.train import _quiet_warnings
+
+    module = ClassifierModule(WideResNet(10, 1))
+    module.net.fc.eval()
+    data = [{"image": torch.randn(3, 32, 32), "label": i % 10} for i in range(8)]
+    trainer = pl.Trainer(
+        max_steps=1, accelerator="cpu", logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False,
+    )  # fmt: skip
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _quiet_warnings()
+        trainer.fit(module, DataLoader(data, batch_size=4))
+    texts = [str(w.message) for w in caught]
+    assert not [t for t in texts if "at the start of training" in t]  # Lightning's: silenced
+    assert [t for t in texts if "are in eval mode when training starts (net.fc)" in t], texts

@@ -8,6 +8,7 @@ lr x0.2 at epochs 60/120/160 (200 epochs, set on the trainer).
 from __future__ import annotations
 
 import functools
+import warnings
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -250,6 +251,7 @@ class ClassifierModule(pl.LightningModule):
     def on_train_start(self) -> None:
         """Resumed inside an epoch: continue that epoch's train/* aggregates from the checkpoint
         (rank 0 takes the sum over all processes, the others start from zero)."""
+        self._warn_eval_modules()
         record, self._resume_record = self._resume_record, None
         if not record or record.get("epoch") != self.current_epoch or self.global_rank != 0:
             return
@@ -257,6 +259,18 @@ class ClassifierModule(pl.LightningModule):
             metric = self._train_metric(name)
             metric.reset()
             metric.merge_state({k: v.to(metric.device) for k, v in state.items()})
+
+    def _warn_eval_modules(self) -> None:
+        """Lightning's generic "modules in eval mode" warning is silenced by ``distill.train``
+        (the frozen teacher, by design): warn here about any other module in eval mode."""
+        names = [n for n, m in self.named_modules() if not m.training]
+        names = [n for n in names if n != "teacher" and not n.startswith("teacher.")]
+        if names and self.global_rank == 0:
+            warnings.warn(
+                f"{len(names)} module(s) of the trained network are in eval mode when training "
+                f"starts ({', '.join(names[:5])}): their BatchNorm/Dropout layers will not train",
+                stacklevel=2,
+            )
 
     def on_train_epoch_start(self) -> None:
         opt = self.optimizers()

@@ -4,8 +4,10 @@
 layers the objectives read hooked), collects what the objectives read from the teacher
 (:class:`distill.teacher.Teacher`: frozen network, its CAM, online, memo or cached outputs) and
 sums the weighted terms of every active objective (:mod:`distill.objectives`: CE, Hinton KD,
-the CAM term, AT, CAT-KD, DKD, ...). It also logs map agreement and keeps its checkpoints
-student-only (the CAM figure is drawn by the callback :class:`distill.visualize.CamFigure`).
+the CAM term, AT, CAT-KD, DKD, ...). It also logs map agreement (``train/map_agreement``: epoch
+mean over the training batches; ``val/map_agreement`` when there is a validation split) and
+keeps its checkpoints student-only (the CAM figure is drawn by the callback
+:class:`distill.visualize.CamFigure`).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from distill.console import say
 from distill.loss_config import LossConfig, build_cam
 from distill.losses import map_agreement
 from distill.modules.classifier import ClassifierModule
@@ -95,6 +98,7 @@ class StudentModule(ClassifierModule):
             self.student_cam = build_cam(
                 cfg.method, self.net, cfg.student_layer, cfg.options("student")
             )
+        self.term_weights: dict[str, float] = {}  # weight of each term at the last step
         self.run_seed = torch.initial_seed()  # seed_everything's seed: per-run ordering streams
         self.ordering_seed = getattr(self.student_cam, "seed", None)
 
@@ -114,6 +118,14 @@ class StudentModule(ClassifierModule):
             self.teacher.load_cache(self.trainer.datamodule)
         self.teacher.enable_memo(self.trainer.datamodule, str(self.trainer.precision))
 
+    def on_fit_start(self) -> None:
+        """Say once, before any progress bar, that the frozen teacher is in eval mode (Lightning's
+        generic eval-mode warning is silenced by ``distill.train``)."""
+        super().on_fit_start()
+        if self.trainer.is_global_zero:
+            frozen = sum(1 for m in self.teacher.modules() if not m.training)
+            say(f"teacher frozen in eval mode: {frozen} modules")
+
     def on_train_epoch_end(self) -> None:
         """Log the teacher memo's hit rate of the epoch (``teacher/memo_hit_rate``)."""
         super().on_train_epoch_end()
@@ -130,20 +142,20 @@ class StudentModule(ClassifierModule):
         student = self.student_outputs(x, y)
         teacher = self.teacher.collect(batch, self.teacher.needs)
         terms: dict[str, Tensor] = {}
+        weights: dict[str, Any] = {}
         loss: Tensor | None = None
         for objective in self.objectives:
             for term in objective.terms(student, teacher, batch, self.current_epoch):
                 if term.name in terms:
                     raise ValueError(f"two objectives return a term named {term.name!r}")
-                terms[term.name] = term.value
+                terms[term.name], weights[term.name] = term.value, term.weight
                 part = term.weight * term.value
                 loss = part if loss is None else loss + part
         assert loss is not None  # cross-entropy is always on
+        self.term_weights = {name: float(w) for name, w in weights.items()}
         if student.maps is not None and "maps" in teacher and self._trainer is not None:
             agreement = map_agreement(student.maps.detach(), teacher["maps"]).mean()
-            self.log(
-                "train/map_agreement", agreement, on_step=False, on_epoch=True, batch_size=len(y)
-            )
+            self.log_train_mean("map_agreement", agreement, len(y))  # resume-exact epoch mean
         return loss, student.logits, terms
 
     def student_outputs(self, x: Tensor, y: Tensor) -> StudentOutputs:
@@ -181,6 +193,7 @@ class StudentModule(ClassifierModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Keep checkpoints student-only: the teacher is reloaded from ``teacher_checkpoint``."""
         super().on_save_checkpoint(checkpoint)
+        checkpoint["term_weights"] = dict(self.term_weights)  # metrics.json after a late resume
         state = checkpoint["state_dict"]
         for key in [k for k in state if k.startswith("teacher.")]:
             del state[key]
@@ -189,6 +202,7 @@ class StudentModule(ClassifierModule):
         """Student weights from the checkpoint, teacher weights from the loaded teacher (stale
         ``teacher.*`` entries of older checkpoints are replaced)."""
         super().on_load_checkpoint(checkpoint)
+        self.term_weights = dict(checkpoint.get("term_weights", {}))
         state = checkpoint["state_dict"]
         for key in [k for k in state if k.startswith("teacher.")]:
             del state[key]

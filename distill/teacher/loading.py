@@ -12,6 +12,7 @@ Every refusal is a :class:`TeacherError` naming the file and the fix.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -103,7 +104,8 @@ def resolve_teacher_checkpoint(checkpoint: str | None, run_dir: str, train_comma
     """``checkpoint`` if given, else the finished teacher run for this teacher config.
 
     A teacher run counts as finished when its ``metrics.json`` exists (written after the final
-    test); otherwise stop with the exact command that trains it.
+    test); otherwise stop with the exact command that trains it and the finished teacher runs
+    for the same data (:func:`other_teacher_runs`), each with the override that selects it.
     """
     if checkpoint:
         if not Path(checkpoint).exists():
@@ -113,12 +115,47 @@ def resolve_teacher_checkpoint(checkpoint: str | None, run_dir: str, train_comma
         return str(checkpoint)
     run = Path(run_dir)
     train_command = train_command.replace("=None", "=null")  # Hydra's spelling of a missing value
-    if (run / "metrics.json").exists() and (run / "checkpoints" / "last.ckpt").exists():
+    if _finished(run):
         return str(run / "checkpoints" / "last.ckpt")
+    others = other_teacher_runs(run)
+    found = "".join(f"\n    {' '.join(o)}    ({r})" for r, o in others.items())
+    found = f"\nTrained teachers for the same data (add the override to use one):{found}"
     raise TeacherError(
         f"no trained teacher found at {run} (teacher.checkpoint is not set). Train it first:\n"
-        f"    {train_command}\nor pass teacher.checkpoint=PATH"
+        f"    {train_command}\nor pass teacher.checkpoint=PATH" + (found if others else "")
     )
+
+
+# experiment=teacher's run name: wrn<depth>_<width>-<source>-sub<subset>-e<epochs>-s<seed>-d<key>
+_TEACHER_RUN = re.compile(
+    r"^wrn(?P<depth>\d+)_(?P<widen_factor>\d+)-(?P<data>.+-sub.*)"
+    r"-e(?P<epochs>\d+)-s(?P<seed>-?\d+)-(?P<key>d[0-9a-f]{8})$"
+)
+_SELECTS = {  # run-name field -> the student override that selects it
+    "depth": "teacher.model.depth",
+    "widen_factor": "teacher.model.widen_factor",
+    "epochs": "teacher.epochs",
+    "seed": "teacher.seed",
+}
+
+
+def _finished(run: Path) -> bool:
+    return (run / "metrics.json").is_file() and (run / "checkpoints" / "last.ckpt").is_file()
+
+
+def other_teacher_runs(run: Path) -> dict[Path, list[str]]:
+    """The finished teacher runs beside ``run`` trained on the same data (same source, subset
+    and data key), each with the overrides (``teacher.epochs=1``, ...) that select it."""
+    wanted = _TEACHER_RUN.match(run.name)
+    if wanted is None or not run.parent.is_dir():
+        return {}
+    out: dict[Path, list[str]] = {}
+    for other in sorted(run.parent.iterdir()):
+        found = _TEACHER_RUN.match(other.name)
+        same_data = found and all(found[k] == wanted[k] for k in ("data", "key"))
+        if other != run and same_data and _finished(other):
+            out[other] = [f"{o}={found[f]}" for f, o in _SELECTS.items() if found[f] != wanted[f]]
+    return out
 
 
 def check_teacher_data(checkpoint: str | Path, dataset_id: str | None) -> None:
