@@ -297,25 +297,52 @@ def test_copied_legacy_results_with_absolute_paths_stay_valid(tmp_path, capsys):
     assert "| gradcam | 1 | 40.00" in (new.out / "table.md").read_text()
 
 
-def test_report_refuses_runs_with_a_different_config(tmp_path):
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "distill.harness", *args]
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+
+
+def test_runs_of_another_config_are_listed_not_counted(tmp_path):
+    """Issue 20 item 5: a run of another configuration is named by status and report, left out
+    of the table, and neither command exits 2."""
     profile = Profile.load("smoke", results_dir=str(tmp_path))
     profile.cells, profile.seeds = ["ce", "gradcam"], [0]
     write_run(profile, "ce", 0, 50.0)
     run_dir = write_run(profile, "gradcam", 0, 40.0)
     other = harness.compose([*profile.cell_overrides("gradcam", 0), "loss.alpha=0.5"])
     (run_dir / ".hydra" / "config.yaml").write_text(yaml.safe_dump(other))
-    with pytest.raises(HarnessError, match=r"not reporting .*gradcam-s0 \(differs in loss.alpha\)"):
+    harness.report(profile)
+    table = (tmp_path / "smoke" / "table.md").read_text()
+    assert "1 run(s) of another configuration, listed here and not counted" in table
+    assert "gradcam-s0 (differs in loss.alpha)" in table
+    assert "| gradcam | 0 | — |" in table and "| ce | 1 | 50.00" in table
+    with open(tmp_path / "smoke" / "table.csv") as handle:
+        rows = {r["cell"]: r for r in csv.DictReader(handle)}
+    assert rows["gradcam"]["other_config_seeds"] == "0" and rows["gradcam"]["n_seeds"] == "0"
+    # the CLI (whole profile): listed, exit 0
+    for command in ("status", "report"):
+        proc = _cli(command, "--profile", "smoke", "--results-dir", str(tmp_path))
+        assert proc.returncode == 0, proc.stderr
+        assert "gradcam-s0: another configuration, not counted" in proc.stdout
+    # run still refuses to train into it
+    with pytest.raises(HarnessError, match="different config"):
+        harness.pending_cells(profile)
+
+
+def test_report_without_runs_fails_and_writes_nothing(tmp_path):
+    profile = Profile.load("smoke", results_dir=str(tmp_path))
+    profile.cells, profile.seeds = ["ce", "gradcam"], [0]
+    run_dir = write_run(profile, "gradcam", 0, 40.0)
+    other = harness.compose([*profile.cell_overrides("gradcam", 0), "loss.alpha=0.5"])
+    (run_dir / ".hydra" / "config.yaml").write_text(yaml.safe_dump(other))
+    with pytest.raises(harness.NoRunsError, match="no finished run of profile 'smoke'.*1 run"):
         harness.report(profile)
-    assert not (tmp_path / "smoke" / "table.md").exists()
-    proc = subprocess.run(
-        [sys.executable, "-m", "distill.harness", "report", "--profile", "smoke"]
-        + ["--results-dir", str(tmp_path)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-    )
-    assert proc.returncode == 2 and "Traceback" not in proc.stderr
-    assert proc.stderr.startswith("error: not reporting") and proc.stderr.count("\n") == 1
+    proc = _cli("report", "--profile", "smoke", "--results-dir", str(tmp_path / "empty"))
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert proc.stderr.startswith("error: no finished run") and proc.stderr.count("\n") == 1
+    for name in ("table.md", "table.csv", "chart.png"):
+        assert not (tmp_path / "smoke" / name).exists()
+        assert not (tmp_path / "empty" / "smoke" / name).exists()
 
 
 LOCK_HOLDER = """
