@@ -7,6 +7,7 @@ import csv
 import json
 import math
 import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -411,6 +412,7 @@ def test_second_run_on_a_results_folder_is_refused(tmp_path):
 PROFILE_DIR = ROOT / "configs" / "harness"
 DEFAULTS = {
     "cells": None,
+    "baselines": [],
     "common": [],
     "teacher": [],
     "student": [],
@@ -428,12 +430,14 @@ DEFAULTS = {
 @pytest.mark.parametrize("name", ["smoke", "cpu-mini", "paper"])
 def test_profiles_are_hydra_configs_with_the_values_of_their_yaml(name):
     """Composed by Hydra with the schema, each profile holds exactly what its YAML says (the
-    schema's defaults for absent keys; absent ``cells``: every table cell), by name or by path."""
+    schema's defaults for absent keys; absent ``cells``: every table cell; ``baselines`` run as
+    cells too), by name or by path."""
     path = PROFILE_DIR / f"{name}.yaml"
     raw = yaml.safe_load(path.read_text())
     assert raw.pop("defaults") == ["harness_profile", "_self_"]
     expected = {**DEFAULTS, **raw}
-    expected["cells"] = expected["cells"] or harness.table_cells()
+    cells = [*(expected["cells"] or harness.table_cells()), *expected["baselines"]]
+    expected["cells"] = list(dict.fromkeys(cells))
     assert vars(Profile.load(name)) == expected
     assert vars(Profile.load(str(path))) == expected
 
@@ -667,3 +671,83 @@ def test_continued_runs_stay_flagged_after_a_rerun_with_the_profiles_config(
     table = (profile.out / "table.md").read_text()
     assert "| ce | 0 | —[^1] |" in table and "seed 0 not in the mean" in table
     assert f"{changed}; trained 2 epochs, the profile asks 1" in footnote(table, "| ce |", "")
+
+
+# ----------------------------------------------------------------------------- issues 19/20
+def write_metrics(profile: Profile, cell: str, seed: int, **metrics: float) -> None:
+    run_dir = profile.run_dir(cell, seed)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "metrics.json").write_text(json.dumps(metrics))
+
+
+def test_report_paired_intervals_fidelity_baselines_and_ranking(tmp_path):
+    """Three seeds: the paired difference and its 95 % t interval equal a hand computation
+    (t quantile of 2 degrees of freedom in closed form), the fidelity columns are the seed
+    means, the teacher shows its faithfulness, the baselines table holds ce, ce_kd, the
+    profile's baseline cell and the best CAM cells, and at reduced scale the rank correlation
+    replaces the difference to the paper."""
+    profile = Profile.load("smoke", results_dir=str(tmp_path))
+    profile.seeds = [0, 1, 2]
+    profile.cells = ["ce", "gradcam", "gradcampp", "ce_kd", "gradcam_kd", "dkd"]
+    errors = {
+        "ce": [10.0, 12.0, 11.0],
+        "gradcam": [9.0, 10.5, 10.2],
+        "gradcampp": [8.0, 8.0, 8.0],
+        "ce_kd": [7.0, 7.0, 7.0],
+        "gradcam_kd": [6.5, 7.5, 8.5],
+        "dkd": [6.5, 6.5, 6.5],
+    }
+    agreement = [0.5, 0.6, 0.7]
+    for cell, values in errors.items():
+        for seed, err in enumerate(values):
+            write_metrics(
+                profile, cell, seed, test_error=err, fidelity_top1_agreement=agreement[seed]
+            )
+    finish_teacher(profile)
+    teacher = json.loads((profile.teacher_dir / "metrics.json").read_text())
+    teacher["faithfulness_adcc"] = 0.4321
+    (profile.teacher_dir / "metrics.json").write_text(json.dumps(teacher))
+    harness.report(profile)
+    with open(tmp_path / "smoke" / "table.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    table4 = {r["cell"]: r for r in rows if r["table"] == "table4"}
+    baselines = [r["cell"] for r in rows if r["table"] == "baselines"]
+    # by hand: d = (-1, -1.5, -0.8), mean -1.1, sd sqrt(0.13); t_{0.975, 2} = 0.95/sqrt(0.04875)
+    half = 0.95 / math.sqrt(2 * 0.975 * 0.025) * math.sqrt(0.13) / math.sqrt(3)
+    row = table4["gradcam"]
+    assert float(row["diff_ce"]) == pytest.approx(-1.1)
+    assert float(row["diff_low_ce"]) == pytest.approx(-1.1 - half)
+    assert float(row["diff_high_ce"]) == pytest.approx(-1.1 + half)
+    assert row["n_pairs_ce"] == "3"
+    assert float(table4["gradcam_kd"]["diff_ce_kd"]) == pytest.approx(0.5)  # d = -.5, .5, 1.5
+    assert float(table4["gradcam_kd"]["diff_high_ce_kd"]) == pytest.approx(
+        0.5 + 0.95 / math.sqrt(0.04875) * 1.0 / math.sqrt(3)
+    )
+    assert float(row["fidelity_top1_agreement"]) == pytest.approx(0.6)
+    assert baselines == ["ce", "ce_kd", "dkd", "gradcampp", "gradcam_kd"]
+    table = (tmp_path / "smoke" / "table.md").read_text()
+    assert f"| gradcam | 3 | 9.90 ± {statistics.stdev(errors['gradcam']):.2f} | " in table
+    assert f"-1.10 [{-1.1 - half:+.2f}, {-1.1 + half:+.2f}]" in table
+    assert "## Baselines" in table and "| dkd | 3 |" in table and "adcc 0.432" in table
+    assert "diff to paper" not in table
+    # paper: ce_kd < gradcam_kd < gradcampp < ce < gradcam; ours swap ce and gradcam:
+    # 1 - 6 * 2 / (5 * 24) (dkd has no paper value)
+    assert "Spearman ρ = +0.90 over 5 cells" in table
+    # the paper profile keeps the difference to the paper and has no rank line
+    shutil.copytree(tmp_path / "smoke", tmp_path / "paper")
+    profile.name = "paper"
+    harness.report(profile)
+    paper_table = (tmp_path / "paper" / "table.md").read_text()
+    assert "diff to paper" in paper_table and "Spearman" not in paper_table
+
+
+def test_cost_reads_the_step_times_the_docs_quote(capsys):
+    """`harness cost --profile paper` without --step-times gives the total docs/harness.md
+    quotes (it read the old fp32 file without memo times before)."""
+    quoted = re.search(
+        r"comes to (\d+) h with the memo", (ROOT / "docs" / "harness.md").read_text()
+    )
+    assert quoted, "docs/harness.md quotes the paper profile's cost"
+    assert harness.main(["cost", "--profile", "paper"]) == 0
+    total = re.search(r"\*\*Total: ([\d.]+) h\*\*", capsys.readouterr().out)
+    assert total and round(float(total.group(1))) == int(quoted.group(1))
