@@ -751,3 +751,21 @@ def test_cost_reads_the_step_times_the_docs_quote(capsys):
     assert harness.main(["cost", "--profile", "paper"]) == 0
     total = re.search(r"\*\*Total: ([\d.]+) h\*\*", capsys.readouterr().out)
     assert total and round(float(total.group(1))) == int(quoted.group(1))
+
+
+def test_committed_cpu_mini_runs_are_listed_as_another_configuration(tmp_path, capsys):
+    """The repository's results/cpu-mini runs predate today's profile keys: status lists them
+    (exit 0), report says no run of this configuration finished (exit 1) and writes nothing."""
+    shipped = ROOT / "results" / "cpu-mini" / "runs"
+    if not shipped.is_dir():
+        pytest.skip("no committed cpu-mini runs")
+    shutil.copytree(shipped, tmp_path / "cpu-mini" / "runs")
+    args = ["--profile", "cpu-mini", "--results-dir", str(tmp_path)]
+    assert harness.main(["status", *args]) == 0
+    out = capsys.readouterr().out
+    assert "ce-s0: another configuration, not counted" in out
+    assert "teacher: another configuration" in out and "teacher differs" not in out
+    assert harness.main(["report", *args]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: no finished run of profile 'cpu-mini'") and err.count("\n") == 1
+    assert not any((tmp_path / "cpu-mini" / n).exists() for n in ("table.md", "chart.png"))

@@ -145,6 +145,8 @@ def deviating_runs(profile: Profile) -> list[tuple[str, Path, str]]:
         for seed in profile.seeds
         for cell in profile.cells
     ]
+    # a run of another configuration is listed as such (reporting.other_config_runs), not here
+    found = [(n, d, o) for n, d, o in found if not config_mismatch(d, o)]
     return [(name, d, why) for name, d, overrides in found if (why := deviation(d, overrides))]
 
 
