@@ -219,9 +219,20 @@ def test_smoke_profile_runs_the_whole_harness(tmp_path):
         rows = list(csv.DictReader(handle))
     profile = Profile.load(str(profile_path))
     assert profile.seeds == [0]
-    assert [r["cell"] for r in rows] == profile.cells
+    table4 = [r for r in rows if r["table"] == "table4"]
+    assert [r["cell"] for r in table4] == harness.table_cells()
     assert all(r["n_seeds"] == str(len(profile.seeds)) for r in rows)
     assert all(0 <= float(r["mean"]) <= 100 for r in rows)
+    # the new columns: fidelity of every student, the baselines table, the maps figure
+    assert all(0 <= float(r["fidelity_top1_agreement"]) <= 1 for r in rows)
+    assert all(math.isfinite(float(r["fidelity_map_cosine_gradcam"])) for r in rows)
+    baselines = [r["cell"] for r in rows if r["table"] == "baselines"]
+    assert baselines[:3] == ["ce", "ce_kd", "dkd"] and len(baselines) == 5
+    table = (tmp_path / "smoke" / "table.md").read_text()
+    assert "| agree | KL(t‖s) | cos Grad-CAM | cos own | ADCC |" in table
+    assert "## Baselines" in table and "Spearman ρ" in table and "Teacher faithfulness" in table
+    assert "diff to paper" not in table and "[explain.png](explain.png)" in table
+    assert (tmp_path / "smoke" / "explain.png").stat().st_size > 10_000
     # rerunning skips every finished run
     again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0 and "train.py" not in again.stdout

@@ -18,7 +18,8 @@ footnote (a NaN test error is named in the table). One ``run`` at a time per res
 lock file, ``.harness.lock``). Paths under the results folder are stored relative to it
 (``${paths.log_dir}/...``), so a copied or moved results folder stays valid.
 ``python -m distill.harness report --profile cpu-mini`` writes ``results/<profile>/table.md``,
-``table.csv`` and ``chart.png``.
+``table.csv``, ``chart.png`` and ``explain.png`` (columns: docs/harness.md); runs of another
+configuration are listed by ``status`` and ``report``, not counted; a report without runs exits 1.
 """
 
 from __future__ import annotations
