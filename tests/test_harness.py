@@ -740,6 +740,9 @@ def test_report_paired_intervals_fidelity_baselines_and_ranking(tmp_path):
     assert f"| gradcam | 3 | 9.90 ± {statistics.stdev(errors['gradcam']):.2f} | " in table
     assert f"-1.10 [{-1.1 - half:+.2f}, {-1.1 + half:+.2f}]" in table
     assert "## Baselines" in table and "| dkd | 3 |" in table and "adcc 0.432" in table
+    assert "| teacher | 1 | 50.00 ± — | — | — | — | — | — | — | 0.432 |" in table
+    (teacher_csv,) = [r for r in rows if r["table"] == "teacher"]
+    assert float(teacher_csv["faithfulness_adcc"]) == pytest.approx(0.4321)
     assert "diff to paper" not in table
     # paper: ce_kd < gradcam_kd < gradcampp < ce < gradcam; ours swap ce and gradcam:
     # 1 - 6 * 2 / (5 * 24) (dkd has no paper value)

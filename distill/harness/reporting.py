@@ -447,6 +447,24 @@ def _teacher_faithfulness(teacher: dict[str, Any]) -> str:
     return f" Teacher faithfulness (own Grad-CAM maps): {text}."
 
 
+def _teacher_row(teacher: dict[str, Any]) -> dict[str, Any] | None:
+    """The teacher as a table row (its error and faithfulness numbers; no seeds, no pairs)."""
+    error = teacher.get("test_error")
+    if error is None:
+        return None
+    fid = _fidelity_means([teacher])
+    return {
+        **{k: [] for k in ("missing", "diverged", "excluded", "other")},
+        "cell": "teacher",
+        "errors": [float(error)],
+        "by_seed": {},
+        "mean": float(error),
+        "std": float("nan"),
+        "fidelity": fid,
+        "paper": float("nan"),
+    }
+
+
 def _other_lines(other: list[tuple[str, Path, str]]) -> list[str]:
     if not other:
         return []
@@ -494,6 +512,9 @@ def report(profile: Profile, profile_arg: str | None = None, figure: bool = True
         *_header(reduced),
         *(_md_row(r, by_cell, sd, reduced, notes, rerun) for r in first),
     ]
+    teacher_row = _teacher_row(teacher)
+    if teacher_row:  # no pairs, no noise note: its faithfulness beside the students'
+        lines.append(_md_row(teacher_row, {}, sd, reduced, notes, rerun))
     if second:
         lines += [
             "",
@@ -505,11 +526,12 @@ def report(profile: Profile, profile_arg: str | None = None, figure: bool = True
             *_header(reduced),
             *(_md_row(r, by_cell, sd, reduced, notes, rerun) for r in second),
         ]
-    fid_keys = sorted({k for r in rows for k in r["fidelity"]})
+    teachers = [teacher_row] if teacher_row else []
+    fid_keys = sorted({k for r in [*rows, *teachers] for k in r["fidelity"]})
     with open(profile.out / "table.csv", "w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow([*CSV_HEADER, *fid_keys])
-        for table, group in (("table4", first), ("baselines", second)):
+        for table, group in (("table4", first), ("baselines", second), ("teacher", teachers)):
             for row in group:
                 writer.writerow(_csv_row(table, row, by_cell, sd, fid_keys))
     total = sum(r["wall_seconds"] for r in rows) + float(teacher.get("wall_seconds") or 0.0)
