@@ -469,7 +469,7 @@ def test_table_cells_come_from_the_loss_presets(monkeypatch):
     assert harness.table_cells() == [m + kd for m in methods for kd in ("", "_kd")]
     assert harness.table_cells()[:2] == ["ce", "ce_kd"]
     monkeypatch.setattr(presets, "table_methods", lambda: [*methods, "newcam"])
-    assert Profile.load("smoke").cells[-2:] == ["newcam", "newcam_kd"]
+    assert Profile.load("smoke").cells[-3:] == ["newcam", "newcam_kd", "dkd"]  # then baselines
     assert "newcam" not in Profile.load("cpu-mini").cells  # pinned to its committed run
 
 
@@ -613,7 +613,9 @@ def test_report_names_a_nan_test_error(tmp_path):
     write_runs(profile, {"ce": [10.0, 12.0], "gradcam": [9.0, math.nan]})
     harness.report(profile)
     table = (profile.out / "table.md").read_text()
-    assert "| gradcam | 2 | NaN (diverged: seed 1)[^1] | 6.86 | — | — |  |" in table
+    assert "| gradcam | 2 | NaN (diverged: seed 1)[^1] | — | — | — | — | — | — | — | 6.86 |  |" in (
+        table
+    )
     assert "— ± —" not in table
     assert footnote(table, "| gradcam |", "seed 1") == (
         f"[^1]: `gradcam` seed 1: test error NaN, the run diverged "

@@ -157,16 +157,15 @@ def collect(profile: Profile) -> list[dict[str, Any]]:
 
 def paired_diff(row: dict[str, Any], base: dict[str, Any]) -> tuple[float, float, float, int]:
     """``row`` minus ``base`` paired by seed: ``(mean, low, high, n)`` with the 95 % t interval
-    over the ``n`` seeds both have with a finite error (module doc); the interval is NaN for
-    ``n < 2``, everything for ``n == 0``."""
+    over the ``n`` seeds both have (module doc); the interval is NaN for ``n < 2``, everything
+    for ``n == 0`` or when a seed of either diverged (NaN error)."""
     from scipy import stats
 
     seeds = [s for s in row["by_seed"] if s in base["by_seed"]]
     diffs = [row["by_seed"][s] - base["by_seed"][s] for s in seeds]
-    diffs = [d for d in diffs if math.isfinite(d)]
     n = len(diffs)
-    if n == 0:
-        return float("nan"), float("nan"), float("nan"), 0
+    if n == 0 or not all(map(math.isfinite, diffs)):  # a diverged seed: NaN, as the cell's mean
+        return float("nan"), float("nan"), float("nan"), n
     mean, sd = _mean_std(diffs)
     if n < 2:
         return mean, float("nan"), float("nan"), 1
