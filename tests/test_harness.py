@@ -7,6 +7,7 @@ import csv
 import json
 import math
 import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -218,9 +219,23 @@ def test_smoke_profile_runs_the_whole_harness(tmp_path):
         rows = list(csv.DictReader(handle))
     profile = Profile.load(str(profile_path))
     assert profile.seeds == [0]
-    assert [r["cell"] for r in rows] == profile.cells
+    table4 = [r for r in rows if r["table"] == "table4"]
+    assert [r["cell"] for r in table4] == harness.table_cells()
     assert all(r["n_seeds"] == str(len(profile.seeds)) for r in rows)
     assert all(0 <= float(r["mean"]) <= 100 for r in rows)
+    # the new columns: fidelity of every student, the baselines table, the maps figure
+    students = [r for r in rows if r["table"] != "teacher"]
+    assert all(0 <= float(r["fidelity_top1_agreement"]) <= 1 for r in students)
+    assert all(math.isfinite(float(r["fidelity_map_cosine_gradcam"])) for r in students)
+    (teacher,) = [r for r in rows if r["table"] == "teacher"]
+    assert 0 <= float(teacher["faithfulness_adcc"]) <= 1
+    baselines = [r["cell"] for r in rows if r["table"] == "baselines"]
+    assert baselines[:3] == ["ce", "ce_kd", "dkd"] and len(baselines) == 5
+    table = (tmp_path / "smoke" / "table.md").read_text()
+    assert "| agree | KL(t‖s) | cos Grad-CAM | cos own | ADCC |" in table
+    assert "## Baselines" in table and "Spearman ρ" in table and "Teacher faithfulness" in table
+    assert "diff to paper" not in table and "[explain.png](explain.png)" in table
+    assert (tmp_path / "smoke" / "explain.png").stat().st_size > 10_000
     # rerunning skips every finished run
     again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0 and "train.py" not in again.stdout
@@ -297,25 +312,52 @@ def test_copied_legacy_results_with_absolute_paths_stay_valid(tmp_path, capsys):
     assert "| gradcam | 1 | 40.00" in (new.out / "table.md").read_text()
 
 
-def test_report_refuses_runs_with_a_different_config(tmp_path):
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "distill.harness", *args]
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+
+
+def test_runs_of_another_config_are_listed_not_counted(tmp_path):
+    """Issue 20 item 5: a run of another configuration is named by status and report, left out
+    of the table, and neither command exits 2."""
     profile = Profile.load("smoke", results_dir=str(tmp_path))
     profile.cells, profile.seeds = ["ce", "gradcam"], [0]
     write_run(profile, "ce", 0, 50.0)
     run_dir = write_run(profile, "gradcam", 0, 40.0)
     other = harness.compose([*profile.cell_overrides("gradcam", 0), "loss.alpha=0.5"])
     (run_dir / ".hydra" / "config.yaml").write_text(yaml.safe_dump(other))
-    with pytest.raises(HarnessError, match=r"not reporting .*gradcam-s0 \(differs in loss.alpha\)"):
+    harness.report(profile)
+    table = (tmp_path / "smoke" / "table.md").read_text()
+    assert "1 run(s) of another configuration, listed here and not counted" in table
+    assert "gradcam-s0 (differs in loss.alpha)" in table
+    assert "| gradcam | 0 | — |" in table and "| ce | 1 | 50.00" in table
+    with open(tmp_path / "smoke" / "table.csv") as handle:
+        rows = {r["cell"]: r for r in csv.DictReader(handle)}
+    assert rows["gradcam"]["other_config_seeds"] == "0" and rows["gradcam"]["n_seeds"] == "0"
+    # the CLI (whole profile): listed, exit 0
+    for command in ("status", "report"):
+        proc = _cli(command, "--profile", "smoke", "--results-dir", str(tmp_path))
+        assert proc.returncode == 0, proc.stderr
+        assert "gradcam-s0: another configuration, not counted" in proc.stdout
+    # run still refuses to train into it
+    with pytest.raises(HarnessError, match="different config"):
+        harness.pending_cells(profile)
+
+
+def test_report_without_runs_fails_and_writes_nothing(tmp_path):
+    profile = Profile.load("smoke", results_dir=str(tmp_path))
+    profile.cells, profile.seeds = ["ce", "gradcam"], [0]
+    run_dir = write_run(profile, "gradcam", 0, 40.0)
+    other = harness.compose([*profile.cell_overrides("gradcam", 0), "loss.alpha=0.5"])
+    (run_dir / ".hydra" / "config.yaml").write_text(yaml.safe_dump(other))
+    with pytest.raises(harness.NoRunsError, match="no finished run of profile 'smoke'.*1 run"):
         harness.report(profile)
-    assert not (tmp_path / "smoke" / "table.md").exists()
-    proc = subprocess.run(
-        [sys.executable, "-m", "distill.harness", "report", "--profile", "smoke"]
-        + ["--results-dir", str(tmp_path)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-    )
-    assert proc.returncode == 2 and "Traceback" not in proc.stderr
-    assert proc.stderr.startswith("error: not reporting") and proc.stderr.count("\n") == 1
+    proc = _cli("report", "--profile", "smoke", "--results-dir", str(tmp_path / "empty"))
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert proc.stderr.startswith("error: no finished run") and proc.stderr.count("\n") == 1
+    for name in ("table.md", "table.csv", "chart.png"):
+        assert not (tmp_path / "smoke" / name).exists()
+        assert not (tmp_path / "empty" / "smoke" / name).exists()
 
 
 LOCK_HOLDER = """
@@ -384,6 +426,7 @@ def test_second_run_on_a_results_folder_is_refused(tmp_path):
 PROFILE_DIR = ROOT / "configs" / "harness"
 DEFAULTS = {
     "cells": None,
+    "baselines": [],
     "common": [],
     "teacher": [],
     "student": [],
@@ -401,12 +444,14 @@ DEFAULTS = {
 @pytest.mark.parametrize("name", ["smoke", "cpu-mini", "paper"])
 def test_profiles_are_hydra_configs_with_the_values_of_their_yaml(name):
     """Composed by Hydra with the schema, each profile holds exactly what its YAML says (the
-    schema's defaults for absent keys; absent ``cells``: every table cell), by name or by path."""
+    schema's defaults for absent keys; absent ``cells``: every table cell; ``baselines`` run as
+    cells too), by name or by path."""
     path = PROFILE_DIR / f"{name}.yaml"
     raw = yaml.safe_load(path.read_text())
     assert raw.pop("defaults") == ["harness_profile", "_self_"]
     expected = {**DEFAULTS, **raw}
-    expected["cells"] = expected["cells"] or harness.table_cells()
+    cells = [*(expected["cells"] or harness.table_cells()), *expected["baselines"]]
+    expected["cells"] = list(dict.fromkeys(cells))
     assert vars(Profile.load(name)) == expected
     assert vars(Profile.load(str(path))) == expected
 
@@ -427,7 +472,7 @@ def test_table_cells_come_from_the_loss_presets(monkeypatch):
     assert harness.table_cells() == [m + kd for m in methods for kd in ("", "_kd")]
     assert harness.table_cells()[:2] == ["ce", "ce_kd"]
     monkeypatch.setattr(presets, "table_methods", lambda: [*methods, "newcam"])
-    assert Profile.load("smoke").cells[-2:] == ["newcam", "newcam_kd"]
+    assert Profile.load("smoke").cells[-3:] == ["newcam", "newcam_kd", "dkd"]  # then baselines
     assert "newcam" not in Profile.load("cpu-mini").cells  # pinned to its committed run
 
 
@@ -571,7 +616,9 @@ def test_report_names_a_nan_test_error(tmp_path):
     write_runs(profile, {"ce": [10.0, 12.0], "gradcam": [9.0, math.nan]})
     harness.report(profile)
     table = (profile.out / "table.md").read_text()
-    assert "| gradcam | 2 | NaN (diverged: seed 1)[^1] | 6.86 | — | — |  |" in table
+    assert "| gradcam | 2 | NaN (diverged: seed 1)[^1] | — | — | — | — | — | — | — | 6.86 |  |" in (
+        table
+    )
     assert "— ± —" not in table
     assert footnote(table, "| gradcam |", "seed 1") == (
         f"[^1]: `gradcam` seed 1: test error NaN, the run diverged "
@@ -640,3 +687,104 @@ def test_continued_runs_stay_flagged_after_a_rerun_with_the_profiles_config(
     table = (profile.out / "table.md").read_text()
     assert "| ce | 0 | —[^1] |" in table and "seed 0 not in the mean" in table
     assert f"{changed}; trained 2 epochs, the profile asks 1" in footnote(table, "| ce |", "")
+
+
+# ----------------------------------------------------------------------------- issues 19/20
+def write_metrics(profile: Profile, cell: str, seed: int, **metrics: float) -> None:
+    run_dir = profile.run_dir(cell, seed)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "metrics.json").write_text(json.dumps(metrics))
+
+
+def test_report_paired_intervals_fidelity_baselines_and_ranking(tmp_path):
+    """Three seeds: the paired difference and its 95 % t interval equal a hand computation
+    (t quantile of 2 degrees of freedom in closed form), the fidelity columns are the seed
+    means, the teacher shows its faithfulness, the baselines table holds ce, ce_kd, the
+    profile's baseline cell and the best CAM cells, and at reduced scale the rank correlation
+    replaces the difference to the paper."""
+    profile = Profile.load("smoke", results_dir=str(tmp_path))
+    profile.seeds = [0, 1, 2]
+    profile.cells = ["ce", "gradcam", "gradcampp", "ce_kd", "gradcam_kd", "dkd"]
+    errors = {
+        "ce": [10.0, 12.0, 11.0],
+        "gradcam": [9.0, 10.5, 10.2],
+        "gradcampp": [8.0, 8.0, 8.0],
+        "ce_kd": [7.0, 7.0, 7.0],
+        "gradcam_kd": [6.5, 7.5, 8.5],
+        "dkd": [6.5, 6.5, 6.5],
+    }
+    agreement = [0.5, 0.6, 0.7]
+    for cell, values in errors.items():
+        for seed, err in enumerate(values):
+            write_metrics(
+                profile, cell, seed, test_error=err, fidelity_top1_agreement=agreement[seed]
+            )
+    finish_teacher(profile)
+    teacher = json.loads((profile.teacher_dir / "metrics.json").read_text())
+    teacher["faithfulness_adcc"] = 0.4321
+    (profile.teacher_dir / "metrics.json").write_text(json.dumps(teacher))
+    harness.report(profile)
+    with open(tmp_path / "smoke" / "table.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    table4 = {r["cell"]: r for r in rows if r["table"] == "table4"}
+    baselines = [r["cell"] for r in rows if r["table"] == "baselines"]
+    # by hand: d = (-1, -1.5, -0.8), mean -1.1, sd sqrt(0.13); t_{0.975, 2} = 0.95/sqrt(0.04875)
+    half = 0.95 / math.sqrt(2 * 0.975 * 0.025) * math.sqrt(0.13) / math.sqrt(3)
+    row = table4["gradcam"]
+    assert float(row["diff_ce"]) == pytest.approx(-1.1)
+    assert float(row["diff_low_ce"]) == pytest.approx(-1.1 - half)
+    assert float(row["diff_high_ce"]) == pytest.approx(-1.1 + half)
+    assert row["n_pairs_ce"] == "3"
+    assert float(table4["gradcam_kd"]["diff_ce_kd"]) == pytest.approx(0.5)  # d = -.5, .5, 1.5
+    assert float(table4["gradcam_kd"]["diff_high_ce_kd"]) == pytest.approx(
+        0.5 + 0.95 / math.sqrt(0.04875) * 1.0 / math.sqrt(3)
+    )
+    assert float(row["fidelity_top1_agreement"]) == pytest.approx(0.6)
+    assert baselines == ["ce", "ce_kd", "dkd", "gradcampp", "gradcam_kd"]
+    table = (tmp_path / "smoke" / "table.md").read_text()
+    assert f"| gradcam | 3 | 9.90 ± {statistics.stdev(errors['gradcam']):.2f} | " in table
+    assert f"-1.10 [{-1.1 - half:+.2f}, {-1.1 + half:+.2f}]" in table
+    assert "## Baselines" in table and "| dkd | 3 |" in table and "adcc 0.432" in table
+    assert "| teacher | 1 | 50.00 ± — | — | — | — | — | — | — | 0.432 |" in table
+    (teacher_csv,) = [r for r in rows if r["table"] == "teacher"]
+    assert float(teacher_csv["faithfulness_adcc"]) == pytest.approx(0.4321)
+    assert "diff to paper" not in table
+    # paper: ce_kd < gradcam_kd < gradcampp < ce < gradcam; ours swap ce and gradcam:
+    # 1 - 6 * 2 / (5 * 24) (dkd has no paper value)
+    assert "Spearman ρ = +0.90 over 5 cells" in table
+    # the paper profile keeps the difference to the paper and has no rank line
+    shutil.copytree(tmp_path / "smoke", tmp_path / "paper")
+    profile.name = "paper"
+    harness.report(profile)
+    paper_table = (tmp_path / "paper" / "table.md").read_text()
+    assert "diff to paper" in paper_table and "Spearman" not in paper_table
+
+
+def test_cost_reads_the_step_times_the_docs_quote(capsys):
+    """`harness cost --profile paper` without --step-times gives the total docs/harness.md
+    quotes (it read the old fp32 file without memo times before)."""
+    quoted = re.search(
+        r"comes to (\d+) h with the memo", (ROOT / "docs" / "harness.md").read_text()
+    )
+    assert quoted, "docs/harness.md quotes the paper profile's cost"
+    assert harness.main(["cost", "--profile", "paper"]) == 0
+    total = re.search(r"\*\*Total: ([\d.]+) h\*\*", capsys.readouterr().out)
+    assert total and round(float(total.group(1))) == int(quoted.group(1))
+
+
+def test_committed_cpu_mini_runs_are_listed_as_another_configuration(tmp_path, capsys):
+    """The repository's results/cpu-mini runs predate today's profile keys: status lists them
+    (exit 0), report says no run of this configuration finished (exit 1) and writes nothing."""
+    shipped = ROOT / "results" / "cpu-mini" / "runs"
+    if not shipped.is_dir():
+        pytest.skip("no committed cpu-mini runs")
+    shutil.copytree(shipped, tmp_path / "cpu-mini" / "runs")
+    args = ["--profile", "cpu-mini", "--results-dir", str(tmp_path)]
+    assert harness.main(["status", *args]) == 0
+    out = capsys.readouterr().out
+    assert "ce-s0: another configuration, not counted" in out
+    assert "teacher: another configuration" in out and "teacher differs" not in out
+    assert harness.main(["report", *args]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: no finished run of profile 'cpu-mini'") and err.count("\n") == 1
+    assert not any((tmp_path / "cpu-mini" / n).exists() for n in ("table.md", "chart.png"))

@@ -28,9 +28,13 @@ from distill.harness.profiles import (
 )
 from distill.harness.reporting import (
     PAPER_ERRORS,
+    NoRunsError,
     check_report_configs,
     collect,
+    other_config_runs,
+    paired_diff,
     pooled_sd,
+    rank_correlation,
     report,
     rerun_command,
 )
@@ -57,6 +61,10 @@ from distill.harness.runs import (
 from distill.harness.slurm import Slurm
 
 __all__ = [
+    "NoRunsError",
+    "other_config_runs",
+    "paired_diff",
+    "rank_correlation",
     "IGNORED_KEYS",
     "LOCK_NAME",
     "LOG_NAME",

@@ -18,7 +18,8 @@ footnote (a NaN test error is named in the table). One ``run`` at a time per res
 lock file, ``.harness.lock``). Paths under the results folder are stored relative to it
 (``${paths.log_dir}/...``), so a copied or moved results folder stays valid.
 ``python -m distill.harness report --profile cpu-mini`` writes ``results/<profile>/table.md``,
-``table.csv`` and ``chart.png``.
+``table.csv``, ``chart.png`` and ``explain.png`` (columns: docs/harness.md); runs of another
+configuration are listed by ``status`` and ``report``, not counted; a report without runs exits 1.
 """
 
 from __future__ import annotations
@@ -31,9 +32,21 @@ from pathlib import Path
 from distill.harness.cost_model import cost
 from distill.harness.lock import running_holder
 from distill.harness.profiles import ROOT, HarnessError, Profile
-from distill.harness.reporting import report, rerun_command
+from distill.harness.reporting import NoRunsError, other_config_runs, report, rerun_command
 from distill.harness.runner import deviation_lines, failure_summary, pending_cells, run
 from distill.harness.slurm import override_value
+
+# the step times docs/harness.md quotes (fp32, 2-core CPU, memo hits and misses)
+STEP_TIMES = ROOT / "benchmarks" / "results" / "step_times_cpu_memo.json"
+
+
+def _other_lines(profile: Profile) -> list[str]:
+    """One line per run of another configuration (listed, not counted, kept on disk)."""
+    return [
+        f"{name}: another configuration, not counted ({why}); to train it as the profile asks, "
+        "move it away or use another --results-dir"
+        for name, _, why in other_config_runs(profile)
+    ]
 
 
 def _slurm_options(args: argparse.Namespace) -> list[str]:
@@ -77,8 +90,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--results-dir", default=None, help="default: the profile's (results)")
     parser.add_argument(
         "--step-times",
-        default=str(ROOT / "benchmarks" / "results" / "step_times_cpu.json"),
-        help="cost: JSON from benchmarks/bench_distill.py --json",
+        default=str(STEP_TIMES),
+        help="cost: JSON from benchmarks/bench_distill.py --memo --json (default: the README's)",
     )
     args = parser.parse_args(argv)
     try:
@@ -100,20 +113,27 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(failure_summary(failures), file=sys.stderr)
                 return 1
         elif args.command == "report":
+            for line in _other_lines(profile):
+                print(line)
             print(report(profile, args.profile).read_text())
         elif args.command == "cost":
             print(cost(profile, Path(args.step_times)))
         else:
             if holder := running_holder(profile.out):
                 print(f"a harness run is in progress in {profile.out} ({holder})")
-            pending, differ = pending_cells(profile), _deviations(profile, args.profile)
+            pending, differ = pending_cells(profile, True), _deviations(profile, args.profile)
+            other = _other_lines(profile)
             for seed, cells in pending.items():
                 print(f"seed {seed}: pending {cells}")
-            for line in differ:
+            for line in [*other, *differ]:
                 print(line)
             if not pending:
                 also = f"; {len(differ)} differ from the profile (above)" if differ else ""
+                also += f"; {len(other)} of another configuration (above)" if other else ""
                 print(f"every run of profile {profile.name!r} is finished{also}")
+    except NoRunsError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
     except HarnessError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -46,6 +46,8 @@ class Profile:
     name: str
     seeds: list[int]
     cells: list[str] | None = None  # null or absent: every table cell; may add baseline presets
+    # extra cells run beside the table and reported in its second table "baselines" (at, dkd, ...)
+    baselines: list[str] = field(default_factory=list)
     common: list[str] = field(default_factory=list)
     teacher: list[str] = field(default_factory=list)
     student: list[str] = field(default_factory=list)
@@ -74,6 +76,7 @@ class Profile:
         known = table_cells()
         if profile.cells is None:
             profile.cells = known
+        profile.cells = list(dict.fromkeys([*profile.cells, *profile.baselines]))
         from distill.presets import baseline_presets
 
         known = [*known, *baseline_presets()]  # a profile may list the baselines' cells too

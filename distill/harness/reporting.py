@@ -1,17 +1,40 @@
-"""The table of a profile's results: test errors per cell (mean, std, seed noise pooled over the
-cells, differences to the paper and to the CE / CE+KD baseline) written as ``table.md``,
-``table.csv`` and ``chart.png`` under the results folder."""
+"""The table of a profile's results (the columns are described in docs/harness.md): test errors
+per cell (mean ± sd over seeds, seed noise pooled over the cells, paired differences to ``ce`` and
+``ce_kd`` with 95 % t intervals, the fidelity columns of ``metrics.json``, the paper's value and,
+at reduced scale, the rank correlation with the paper) written as ``table.md``, ``table.csv``,
+``chart.png`` and a map figure (``explain.png``) under the results folder.
+
+Paired difference of cell ``c`` to baseline ``b`` over the seeds ``S`` both finished (seeds share
+the data order, so seed ``s``'s runs are a pair): ``d_s = e_c,s - e_b,s``, mean ``d̄``, sample sd
+``s_d``, interval ``d̄ ± t_{0.975, |S|-1} · s_d / sqrt(|S|)`` (``scipy.stats.t``)."""
 
 from __future__ import annotations
 
 import csv
 import math
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from distill.harness.profiles import HarnessError, Profile
+from distill.harness.profiles import HarnessError, Profile, table_cells
 from distill.harness.runs import config_mismatch, deviation, read_metrics
+
+# metrics.json keys shown as columns of table.md (every fidelity_*/faithfulness_* key is in the CSV)
+FIDELITY_COLUMNS: dict[str, str] = {
+    "fidelity_top1_agreement": "agree",
+    "fidelity_kl_teacher_student": "KL(t‖s)",
+    "fidelity_map_cosine_gradcam": "cos Grad-CAM",
+    "fidelity_map_cosine_own": "cos own",
+    "faithfulness_adcc": "ADCC",
+}
+FIDELITY_PREFIXES = ("fidelity_", "faithfulness_")
+BASELINES = ("ce", "ce_kd")  # the paired differences' references
+
+
+class NoRunsError(HarnessError):
+    """No finished run of the profile's configuration: nothing to report (exit status 1)."""
+
 
 # Test error (%) of the WRN-16-2 student, Shap-CAM paper Table 4 (first three columns from the
 # Grad-CAM++ paper, section 5). ShapleyCAM was not in the paper.
@@ -36,22 +59,32 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
     return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
 
 
-def check_report_configs(profile: Profile) -> None:
-    """Refuse to report runs whose saved config differs from the profile (as ``run`` and
-    ``status`` do): every mismatch is named in one message."""
-    dirs = [(profile.teacher_dir, profile.teacher_overrides())]
+def _profile_dirs(profile: Profile) -> list[tuple[str, Path, list[str]]]:
+    """``(name, run dir, overrides)`` of the teacher and every cell x seed of the profile."""
+    dirs = [("teacher", profile.teacher_dir, profile.teacher_overrides())]
     dirs += [
-        (profile.run_dir(c, s), profile.cell_overrides(c, s))
+        (f"{c}-s{s}", profile.run_dir(c, s), profile.cell_overrides(c, s))
         for c in profile.cells
         for s in profile.seeds
     ]
-    bad = [m for d, o in dirs if (m := config_mismatch(d, o))]
+    return dirs
+
+
+def other_config_runs(profile: Profile) -> list[tuple[str, Path, str]]:
+    """Runs whose saved config differs from the profile's (``name, run dir, how``): a run of
+    another configuration (e.g. one made before the profile gained keys). ``status`` and
+    ``report`` list them and leave them out; ``run`` refuses to train into them."""
+    return [(n, d, m) for n, d, o in _profile_dirs(profile) if (m := config_mismatch(d, o))]
+
+
+def check_report_configs(profile: Profile) -> None:
+    """Refuse runs whose saved config differs from the profile, naming every mismatch."""
+    bad = [m for _, _, m in other_config_runs(profile)]
     if bad:
         more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
         raise HarnessError(
-            f"not reporting runs made with a different config than profile {profile.name!r}: "
-            f"{'; '.join(bad[:3])}{more}; move them away, or report the profile they were run "
-            "with"
+            f"runs made with a different config than profile {profile.name!r}: "
+            f"{'; '.join(bad[:3])}{more}"
         )
 
 
@@ -63,17 +96,32 @@ def rerun_command(profile: Profile, profile_arg: str | None = None) -> str:
     return command
 
 
+def _fidelity_means(per_seed: list[dict[str, Any]]) -> dict[str, float]:
+    """Mean over seeds of every ``fidelity_*``/``faithfulness_*`` number in ``metrics.json``."""
+    keys = sorted({k for m in per_seed for k in m if k.startswith(FIDELITY_PREFIXES)})
+    out = {}
+    for key in keys:
+        values = [float(m[key]) for m in per_seed if isinstance(m.get(key), int | float)]
+        out[key] = sum(values) / len(values) if values else float("nan")
+    return out
+
+
 def collect(profile: Profile) -> list[dict[str, Any]]:
     """One row per cell: errors of the seeds that ran as the profile asks (NaN kept: a diverged
-    run is a result), mean, std, missing seeds, diverged seeds, excluded runs (seed, run dir, how
-    it differs: :func:`~distill.harness.runs.deviation`), paper value. Runs whose saved config
-    differs from the profile raise :class:`HarnessError`."""
-    check_report_configs(profile)
+    run is a result; ``by_seed`` maps seed -> error for the paired differences), mean, std,
+    missing seeds, diverged seeds, excluded runs (seed, run dir, how it differs:
+    :func:`~distill.harness.runs.deviation`), runs of another configuration (``other``, not
+    counted), fidelity means over the counted seeds, paper value."""
+    other = {d for _, d, _ in other_config_runs(profile)}
     rows = []
     for cell in profile.cells:
         errors, missing, diverged, excluded, wall = [], [], [], [], 0.0
+        by_seed, fid, others = {}, [], []
         for seed in profile.seeds:
             run_dir = profile.run_dir(cell, seed)
+            if run_dir in other:
+                others.append(seed)
+                continue
             metrics = read_metrics(run_dir)
             if metrics is None or metrics.get("test_error") is None:
                 missing.append(seed)
@@ -83,6 +131,8 @@ def collect(profile: Profile) -> list[dict[str, Any]]:
                 excluded.append((seed, run_dir, why))
                 continue
             errors.append(float(metrics["test_error"]))
+            by_seed[seed] = errors[-1]
+            fid.append(metrics)
             if not math.isfinite(errors[-1]):
                 diverged.append(seed)
         mean, std = _mean_std(errors) if errors else (float("nan"), float("nan"))
@@ -90,16 +140,66 @@ def collect(profile: Profile) -> list[dict[str, Any]]:
             {
                 "cell": cell,
                 "errors": errors,
+                "by_seed": by_seed,
                 "mean": mean,
                 "std": std,
                 "missing": missing,
                 "diverged": diverged,
                 "excluded": excluded,
+                "other": others,
+                "fidelity": _fidelity_means(fid),
                 "paper": PAPER_ERRORS.get(cell, float("nan")),
                 "wall_seconds": wall,
             }
         )
     return rows
+
+
+def paired_diff(row: dict[str, Any], base: dict[str, Any]) -> tuple[float, float, float, int]:
+    """``row`` minus ``base`` paired by seed: ``(mean, low, high, n)`` with the 95 % t interval
+    over the ``n`` seeds both have (module doc); the interval is NaN for ``n < 2``, everything
+    for ``n == 0`` or when a seed of either diverged (NaN error)."""
+    from scipy import stats
+
+    seeds = [s for s in row["by_seed"] if s in base["by_seed"]]
+    diffs = [row["by_seed"][s] - base["by_seed"][s] for s in seeds]
+    n = len(diffs)
+    if n == 0 or not all(map(math.isfinite, diffs)):  # a diverged seed: NaN, as the cell's mean
+        return float("nan"), float("nan"), float("nan"), n
+    mean, sd = _mean_std(diffs)
+    if n < 2:
+        return mean, float("nan"), float("nan"), 1
+    half = float(stats.t.ppf(0.975, n - 1)) * sd / math.sqrt(n)
+    return mean, mean - half, mean + half, n
+
+
+def rank_correlation(rows: Sequence[dict[str, Any]]) -> tuple[float, int]:
+    """Spearman's rank correlation of the cells' mean errors with the paper's, over the cells
+    both have (finite), and their number; NaN below 3 cells."""
+    from scipy import stats
+
+    both = [r for r in rows if math.isfinite(r["mean"]) and math.isfinite(r["paper"])]
+    if len(both) < 3:
+        return float("nan"), len(both)
+    rho = stats.spearmanr([r["mean"] for r in both], [r["paper"] for r in both]).statistic
+    return float(rho), len(both)
+
+
+def best_cam_cells(rows: Sequence[dict[str, Any]]) -> list[str]:
+    """The table-4 CAM cell with the lowest mean error without KD and the one with KD (chosen
+    at report time; cells without a finite mean are not candidates)."""
+    best = []
+    for kd in (False, True):
+        cands = [
+            r
+            for r in rows
+            if r["cell"] not in BASELINES
+            and r["cell"].endswith("_kd") == kd
+            and math.isfinite(r["mean"])
+        ]
+        if cands:
+            best.append(min(cands, key=lambda r: r["mean"])["cell"])
+    return best
 
 
 def _baseline(cell: str) -> str:
@@ -226,17 +326,180 @@ def _teacher_lines(
     return [warning, ""], f"Teacher test error: {shown}{ref}."
 
 
-def report(profile: Profile, profile_arg: str | None = None) -> Path:
-    """Write table.md, table.csv and chart.png under results/<profile>/ (``profile_arg``: how
-    ``--profile`` named the profile, for the rerun commands in the footnotes)."""
+def _interval(d: tuple[float, float, float, int]) -> str:
+    """``+1.20 [-0.40, +2.80]`` (mean and 95 % interval), ``+1.20`` for one pair, ``—`` for none."""
+    mean, low, high, _ = d
+    if not math.isfinite(mean):
+        return "—"
+    if not math.isfinite(low):
+        return _fmt(mean, True)
+    return f"{_fmt(mean, True)} [{_fmt(low, True)}, {_fmt(high, True)}]"
+
+
+def _fid(x: float | None) -> str:
+    return "—" if x is None or not math.isfinite(x) else f"{x:.3f}"
+
+
+def _header(reduced: bool) -> list[str]:
+    cols = ["cell", "seeds", "error (mean ± sd)", "Δ ce [95% CI]", "Δ ce_kd [95% CI]"]
+    cols += list(FIDELITY_COLUMNS.values())
+    cols += ["paper"] if reduced else ["paper", "diff to paper"]
+    cols.append("note")
+    return [f"| {' | '.join(cols)} |", "|" + "---|" * len(cols)]
+
+
+def _md_row(
+    row: dict[str, Any],
+    by_cell: dict[str, Any],
+    sd: float,
+    reduced: bool,
+    notes: _Footnotes,
+    rerun: str,
+) -> str:
+    base = by_cell.get(_baseline(row["cell"]))
+    diffs = [
+        "" if b == row["cell"] else _interval(paired_diff(row, by_cell[b])) if b in by_cell else "—"
+        for b in BASELINES
+    ]
+    fid = [_fid(row["fidelity"].get(k)) for k in FIDELITY_COLUMNS]
+    paper = (
+        [_fmt(row["paper"])]
+        if reduced
+        else [_fmt(row["paper"]), _fmt(row["mean"] - row["paper"], True)]
+    )
+    cols = [row["cell"], str(len(row["errors"])), _error_cell(row, notes, rerun), *diffs, *fid]
+    return f"| {' | '.join([*cols, *paper, _note(row, base, sd)])} |"
+
+
+CSV_HEADER = [
+    "table",
+    "cell",
+    "n_seeds",
+    "errors",
+    "mean",
+    "std",
+    *(f"{k}_{b}" for b in BASELINES for k in ("diff", "diff_low", "diff_high", "n_pairs")),
+    "paper",
+    "diff_paper",
+    "baseline",
+    "diff_baseline",
+    "note",
+    "missing_seeds",
+    "diverged_seeds",
+    "excluded_seeds",
+    "excluded_why",
+    "other_config_seeds",
+]
+
+
+def _csv_row(
+    table: str, row: dict[str, Any], by_cell: dict[str, Any], sd: float, fid_keys: list[str]
+) -> list[Any]:
+    base = by_cell.get(_baseline(row["cell"]))
+    pairs = []
+    for b in BASELINES:
+        d = paired_diff(row, by_cell[b]) if b in by_cell else (math.nan,) * 3 + (0,)
+        pairs += list(d)
+    return [
+        table,
+        row["cell"],
+        len(row["errors"]),
+        " ".join(f"{e:.2f}" for e in row["errors"]),
+        row["mean"],
+        row["std"],
+        *pairs,
+        row["paper"],
+        row["mean"] - row["paper"],
+        _baseline(row["cell"]),
+        row["mean"] - base["mean"] if base else float("nan"),
+        _note(row, base, sd),
+        " ".join(map(str, row["missing"])),
+        " ".join(map(str, row["diverged"])),
+        " ".join(str(seed) for seed, _, _ in row["excluded"]),
+        "; ".join(f"seed {seed}: {why}" for seed, _, why in row["excluded"]),
+        " ".join(map(str, row["other"])),
+        *(row["fidelity"].get(k, float("nan")) for k in fid_keys),
+    ]
+
+
+def _split(profile: Profile, rows: list[dict[str, Any]]) -> tuple[list, list]:
+    """Table 4's rows (the table cells of the profile) and the baselines table's rows (``ce``,
+    ``ce_kd``, the profile's other cells, the best CAM cells), or ``[]`` when it lists none."""
+    table = set(table_cells())
+    first = [r for r in rows if r["cell"] in table]
+    extra = [r for r in rows if r["cell"] not in table]
+    if not extra:
+        return first, []
+    by_cell = {r["cell"]: r for r in rows}
+    names = [b for b in BASELINES if b in by_cell] + [r["cell"] for r in extra]
+    names += best_cam_cells(first)
+    return first, [by_cell[n] for n in names]
+
+
+def _teacher_faithfulness(teacher: dict[str, Any]) -> str:
+    found = {k: v for k, v in teacher.items() if k.startswith("faithfulness_")}
+    if not found:
+        return ""
+    text = ", ".join(
+        f"{k.removeprefix('faithfulness_')} {_fid(float(v))}" for k, v in found.items()
+    )
+    return f" Teacher faithfulness (own Grad-CAM maps): {text}."
+
+
+def _teacher_row(teacher: dict[str, Any]) -> dict[str, Any] | None:
+    """The teacher as a table row (its error and faithfulness numbers; no seeds, no pairs)."""
+    error = teacher.get("test_error")
+    if error is None:
+        return None
+    fid = _fidelity_means([teacher])
+    return {
+        **{k: [] for k in ("missing", "diverged", "excluded", "other")},
+        "cell": "teacher",
+        "errors": [float(error)],
+        "by_seed": {},
+        "mean": float(error),
+        "std": float("nan"),
+        "fidelity": fid,
+        "paper": float("nan"),
+    }
+
+
+def _other_lines(other: list[tuple[str, Path, str]]) -> list[str]:
+    if not other:
+        return []
+    return [
+        f"**{len(other)} run(s) of another configuration, listed here and not counted:** "
+        + "; ".join(why for _, _, why in other),
+        "",
+    ]
+
+
+def report(profile: Profile, profile_arg: str | None = None, figure: bool = True) -> Path:
+    """Write table.md, table.csv, chart.png and (``figure``: when the teacher and a seed's
+    students have checkpoints) explain.png under results/<profile>/ (``profile_arg``: how
+    ``--profile`` named the profile, for the rerun commands in the footnotes). Raises
+    :class:`NoRunsError`, writing nothing, when no run of the profile's configuration finished."""
     rows = collect(profile)
+    other = other_config_runs(profile)
+    if not any(r["errors"] for r in rows):
+        listed = f"; {len(other)} run(s) of another configuration: " if other else ""
+        if other:
+            listed += ", ".join(str(d) for _, d, _ in other[:3])
+            listed += f" and {len(other) - 3} more" if len(other) > 3 else ""
+        raise NoRunsError(
+            f"no finished run of profile {profile.name!r} in {profile.out}{listed}; train them "
+            f"with `{rerun_command(profile, profile_arg)}`"
+        )
     for row in rows:
         row["run_dirs"] = {s: profile.run_dir(row["cell"], s) for s in profile.seeds}
     by_cell = {r["cell"]: r for r in rows}
     sd, dof = pooled_sd(rows)
+    reduced = profile.name != "paper"
     notes, rerun = _Footnotes(), rerun_command(profile, profile_arg)
-    teacher = read_metrics(profile.teacher_dir) or {}
+    teacher_other = any(n == "teacher" for n, _, _ in other)
+    teacher = {} if teacher_other else read_metrics(profile.teacher_dir) or {}
     warning, teacher_line = _teacher_lines(profile, teacher, notes)
+    first, second = _split(profile, rows)
     profile.out.mkdir(parents=True, exist_ok=True)
     lines = [
         f"# Student test error (%), profile `{profile.name}`",
@@ -244,64 +507,50 @@ def report(profile: Profile, profile_arg: str | None = None) -> Path:
         profile.description.strip(),
         "",
         *warning,
-        "| cell | seeds | error (mean ± std) | paper | diff to paper | diff to baseline | note |",
-        "|---|---|---|---|---|---|---|",
+        *_other_lines(other),
+        *_header(reduced),
+        *(_md_row(r, by_cell, sd, reduced, notes, rerun) for r in first),
     ]
+    teacher_row = _teacher_row(teacher)
+    if teacher_row:  # no pairs, no noise note: its faithfulness beside the students'
+        lines.append(_md_row(teacher_row, {}, sd, reduced, notes, rerun))
+    if second:
+        lines += [
+            "",
+            "## Baselines",
+            "",
+            "`ce`, `ce_kd`, the profile's baseline cells and the best CAM cells of the table "
+            "above (lowest mean error without and with KD, chosen now).",
+            "",
+            *_header(reduced),
+            *(_md_row(r, by_cell, sd, reduced, notes, rerun) for r in second),
+        ]
+    teachers = [teacher_row] if teacher_row else []
+    fid_keys = sorted({k for r in [*rows, *teachers] for k in r["fidelity"]})
     with open(profile.out / "table.csv", "w", newline="") as handle:
         writer = csv.writer(handle)
-        writer.writerow(
-            [
-                "cell",
-                "n_seeds",
-                "errors",
-                "mean",
-                "std",
-                "paper",
-                "diff_paper",
-                "baseline",
-                "diff_baseline",
-                "note",
-                "missing_seeds",
-                "diverged_seeds",
-                "excluded_seeds",
-                "excluded_why",
-            ]
-        )
-        for row in rows:
-            base = by_cell.get(_baseline(row["cell"]))
-            diff_base = row["mean"] - base["mean"] if base else float("nan")
-            note = _note(row, base, sd)
-            lines.append(
-                f"| {row['cell']} | {len(row['errors'])} | {_error_cell(row, notes, rerun)} | "
-                f"{_fmt(row['paper'])} | {_fmt(row['mean'] - row['paper'], True)} | "
-                f"{_fmt(diff_base, True)} | {note} |"
-            )
-            writer.writerow(
-                [
-                    row["cell"],
-                    len(row["errors"]),
-                    " ".join(f"{e:.2f}" for e in row["errors"]),
-                    row["mean"],
-                    row["std"],
-                    row["paper"],
-                    row["mean"] - row["paper"],
-                    _baseline(row["cell"]),
-                    diff_base,
-                    note,
-                    " ".join(map(str, row["missing"])),
-                    " ".join(map(str, row["diverged"])),
-                    " ".join(str(seed) for seed, _, _ in row["excluded"]),
-                    "; ".join(f"seed {seed}: {why}" for seed, _, why in row["excluded"]),
-                ]
-            )
+        writer.writerow([*CSV_HEADER, *fid_keys])
+        for table, group in (("table4", first), ("baselines", second), ("teacher", teachers)):
+            for row in group:
+                writer.writerow(_csv_row(table, row, by_cell, sd, fid_keys))
     total = sum(r["wall_seconds"] for r in rows) + float(teacher.get("wall_seconds") or 0.0)
     lines += [
         "",
-        f"{teacher_line} Training wall time of the finished runs (teacher + cells, fit + "
-        f"test, without precompute): {total / 60:.1f} min.",
+        f"{teacher_line}{_teacher_faithfulness(teacher)} Training wall time of the finished "
+        f"runs (teacher + cells, fit + test, without precompute): {total / 60:.1f} min.",
         "",
         _noise_footer(sd, dof, len(profile.seeds)),
     ]
+    if reduced:
+        rho, n = rank_correlation(first)
+        shown = f"{rho:+.2f}" if math.isfinite(rho) else "— (fewer than 3 cells)"
+        lines += [
+            "",
+            f"Reduced scale: the paper's errors are shown for reference only; the ranking of "
+            f"the cells against the paper's: Spearman ρ = {shown} over {n} cells.",
+        ]
+    if figure and (fig := _map_figure(profile, first + second)):
+        lines += ["", fig]
     if notes.texts:
         lines += ["", *notes.lines()]
     (profile.out / "table.md").write_text("\n".join(lines) + "\n")
@@ -309,18 +558,55 @@ def report(profile: Profile, profile_arg: str | None = None) -> Path:
     return profile.out / "table.md"
 
 
+def _map_figure(profile: Profile, rows: list[dict[str, Any]]) -> str:
+    """``explain.png``: the teacher's and the students' Grad-CAM maps of one seed (the first
+    whose every reported cell has a checkpoint, else the seed with most) on the same test
+    images (:func:`distill.explain.explain_figure`); the markdown line linking it, or ``""``
+    when the teacher or every student lacks a checkpoint."""
+    ckpt = "checkpoints/last.ckpt"
+    if not (profile.teacher_dir / ckpt).exists():
+        return ""
+    cells = list(dict.fromkeys(r["cell"] for r in rows))
+    have = {s: [c for c in cells if (profile.run_dir(c, s) / ckpt).exists()] for s in profile.seeds}
+    seed = max(profile.seeds, key=lambda s: len(have[s]))
+    if not have[seed]:
+        return ""
+    from distill.explain import explain_figure
+
+    students = {c: profile.run_dir(c, seed) for c in have[seed]}
+    try:
+        explain_figure(
+            profile.teacher_dir, students, methods=["gradcam"], out_path=profile.out / "explain.png"
+        )
+    except Exception as err:  # a figure must not cost the table: say why it is missing
+        print(f"warning: no map figure ({type(err).__name__}: {err})", file=sys.stderr)
+        return f"No map figure: {type(err).__name__}: {err}"
+    return (
+        f"Maps: [explain.png](explain.png) — the teacher's and seed {seed}'s students' Grad-CAM "
+        "maps on the same test images; per-student agreement in explain.md."
+    )
+
+
 def _chart(rows: list[dict[str, Any]], path: Path, title: str, sd: float) -> None:
-    """Left: every seed's test error and the cell mean ± std. Right: each cell's difference to
-    its baseline (mean ± 2 standard errors from the pooled seed noise) beside the paper's."""
+    """Left: every seed's test error and the cell mean ± std. Middle: each cell's difference to
+    its baseline (mean ± 2 standard errors from the pooled seed noise) beside the paper's.
+    Right, when the runs recorded them: the fidelity fractions (top-1 agreement, map cosines)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    fid_keys = [
+        k
+        for k in ("fidelity_top1_agreement", "fidelity_map_cosine_gradcam", "faithfulness_adcc")
+        if any(math.isfinite(r["fidelity"].get(k, math.nan)) for r in rows)
+    ]
     by_cell = {r["cell"]: r for r in rows}
     names = [r["cell"] for r in rows]
     xs = range(len(rows))
-    fig, (left, right) = plt.subplots(1, 2, figsize=(max(10, 1.2 * len(rows)), 4.5))
+    panels = 3 if fid_keys else 2
+    fig, axes = plt.subplots(1, panels, figsize=(max(5 * panels, 1.2 * len(rows) * 1.5), 4.5))
+    left, right = axes[0], axes[1]
     for x, r in zip(xs, rows, strict=True):
         left.scatter([x] * len(r["errors"]), r["errors"], color="tab:gray", s=12, zorder=3)
     stds = [r["std"] if math.isfinite(r["std"]) else 0.0 for r in rows]
@@ -356,6 +642,16 @@ def _chart(rows: list[dict[str, Any]], path: Path, title: str, sd: float) -> Non
     right.legend(fontsize=8)
     for ax, labels, pos in ((left, names, xs), (right, [r["cell"] for r in diffs], dx)):
         ax.set_xticks(list(pos), labels, rotation=45, ha="right")
+        ax.grid(axis="y", alpha=0.3)
+    if fid_keys:
+        ax = axes[2]
+        for i, key in enumerate(fid_keys):
+            values = [r["fidelity"].get(key, math.nan) for r in rows]
+            ax.scatter([x + 0.2 * (i - 1) for x in xs], values, s=18, label=key)
+        ax.set_xticks(list(xs), names, rotation=45, ha="right")
+        ax.set_ylabel("fraction (mean over seeds)")
+        ax.set_title("fidelity to the teacher")
+        ax.legend(fontsize=7)
         ax.grid(axis="y", alpha=0.3)
     fig.suptitle(f"WRN-40-2 → WRN-16-2 student, profile {title}")
     fig.tight_layout()

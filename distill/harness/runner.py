@@ -15,7 +15,13 @@ from distill.harness.devices import Local
 from distill.harness.lock import results_lock
 from distill.harness.processes import Runner, Step, exit_reason
 from distill.harness.profiles import HarnessError, Profile
-from distill.harness.runs import check_same_config, compose, deviation, read_metrics
+from distill.harness.runs import (
+    check_same_config,
+    compose,
+    config_mismatch,
+    deviation,
+    read_metrics,
+)
 from distill.harness.slurm import Slurm
 
 Placement = Local | Slurm
@@ -112,13 +118,17 @@ def run_precompute(
     }
 
 
-def pending_cells(profile: Profile) -> dict[int, list[str]]:
-    """Per seed, the cells without a finished run (config mismatches raise)."""
+def pending_cells(profile: Profile, skip_other: bool = False) -> dict[int, list[str]]:
+    """Per seed, the cells without a finished run (config mismatches raise; with
+    ``skip_other`` they are neither pending nor raised: ``status`` lists them apart)."""
     todo: dict[int, list[str]] = {}
     for seed in profile.seeds:
         for cell in profile.cells:
             run_dir = profile.run_dir(cell, seed)
-            check_same_config(run_dir, profile.cell_overrides(cell, seed))
+            overrides = profile.cell_overrides(cell, seed)
+            if skip_other and config_mismatch(run_dir, overrides):
+                continue
+            check_same_config(run_dir, overrides)
             if read_metrics(run_dir) is None:
                 todo.setdefault(seed, []).append(cell)
     return todo
@@ -135,6 +145,8 @@ def deviating_runs(profile: Profile) -> list[tuple[str, Path, str]]:
         for seed in profile.seeds
         for cell in profile.cells
     ]
+    # a run of another configuration is listed as such (reporting.other_config_runs), not here
+    found = [(n, d, o) for n, d, o in found if not config_mismatch(d, o)]
     return [(name, d, why) for name, d, overrides in found if (why := deviation(d, overrides))]
 
 
