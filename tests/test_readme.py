@@ -80,6 +80,8 @@ def python_args(command: str, *extra: str) -> list[str]:
 
 
 def test_every_readme_command_is_tested() -> None:
+    indented = re.findall(r"^ {4,}(?:python|pip|pytest)\b.*", README.read_text(), flags=re.M)
+    assert indented == [], "put README commands in ```sh blocks, where this test finds them"
     commands = readme_commands()
     tested = set(QUICK_START) | set(COMPOSITION) | set(ELSEWHERE)
     assert [c for c in commands if c not in tested] == [], "README commands without a test"
@@ -107,6 +109,7 @@ def test_quick_start_ends_with_the_cam_figure(tmp_path: Path) -> None:
         assert proc.returncode == 0, f"{command}\n{proc.stdout[-2000:]}{proc.stderr[-3000:]}"
     run = tmp_path / "runs" / "train" / "quickstart"
     figure = run / "cam_grids" / "epoch_000.png"
+    assert str(figure.relative_to(tmp_path)) in README.read_text()  # the path the README names
     assert json.loads((run / "metrics.json").read_text())["cam_figure"].endswith(
         "cam_grids/epoch_000.png"
     )
