@@ -657,10 +657,11 @@ def test_report_warns_when_the_teacher_differs(tmp_path):
 def test_continued_runs_stay_flagged_after_a_rerun_with_the_profiles_config(
     tmp_path, capsys, monkeypatch
 ):
-    """Real runs: a finished cell continued with ``allow_changed_config=true``, then rerun with
-    the profile's config (which rewrites metrics.json without ``config_changes``: the
-    ``config_resolved.changed-1.yaml`` beside the saved config still tells), then trained on with
-    ``trainer.max_epochs=2`` (the profile asks 1). ``status`` and the report say both."""
+    """Real runs: a finished cell trained on with ``trainer.max_epochs=2`` and a changed learning
+    rate (``allow_changed_config=true``; the profile asks 1 epoch), then rerun with the profile's
+    config (a finished run is left as it is). ``status`` and the report say both changes; with
+    ``config_changes`` missing from metrics.json (a run recorded before it existed), the
+    ``config_resolved.changed-1.yaml`` beside the saved config still tells."""
     from tests.conftest import run_python
 
     profile = Profile.load("smoke", results_dir=str(tmp_path))
@@ -670,23 +671,32 @@ def test_continued_runs_stay_flagged_after_a_rerun_with_the_profiles_config(
     assert harness.main(["run", "--profile", "smoke"]) == 0
     assert "differs" not in (profile.out / "table.md").read_text()
 
-    def train(*extra: str) -> None:
+    def train(*extra: str) -> str:
         proc = run_python(["train.py", *profile.cell_overrides("ce", 0), *extra])
         assert proc.returncode == 0, proc.stderr[-2000:]
+        return proc.stdout
 
-    train("module.optimizer.lr=0.5", "allow_changed_config=true")
-    train()
-    metrics = harness.read_metrics(profile.run_dir("ce", 0))
-    assert metrics["epochs"] == 1 and "config_changes" not in metrics
+    train("trainer.max_epochs=2", "module.optimizer.lr=0.5", "allow_changed_config=true")
+    run_dir = profile.run_dir("ce", 0)
+    before = (run_dir / "metrics.json").read_text()
+    assert "already finished" in train()  # the profile's config: left as it is
+    assert (run_dir / "metrics.json").read_text() == before
+    metrics = harness.read_metrics(run_dir)
+    assert metrics["epochs"] == 2 and "module.optimizer.lr" in metrics["config_changes"]
+    assert (run_dir / "config_resolved.changed-1.yaml").exists()
     changed = "continued with allow_changed_config=true, changing module.optimizer.lr"
-    capsys.readouterr()
-    assert harness.main(["status", "--profile", "smoke"]) == 0
-    assert f"ce-s0 differs from the profile ({changed}): not in" in capsys.readouterr().out
-    train("trainer.max_epochs=2")
-    assert harness.main(["report", "--profile", "smoke"]) == 0
-    table = (profile.out / "table.md").read_text()
-    assert "| ce | 0 | —[^1] |" in table and "seed 0 not in the mean" in table
-    assert f"{changed}; trained 2 epochs, the profile asks 1" in footnote(table, "| ce |", "")
+    for recorded in (True, False):
+        if not recorded:  # as recorded before metrics.json named the changes
+            metrics.pop("config_changes")
+            (run_dir / "metrics.json").write_text(json.dumps(metrics))
+        capsys.readouterr()
+        assert harness.main(["status", "--profile", "smoke"]) == 0
+        out = capsys.readouterr().out
+        assert "ce-s0 differs from the profile (" in out and "module.optimizer.lr" in out
+        assert harness.main(["report", "--profile", "smoke"]) == 0
+        table = (profile.out / "table.md").read_text()
+        assert "| ce | 0 | —[^1] |" in table and "seed 0 not in the mean" in table
+        assert f"{changed}; trained 2 epochs, the profile asks 1" in footnote(table, "| ce |", "")
 
 
 # ----------------------------------------------------------------------------- issues 19/20

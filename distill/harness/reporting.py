@@ -478,10 +478,11 @@ def report(profile: Profile, profile_arg: str | None = None, figure: bool = True
     """Write table.md, table.csv, chart.png and (``figure``: when the teacher and a seed's
     students have checkpoints) explain.png under results/<profile>/ (``profile_arg``: how
     ``--profile`` named the profile, for the rerun commands in the footnotes). Raises
-    :class:`NoRunsError`, writing nothing, when no run of the profile's configuration finished."""
+    :class:`NoRunsError`, writing nothing, when no run of the profile's configuration finished
+    (runs that differ from the profile count as found: the table footnotes them)."""
     rows = collect(profile)
     other = other_config_runs(profile)
-    if not any(r["errors"] for r in rows):
+    if not any(r["errors"] or r["excluded"] for r in rows):  # excluded: finished, footnoted
         listed = f"; {len(other)} run(s) of another configuration: " if other else ""
         if other:
             listed += ", ".join(str(d) for _, d, _ in other[:3])
