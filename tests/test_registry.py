@@ -56,4 +56,5 @@ def test_harness_cells_follow_the_registry():
     cells = table_cells()
     assert cells == [m + kd for m in ["ce", *cams.METHODS] for kd in ("", "_kd")]
     assert {"layercam", "layercam_kd"} <= set(cells)
-    assert Profile.load("smoke").cells == cells  # the smoke profile runs every table cell
+    smoke = Profile.load("smoke")  # every table cell, then its baseline cells
+    assert smoke.baselines == ["dkd"] and smoke.cells == [*cells, *smoke.baselines]
