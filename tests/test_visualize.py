@@ -175,10 +175,12 @@ def test_student_run_writes_figures_of_the_same_images_to_files_and_loggers(
     # TensorBoard holds both figures at full size
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    event_file = next((run / "tensorboard").rglob("events.out.tfevents.*"))
-    events = EventAccumulator(str(event_file), size_guidance={"images": 0})
-    events.Reload()
-    logged = events.Images("cam_figure")
+    logged = []  # a run may write several event files (fit, test)
+    for event_file in sorted((run / "tensorboard").rglob("events.out.tfevents.*")):
+        events = EventAccumulator(str(event_file), size_guidance={"images": 0})
+        events.Reload()
+        if "cam_figure" in events.Tags()["images"]:
+            logged += events.Images("cam_figure")
     assert len(logged) == 2 and (logged[0].width, logged[0].height) == next(iter(sizes))
     # wandb (offline) keeps the image files
     media = list((run / "wandb").glob("offline-run-*/files/media/images/cam_figure_*.png"))
