@@ -113,6 +113,10 @@ TINY = [  # a seconds-scale student run on synthetic data
     "teacher.model.depth=10",
     "loss.agreement_batches=1",
 ]
+# what tiny() adds: the test-set fidelity pass and the CAM figure (0.6-1.4 s a run) are tested on
+# their own (tests/test_fidelity.py, test_visualize.py, test_student.py), which turn them on
+QUIET = ["callbacks.fidelity.enabled=false", "loss.grid_every_n_epochs=0"]
+FIDELITY_ON = "callbacks.fidelity.enabled=true"
 
 
 def compose_cfg(*overrides: str, hydra: bool = False) -> Any:
@@ -126,9 +130,13 @@ def compose_cfg(*overrides: str, hydra: bool = False) -> Any:
 
 
 def tiny(tmp_path: Path, ckpt: Path, *extra: str) -> Any:
-    """The TINY student config writing under ``tmp_path`` with teacher checkpoint ``ckpt``."""
+    """The TINY student config writing under ``tmp_path`` with teacher checkpoint ``ckpt``,
+    without the fidelity pass and the CAM figure (:data:`QUIET`; kept when ``extra`` picks the
+    callbacks group, which may not have them)."""
+    quiet = [] if any(o.startswith("callbacks=") for o in extra) else QUIET
     return compose_cfg(
         *TINY,
+        *quiet,
         f"paths.log_dir={tmp_path}",
         f"teacher.checkpoint={ckpt}",
         f"module.cache_root={tmp_path}/cache",

@@ -23,7 +23,14 @@ from distill.models import WideResNet
 from distill.modules.classifier import ClassifierModule
 from distill.teacher import TeacherError, load_teacher
 from distill.train import build_callbacks, train
-from tests.conftest import TINY, compose_cfg, run_python, student, tiny
+from tests.conftest import FIDELITY_ON, TINY, compose_cfg, run_python, student
+from tests.conftest import tiny as tiny_quiet
+
+
+def tiny(tmp_path: Path, ckpt: Path, *extra: str) -> Any:
+    """conftest's tiny run with the fidelity pass on, as by default."""
+    return tiny_quiet(tmp_path, ckpt, FIDELITY_ON, *extra)
+
 
 FAITHFULNESS = {
     "average_drop": AverageDrop,

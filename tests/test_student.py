@@ -183,7 +183,9 @@ def test_interrupted_run_resumes_with_the_same_losses(tmp_path, teacher_ckpt):
 
 
 def test_run_logs_terms_agreement_and_cam_grid(tmp_path, teacher_ckpt):
-    cfg = tiny(tmp_path, teacher_ckpt, "loss=gradcam_kd", "run_name=grid")
+    cfg = tiny(
+        tmp_path, teacher_ckpt, "loss=gradcam_kd", "run_name=grid", "loss.grid_every_n_epochs=10"
+    )
     metrics = train(cfg)
     run_dir = tmp_path / "train" / "grid"
     assert metrics["test_error"] is not None
