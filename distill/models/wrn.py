@@ -15,6 +15,8 @@ relu, pool, fc``. ``block3`` is the last convolutional output (before the final 
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 from torch import nn
 
@@ -57,6 +59,11 @@ def _group(in_ch: int, out_ch: int, n: int, stride: int) -> nn.Sequential:
 
 class WideResNet(nn.Module):
     """WRN-depth-widen_factor for 32x32 inputs (attention-transfer variant)."""
+
+    #: the default CAM layer: the last feature map before the global pool (8x8 at 32x32 input)
+    cam_layer: ClassVar[str] = "block3"
+    #: the feature layers of attention transfer (group outputs: 32x32, 16x16, 8x8)
+    feature_layers: ClassVar[tuple[str, ...]] = ("block1", "block2", "block3")
 
     def __init__(self, depth: int = 40, widen_factor: int = 2, num_classes: int = 10) -> None:
         super().__init__()
