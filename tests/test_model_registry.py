@@ -319,3 +319,33 @@ def test_lookup_lists_other_families_with_their_override(tmp_path: Path) -> None
     with pytest.raises(TeacherError, match=r"model@teacher\.model=resnet56"):
         resolve_teacher_checkpoint(None, str(wanted), "python train.py experiment=teacher")
     assert resolve_teacher_checkpoint(None, str(resnet), "cmd").endswith("last.ckpt")
+
+
+def test_teacher_command_trains_the_selected_model(monkeypatch: pytest.MonkeyPatch) -> None:
+    import distill.train as train
+
+    monkeypatch.setattr(train.HydraConfig, "initialized", staticmethod(lambda: True))
+    for pick in ("teacher=resnet56", "model@teacher.model=resnet56"):
+        command = train.teacher_command(
+            [pick, "data.source=synthetic", "teacher.epochs=2", "loss=ce_kd"]
+        )
+        assert command == (
+            "python train.py experiment=teacher model=resnet56 data.source=synthetic "
+            "trainer.max_epochs=2"
+        )
+
+
+@pytest.mark.parametrize("name", ["resnet8", "vgg8", "shufflenetv2"])
+def test_explain_builds_a_bare_checkpoint_from_its_arch(tmp_path: Path, name: str) -> None:
+    from distill.explain import ExplainError, load_network
+
+    net = build_model(name, num_classes=7)
+    state = {f"net.{k}": v for k, v in net.state_dict().items()}
+    path = tmp_path / f"{name}.ckpt"
+    torch.save({"state_dict": state, "arch": net.arch}, path)
+    loaded = load_network(path).net
+    assert type(loaded) is type(net) and loaded.fc.out_features == 7
+    torch.testing.assert_close(loaded.state_dict(), net.state_dict())
+    torch.save({"state_dict": state, "arch": "resnet57"}, path)
+    with pytest.raises(ExplainError, match="resnet57.*known: .*resnet56"):
+        load_network(path)
