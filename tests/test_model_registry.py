@@ -268,6 +268,7 @@ def test_model_config_builds_the_named_model(name: str) -> None:
     assert model_name(cfg) == name and n_params(net) == EXACT[name][1]
 
 
+@pytest.mark.slow
 def test_teacher_run_names_start_with_the_registry_name() -> None:
     base = _compose().teacher.run_name
     assert re.fullmatch(r"wrn40_2-torchvision-subNone-e200-s0-d[0-9a-f]{8}", base)
