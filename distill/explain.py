@@ -7,13 +7,13 @@ images, for each CAM method (a paper's figure 1), with each student's map agreem
 
 A network is a run directory (``<run>/checkpoints/last.ckpt``, built from
 ``<run>/config_resolved.yaml``) or a checkpoint file (its run's config when it lies in
-``<run>/checkpoints/``, else the architecture recorded in the checkpoint, ``wrn-D-K``); a student
-may be named ``LABEL=PATH`` (default label: the run directory's name). The teacher defaults to the
-first student's (``module.teacher_checkpoint`` of its run config). The images are the first
-``--per-class`` test images of each class of the first run's data (``--data`` overrides it with
-``train.py`` data overrides). Methods default to the students' ``loss.method`` (else Grad-CAM);
-each side's CAM options are those of a run trained with the method, else of its preset
-(``configs/loss/<method>.yaml``).
+``<run>/checkpoints/``, else the registered model the checkpoint's ``arch`` names: ``wrn-D-K``,
+``resnet56``, ...); a student may be named ``LABEL=PATH`` (default label: the run directory's
+name). The teacher defaults to the first student's (``module.teacher_checkpoint`` of its run
+config). The images are the first ``--per-class`` test images of each class of the first run's
+data (``--data`` overrides it with ``train.py`` data overrides). Methods default to the
+students' ``loss.method`` (else Grad-CAM); each side's CAM options are those of a run trained
+with the method, else of its preset (``configs/loss/<method>.yaml``).
 
 Writes the PNG (:func:`distill.visualize.map_grid`: one colour scale per image and method, shared
 by the teacher and the students) and beside it ``<stem>.json`` and ``<stem>.md`` with each
@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -131,18 +130,20 @@ def _recorded_arch(ckpt: Mapping[str, Any]) -> str | None:
 
 
 def _build_from_arch(ckpt: Mapping[str, Any], path: Path) -> nn.Module:
-    """A WideResNet from the architecture the checkpoint records (``wrn-40-2``, ``wrn40_2``)."""
-    from distill.models import WideResNet
+    """The registered model the checkpoint's ``arch`` names (``wrn-40-2``, ``wrn40_2``,
+    ``resnet56``, ...; :func:`distill.models.canonical_name`), with its ``fc`` classes."""
+    from distill.models import build_model, canonical_name, model_names
 
     arch = _recorded_arch(ckpt)
-    match = re.fullmatch(r"wrn[-_]?(\d+)[-_](\d+)", arch or "")
+    name = canonical_name(arch or "")
     fc = _net_weights(ckpt).get("fc.weight")
-    if match is None or fc is None:
+    if name is None or fc is None:
         raise ExplainError(
-            f"{path}: no run config ({CONFIG}) beside it and no WideResNet architecture recorded "
-            f"in it ({arch or 'none'}); pass its run directory instead"
+            f"{path}: no run config ({CONFIG}) beside it and no registered architecture recorded "
+            f"in it ({arch or 'none'}; known: {', '.join(model_names())}, wrn<depth>_<width>); "
+            "pass its run directory instead"
         )
-    return WideResNet(int(match[1]), int(match[2]), num_classes=int(fc.shape[0]))
+    return build_model(name, num_classes=int(fc.shape[0]))
 
 
 def load_network(path: str | Path, label: str | None = None, model: Any | None = None) -> Network:

@@ -54,6 +54,7 @@ from distill.data.sources import DataError
 from distill.fidelity import fidelity_metrics
 from distill.integrity import IntegrityError, atomic_write
 from distill.losses import LossConfigError
+from distill.models import model_name, model_overrides
 from distill.modules.classifier import (
     CheckpointMismatchError,
     NonFiniteLossError,
@@ -109,6 +110,8 @@ OmegaConf.register_new_resolver("data_key", data_key, replace=True)
 OmegaConf.register_new_resolver("run_record_subdir", run_record_subdir, replace=True)
 OmegaConf.register_new_resolver("default_precision", default_precision, replace=True)
 OmegaConf.register_new_resolver("job_dirname", job_dirname, replace=True)
+OmegaConf.register_new_resolver("model_name", model_name, replace=True)
+OmegaConf.register_new_resolver("model_overrides", model_overrides, replace=True)
 CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "configs")
 
 _QUIET = (
@@ -281,12 +284,14 @@ def user_overrides() -> list[str]:
 
 
 _TEACHER_KEYS = {"teacher.epochs": "trainer.max_epochs", "teacher.seed": "seed"}
+_TEACHER_MODEL = ("teacher", "model@teacher.model")  # the overrides that pick the teacher model
 
 
 def teacher_command(overrides: list[str]) -> str | None:
     """The command that trains the teacher a student run looks for, from the student's own
     command-line overrides: its ``data``/``paths`` overrides as given, ``teacher.epochs`` /
-    ``teacher.seed`` / ``teacher.model.*`` as the teacher run's keys. None outside Hydra."""
+    ``teacher.seed`` / ``teacher.model.*`` as the teacher run's keys, ``teacher=<name>`` and
+    ``model@teacher.model=<name>`` as ``model=<name>``. None outside Hydra."""
     if not HydraConfig.initialized():
         return None
     kept = []
@@ -298,6 +303,8 @@ def teacher_command(overrides: list[str]) -> str | None:
             kept.append(f"{_TEACHER_KEYS[key]}={value}")
         elif key.startswith("teacher.model."):
             kept.append(f"{key.removeprefix('teacher.')}={value}")
+        elif key in _TEACHER_MODEL:
+            kept.append(f"model={value}")
     return " ".join(["python train.py experiment=teacher", *kept])
 
 

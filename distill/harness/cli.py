@@ -32,6 +32,7 @@ from pathlib import Path
 from distill.harness.cost_model import cost
 from distill.harness.lock import running_holder
 from distill.harness.profiles import ROOT, HarnessError, Profile
+from distill.harness.records import GitRecorder
 from distill.harness.reporting import NoRunsError, other_config_runs, report, rerun_command
 from distill.harness.runner import deviation_lines, failure_summary, pending_cells, run
 from distill.harness.slurm import override_value
@@ -87,6 +88,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="any hydra.launcher key of submitit_slurm (account=..., qos=...); repeatable",
     )
     parser.add_argument("--dry-run", action="store_true", help="print the plan, start nothing")
+    parser.add_argument(
+        "--commit",
+        action="store_true",
+        help="run: git-commit each finished run's records, the teacher's weights and the report "
+        "as they finish (survives a restart that keeps only committed files)",
+    )
     parser.add_argument("--results-dir", default=None, help="default: the profile's (results)")
     parser.add_argument(
         "--step-times",
@@ -104,11 +111,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                 devices=args.devices,
                 launcher=args.launcher,
                 slurm=_slurm_options(args),
+                commit=args.commit,
             )
             for line in _deviations(profile, args.profile):
                 print(f"warning: {line} (kept, not retrained)", file=sys.stderr, flush=True)
             if not args.dry_run:
                 print(f"report: {report(profile, args.profile)}")
+                if args.commit:
+                    GitRecorder(profile.out).commit_results(f"results: {profile.name} report")
             if failures:
                 print(failure_summary(failures), file=sys.stderr)
                 return 1

@@ -18,6 +18,8 @@ from typing import Any
 
 from hydra.core.config_store import ConfigStore
 
+from distill.harness.records import teacher_checkpoint
+
 ROOT = Path(__file__).resolve().parents[2]
 PROFILE_DIR = ROOT / "configs" / "harness"
 SCHEMA_NAME = "harness_profile"  # the schema's name in Hydra's ConfigStore
@@ -122,7 +124,7 @@ class Profile:
 
     def _student_overrides(self, extra: list[str], loss: str, seed: str, run: str) -> list[str]:
         # relative to the results root (paths.log_dir): a copied results folder stays valid
-        ckpt = f"{RESULTS_ROOT}/runs/teacher/checkpoints/last.ckpt"
+        ckpt = teacher_checkpoint(self.teacher_dir, RESULTS_ROOT)
         return [
             *self.common,
             *self.student,

@@ -15,6 +15,7 @@ from distill.harness.devices import Local
 from distill.harness.lock import results_lock
 from distill.harness.processes import Runner, Step, exit_reason
 from distill.harness.profiles import HarnessError, Profile
+from distill.harness.records import GitRecorder, export_teacher_weights
 from distill.harness.runs import (
     check_same_config,
     compose,
@@ -86,16 +87,24 @@ def placement(
     return Local.parse(_device_spec(profile, devices, n_jobs))
 
 
-def run_teacher(profile: Profile, runner: Runner, place: Placement) -> Failure | None:
+def run_teacher(
+    profile: Profile, runner: Runner, place: Placement, recorder: GitRecorder | None = None
+) -> Failure | None:
+    """Train the teacher unless it is finished; with ``recorder`` (``--commit``), export its
+    weights and commit them with its records (also for a teacher finished earlier)."""
     overrides = profile.teacher_overrides()
     check_same_config(profile.teacher_dir, overrides)
     if read_metrics(profile.teacher_dir) is not None:
         print(f"teacher: finished, reusing {profile.teacher_dir}")
-        return None
-    step = place.teacher(profile)
-    (code,) = place.run([step], runner)
-    reason = f"{exit_reason(code)}; no student run was started"
-    return Failure("teacher", reason, step.log) if code else None
+    else:
+        step = place.teacher(profile)
+        (code,) = place.run([step], runner)
+        if code:
+            return Failure("teacher", f"{exit_reason(code)}; no student run was started", step.log)
+    if recorder is not None and not runner.dry_run:
+        export_teacher_weights(profile.teacher_dir)
+        recorder.commit_run("teacher", profile.teacher_dir)
+    return None
 
 
 def run_precompute(
@@ -180,10 +189,12 @@ def run_cells(
     runner: Runner,
     place: Placement,
     skip: dict[str, Failure] | None = None,
+    recorder: GitRecorder | None = None,
 ) -> list[Failure]:
     """Train every pending cell (as ``place`` runs them); a cell that dies does not stop the
     others. Cells of a method in ``skip`` (failed precompute) are not started. Returns the
-    failures, in table order."""
+    failures, in table order. With ``recorder``, each finished run's records are committed as it
+    ends."""
     skip = skip or {}
     order = [f"{cell}-s{seed}" for seed, cells in pending.items() for cell in cells]
     failures: dict[str, Failure] = {}
@@ -201,6 +212,8 @@ def run_cells(
         for name, run_dir in step.runs:
             if failure := _run_failure(name, run_dir, code, step):
                 failures[name] = failure
+            elif recorder is not None:
+                recorder.commit_run(name, run_dir)
 
     place.run(place.cells(profile, todo) if todo else [], runner, done)
     return [failures[name] for name in order if name in failures]
@@ -214,9 +227,12 @@ def run(
     devices: str | None = None,
     launcher: str | None = None,
     slurm: Sequence[str] = (),
+    commit: bool = False,
 ) -> list[Failure]:
     """The whole protocol, resumable: teacher, cached maps, every cell x seed, placed by
-    :func:`placement` (``n_jobs`` is the deprecated form of ``devices="cpu:N"``).
+    :func:`placement` (``n_jobs`` is the deprecated form of ``devices="cpu:N"``). ``commit``:
+    commit each finished run's records and the teacher's weights to git as they finish
+    (:mod:`distill.harness.records`).
 
     Holds the results-folder lock throughout (not for ``dry_run``, which prints the plan and
     starts or writes nothing). Returns what failed: the teacher (then nothing else is started), or
@@ -226,21 +242,24 @@ def run(
     if dry_run:
         return _run_locked(profile, place, Runner(dry_run=True))
     with results_lock(profile.out) as fd:
-        return _run_locked(profile, place, Runner(keep_fds=(fd,)))
+        recorder = GitRecorder(profile.out) if commit else None
+        return _run_locked(profile, place, Runner(keep_fds=(fd,)), recorder)
 
 
-def _run_locked(profile: Profile, place: Placement, runner: Runner) -> list[Failure]:
+def _run_locked(
+    profile: Profile, place: Placement, runner: Runner, recorder: GitRecorder | None = None
+) -> list[Failure]:
     pending = pending_cells(profile)
     if not pending:
         print(f"every run of profile {profile.name!r} is finished")
         return []
     place = place.prepare(profile, pending)
     print(f"placement: {place.describe(runner.dry_run)}", flush=True)
-    failed = run_teacher(profile, runner, place)
+    failed = run_teacher(profile, runner, place, recorder)
     if failed is not None:
         return [failed]
     skip = run_precompute(profile, pending, runner, place)
-    return [*skip.values(), *run_cells(profile, pending, runner, place, skip)]
+    return [*skip.values(), *run_cells(profile, pending, runner, place, skip, recorder)]
 
 
 def failure_summary(failures: Sequence[Failure]) -> str:

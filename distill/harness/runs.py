@@ -13,6 +13,7 @@ from typing import Any
 import yaml
 
 from distill.harness.profiles import RESULTS_ROOT, ROOT, HarnessError
+from distill.harness.records import CHECKPOINT, WEIGHTS_NAME
 
 IGNORED_KEYS = (
     "paths",
@@ -44,6 +45,11 @@ def _comparable(config: dict[str, Any]) -> dict[str, Any]:
     """
     root = str((config.get("paths") or {}).get("log_dir") or "")
     kept = {k: v for k, v in config.items() if k not in IGNORED_KEYS}
+    teacher = kept.get("teacher")
+    if isinstance(teacher, dict) and isinstance(teacher.get("checkpoint"), str):
+        # the committed weights (run --commit) are the teacher of last.ckpt: the same run
+        teacher = kept["teacher"] = dict(teacher)
+        teacher["checkpoint"] = teacher["checkpoint"].replace(WEIGHTS_NAME, CHECKPOINT.as_posix())
     if not root or "${" in root:
         return kept
     return _relative(kept, root.rstrip("/"))

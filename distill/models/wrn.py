@@ -15,12 +15,15 @@ relu, pool, fc``. ``block3`` is the last convolutional output (before the final 
 
 from __future__ import annotations
 
+import re
 from typing import ClassVar
 
 import torch
 from torch import nn
 
-__all__ = ["BasicBlock", "WideResNet", "wrn16_2", "wrn40_2"]
+from distill.models.registry import register_model, register_pattern
+
+__all__ = ["BasicBlock", "WideResNet", "wrn16_1", "wrn16_2", "wrn40_1", "wrn40_2"]
 
 
 def _conv3x3(in_ch: int, out_ch: int, stride: int = 1) -> nn.Conv2d:
@@ -107,11 +110,31 @@ class WideResNet(nn.Module):
         return self.fc(torch.flatten(self.pool(self.relu(self.bn(x))), 1))
 
 
+@register_pattern(r"wrn[-_]?(\d+)[-_](\d+)", "wrn<depth>_<width>", lambda m: f"wrn{m[1]}_{m[2]}")
+def _wrn(match: re.Match[str], num_classes: int = 10) -> WideResNet:
+    """Any WRN-d-k by name: ``wrn28_10``, also the ``arch`` spelling ``wrn-28-10``."""
+    return WideResNet(int(match[1]), int(match[2]), num_classes)
+
+
+@register_model("wrn40_2")
 def wrn40_2(num_classes: int = 10) -> WideResNet:
     """WRN-40-2 (teacher, ~2.2M parameters)."""
     return WideResNet(40, 2, num_classes)
 
 
+@register_model("wrn16_2")
 def wrn16_2(num_classes: int = 10) -> WideResNet:
     """WRN-16-2 (student, ~0.7M parameters)."""
     return WideResNet(16, 2, num_classes)
+
+
+@register_model("wrn40_1")
+def wrn40_1(num_classes: int = 10) -> WideResNet:
+    """WRN-40-1 (student of the wrn40_2 pair in RepDistiller, ~0.57M parameters)."""
+    return WideResNet(40, 1, num_classes)
+
+
+@register_model("wrn16_1")
+def wrn16_1(num_classes: int = 10) -> WideResNet:
+    """WRN-16-1 (~0.18M parameters)."""
+    return WideResNet(16, 1, num_classes)

@@ -126,17 +126,46 @@ def resolve_teacher_checkpoint(checkpoint: str | None, run_dir: str, train_comma
     )
 
 
-# experiment=teacher's run name: wrn<depth>_<width>-<source>-sub<subset>-e<epochs>-s<seed>-d<key>
+# experiment=teacher's run name: <model>-<source>-sub<subset>-e<epochs>-s<seed>-d<key>, with
+# <model> a registry name (distill.models: wrn40_2, resnet56, ...; never contains "-")
 _TEACHER_RUN = re.compile(
-    r"^wrn(?P<depth>\d+)_(?P<widen_factor>\d+)-(?P<data>.+-sub.*)"
+    r"^(?P<model>[a-z][a-z0-9_]*)-(?P<data>.+-sub.*)"
     r"-e(?P<epochs>\d+)-s(?P<seed>-?\d+)-(?P<key>d[0-9a-f]{8})$"
 )
-_SELECTS = {  # run-name field -> the student override that selects it
-    "depth": "teacher.model.depth",
-    "widen_factor": "teacher.model.widen_factor",
+_SELECTS = {  # run-name field -> the student override that selects it (model: _model_selects)
     "epochs": "teacher.epochs",
     "seed": "teacher.seed",
 }
+
+
+def _parse_run(name: str) -> re.Match[str] | None:
+    """The fields of a teacher run name whose model part is a registered model, else None."""
+    from distill.models import canonical_name
+
+    found = _TEACHER_RUN.match(name)
+    return found if found and canonical_name(found["model"]) == found["model"] else None
+
+
+def _model_selects(wanted: str, found: str) -> list[str]:
+    """The overrides that turn teacher model ``wanted`` into ``found`` (registry names):
+    ``teacher.model.depth=..``/``widen_factor=..`` between WRNs, else ``model@teacher.model=<name>``
+    (plus the WRN depth and width when ``found`` is a WRN without its own config)."""
+    from distill.models import model_names
+
+    wrn = re.compile(r"wrn(\d+)_(\d+)")
+    w, f = wrn.fullmatch(wanted), wrn.fullmatch(found)
+    if wanted == found:
+        return []
+    if w and f:
+        keys = ("teacher.model.depth", "teacher.model.widen_factor")
+        return [f"{k}={b}" for k, a, b in zip(keys, w.groups(), f.groups(), strict=True) if a != b]
+    if f and found not in model_names():
+        return [
+            "model@teacher.model=wrn40_2",
+            f"teacher.model.depth={f[1]}",
+            f"teacher.model.widen_factor={f[2]}",
+        ]
+    return [f"model@teacher.model={found}"]
 
 
 def _finished(run: Path) -> bool:
@@ -145,16 +174,19 @@ def _finished(run: Path) -> bool:
 
 def other_teacher_runs(run: Path) -> dict[Path, list[str]]:
     """The finished teacher runs beside ``run`` trained on the same data (same source, subset
-    and data key), each with the overrides (``teacher.epochs=1``, ...) that select it."""
-    wanted = _TEACHER_RUN.match(run.name)
+    and data key), any registered model, each with the overrides (``teacher.epochs=1``,
+    ``model@teacher.model=resnet56``, ...) that select it."""
+    wanted = _parse_run(run.name)
     if wanted is None or not run.parent.is_dir():
         return {}
     out: dict[Path, list[str]] = {}
     for other in sorted(run.parent.iterdir()):
-        found = _TEACHER_RUN.match(other.name)
+        found = _parse_run(other.name)
         same_data = found and all(found[k] == wanted[k] for k in ("data", "key"))
         if other != run and same_data and _finished(other):
-            out[other] = [f"{o}={found[f]}" for f, o in _SELECTS.items() if found[f] != wanted[f]]
+            selects = _model_selects(wanted["model"], found["model"])
+            selects += [f"{o}={found[f]}" for f, o in _SELECTS.items() if found[f] != wanted[f]]
+            out[other] = selects
     return out
 
 
