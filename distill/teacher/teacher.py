@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from distill.loss_config import LossConfig, build_cam
 from distill.objectives import teacher_needs
-from distill.objectives.base import TeacherOutput, capture, check_layers
+from distill.objectives.base import TeacherOutput, capture, check_layers, declared_layer
 from distill.teacher.cache import (
     CacheError,
     ForeignCacheError,
@@ -67,7 +67,8 @@ def precompute_command(drop_cache_dir: bool = False, drop: str = "loss.cache_dir
 
 class Teacher(nn.Module):
     """A frozen teacher: ``net`` (eval mode, no grad, never trained), the CAM of ``loss.method``
-    at ``loss.teacher_layer`` (None without an explanation term), and where its maps come from
+    at ``loss.teacher_layer`` (null: the network's declared ``cam_layer``; None without an
+    explanation term), and where its maps come from
     (``loss.teacher_maps``):
 
     * ``online`` — the CAM on the student's (augmented) batch;
@@ -95,7 +96,10 @@ class Teacher(nn.Module):
         cfg = loss if isinstance(loss, LossConfig) else LossConfig.from_mapping(loss)
         self.checkpoint = str(checkpoint)
         self.net = load_teacher(net, self.checkpoint)
-        self.method, self.layer = cfg.method, cfg.teacher_layer
+        self.method = cfg.method
+        # null loss.teacher_layer: the network's declared cam_layer (needed only with a CAM)
+        layer = cfg.teacher_layer
+        self.layer = declared_layer(self.net, layer, "loss.teacher_layer") if cfg.method else layer
         self.options = cfg.options("teacher")
         self.source, self.map_align = cfg.teacher_maps, cfg.map_align
         self.cache_dir = cfg.cache_dir
