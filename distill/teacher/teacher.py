@@ -99,7 +99,10 @@ class Teacher(nn.Module):
         self.method = cfg.method
         # null loss.teacher_layer: the network's declared cam_layer (needed only with a CAM)
         layer = cfg.teacher_layer
-        self.layer = declared_layer(self.net, layer, "loss.teacher_layer") if cfg.method else layer
+        if cfg.method is not None:
+            self.layer: str | None = declared_layer(self.net, layer, "loss.teacher_layer")
+        else:
+            self.layer = layer or getattr(self.net, "cam_layer", None)
         self.options = cfg.options("teacher")
         self.source, self.map_align = cfg.teacher_maps, cfg.map_align
         self.cache_dir = cfg.cache_dir
@@ -401,15 +404,13 @@ class Teacher(nn.Module):
 
     @cached_property
     def _probe(self) -> tuple[int, tuple[int, int]]:
-        captured: list[tuple[int, ...]] = []
-        layer = dict(self.net.named_modules())[self.layer]
-        handle = layer.register_forward_hook(lambda m, i, o: captured.append(tuple(o.shape)))
-        try:
-            device = next(self.net.parameters()).device
+        """(classes, (h, w) at the CAM layer; (0, 0) without one) from one 32x32 input."""
+        layers = [self.layer] if self.layer is not None else []
+        device = next(self.net.parameters()).device
+        with capture(self.net, layers) as found:
             logits = self.logits(torch.zeros(1, 3, 32, 32, device=device))
-        finally:
-            handle.remove()
-        return int(logits.shape[1]), (int(captured[0][-2]), int(captured[0][-1]))
+        shape = tuple(found[self.layer].shape) if layers else (0, 0)
+        return int(logits.shape[1]), (int(shape[-2]), int(shape[-1]))
 
     @property
     def num_classes(self) -> int:
