@@ -299,3 +299,33 @@ def test_catkd_pools_maps_of_any_size_to_its_resolution():
         feature = torch.randn(2, 5, side, side, generator=gen, dtype=torch.float64)
         hand = _block_mean(torch.einsum("bchw,kc->bkhw", feature, weight), 2)
         torch.testing.assert_close(class_cams(feature, weight, 2), hand)
+
+
+# ----------------------------------------------------------------------------- reruns
+
+
+def _saved_before_null_layers(cfg: Any, directory, student_layer: str = "block3") -> None:
+    """Save ``cfg`` as a run saved before the layer keys defaulted to null would have it."""
+    from omegaconf import OmegaConf
+
+    old = OmegaConf.to_container(cfg, resolve=True)
+    old["loss"]["student_layer"], old["loss"]["teacher_layer"] = student_layer, "block3"
+    old["loss"]["at"]["student_layers"] = ["block1", "block2", "block3"]
+    old["loss"]["at"]["teacher_layers"] = ["block1", "block2", "block3"]
+    del old["loss"]["map_size"]
+    OmegaConf.save(OmegaConf.create(old), directory / "config_resolved.yaml")
+
+
+@pytest.mark.parametrize("preset", ["loss=gradcam", "loss=at", "experiment=teacher"])
+def test_a_run_saved_with_the_old_layer_defaults_is_the_same_run(tmp_path, preset):
+    """A rerun (resume) of a WRN run saved with ``block3`` / ``[block1, block2, block3]`` and no
+    ``loss.map_size`` is not refused: the null keys resolve to the same layers."""
+    from distill.config_checks import ConfigError, check_saved_config
+    from tests.conftest import compose_cfg
+
+    cfg = compose_cfg("data=synthetic", preset)
+    _saved_before_null_layers(cfg, tmp_path)
+    assert check_saved_config(cfg, tmp_path) == []
+    _saved_before_null_layers(cfg, tmp_path, student_layer="block2")  # a real change still counts
+    with pytest.raises(ConfigError, match=r"differs in: loss\.student_layer\)"):
+        check_saved_config(cfg, tmp_path)
