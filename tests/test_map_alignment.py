@@ -173,7 +173,7 @@ def test_an_unalignable_student_stops_before_training(teacher_ckpt):
 
 @pytest.mark.parametrize("value", [0, -2])
 def test_map_size_domain(value):
-    with pytest.raises(LossConfigError, match="loss.map_size must be null or >= 1"):
+    with pytest.raises(LossConfigError, match="loss.map_size must be null or an integer >= 1, got"):
         _cam_term(ToyNet(), ToyNet(), map_size=value)
 
 

@@ -13,7 +13,6 @@ from distill.losses import (
     aligned_size,
     check_alpha,
     explanation_loss,
-    pool_maps,
 )
 from distill.objectives import register_objective
 from distill.objectives.base import (
@@ -54,15 +53,13 @@ class CAMTerm(Objective):
     def check(cls, loss: LossConfig) -> None:
         check_alpha(loss.alpha)
         m = loss.map_size
-        check_domain("map_size", m, m is None or (isinstance(m, int) and m >= 1), "null or >= 1")
+        check_domain(
+            "map_size", m, m is None or (isinstance(m, int) and m >= 1), "null or an integer >= 1"
+        )
 
     def __init__(self, loss: LossConfig, student: nn.Module, teacher: nn.Module) -> None:
         super().__init__(loss, student, teacher)
-        self.size = map_pair_size(loss, student, teacher)
-
-    def align(self, student_maps: Tensor, teacher_maps: Tensor) -> tuple[Tensor, Tensor]:
-        """Both maps average-pooled to the compared size (:attr:`size`)."""
-        return pool_maps(student_maps, self.size), pool_maps(teacher_maps, self.size)
+        self.size = map_pair_size(loss, student, teacher)  # (h, w) the maps are compared at
 
     def terms(
         self,
