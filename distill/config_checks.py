@@ -241,6 +241,11 @@ def _comparable(cfg: dict[str, Any], other: Mapping[str, Any]) -> dict[str, Any]
         for side, net in nets.items():
             if at.get(f"{side}_layers", "") is None:
                 at[f"{side}_layers"] = _declared(net, "feature_layers")
+    if isinstance(loss.get("catkd"), dict) and loss["catkd"].get("layer", "") is None:
+        catkd = loss["catkd"] = dict(loss["catkd"])  # saved before the default: "relu" (WRN's)
+        catkd["layer"] = _declared(nets["student"], "pooled_layer") or _declared(
+            nets["student"], "cam_layer"
+        )
     if loss.get("map_size", "") is None and "map_size" not in (other.get("loss") or {}):
         del loss["map_size"]
     return {**cfg, "loss": loss}

@@ -65,6 +65,8 @@ class WideResNet(nn.Module):
 
     #: the default CAM layer: the last feature map before the global pool (8x8 at 32x32 input)
     cam_layer: ClassVar[str] = "block3"
+    #: the input of the global pool (after the final BN-ReLU): CAT-KD's feature map
+    pooled_layer: ClassVar[str] = "relu"
     #: the feature layers of attention transfer (group outputs: 32x32, 16x16, 8x8)
     feature_layers: ClassVar[tuple[str, ...]] = ("block1", "block2", "block3")
 

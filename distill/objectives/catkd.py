@@ -19,6 +19,7 @@ from distill.objectives.base import (
     Term,
     check_domain,
     check_layers,
+    declared_layer,
     exact,
     finite,
     layer_shapes,
@@ -37,7 +38,9 @@ class CATKDConfig:
     enabled: bool = False
     weight: float = 12.0
     resolution: int = 2  # CAMs average-pooled to resolution x resolution
-    layer: str = "relu"  # the last feature map before global pooling (student and teacher)
+    # the last feature map before global pooling; null: each network's declared ``pooled_layer``
+    # (WRN: "relu", after the final BN-ReLU), else its ``cam_layer``
+    layer: str | None = None
     classifier: str = "fc"  # the linear layer on the pooled features
 
 
@@ -60,6 +63,15 @@ def _classifier(net: nn.Module, name: str, channels: int) -> nn.Linear:
     return module
 
 
+def pooled_layer(net: nn.Module, layer: str | None) -> str:
+    """``layer``, or the module whose output ``net``'s global pool averages: its class attribute
+    ``pooled_layer`` when declared (WRN: ``relu``), else its ``cam_layer``."""
+    if layer is not None:
+        return layer
+    found = getattr(net, "pooled_layer", None)
+    return found if isinstance(found, str) else declared_layer(net, None, "loss.catkd.layer")
+
+
 @register_objective("catkd")
 class CATKD(Objective):
     """``weight * MSE(CAM_s, CAM_t)`` of the pooled all-class CAMs (:func:`class_cams`), mean
@@ -79,18 +91,19 @@ class CATKD(Objective):
 
     def __init__(self, loss: LossConfig, student: nn.Module, teacher: nn.Module) -> None:
         super().__init__(loss, student, teacher)
-        layer = self.cfg.layer
-        self.student_layers = (layer,)
-        check_layers(student, [layer], "catkd.layer")
-        check_layers(teacher, [layer], "catkd.layer")
-        shapes = {
-            side: layer_shapes(net, [layer])[layer]
-            for side, net in (("student", student), ("teacher", teacher))
-        }
-        if any(len(shape) != 3 for shape in shapes.values()):
-            raise LossConfigError(
-                f"loss.catkd.layer={layer} gives {shapes}: CAT-KD needs feature maps (B, C, h, w)"
-            )
+        nets = {"student": student, "teacher": teacher}
+        self.layers = {side: pooled_layer(net, self.cfg.layer) for side, net in nets.items()}
+        self.student_layers = (self.layers["student"],)
+        shapes = {}
+        for side, net in nets.items():
+            layer = self.layers[side]
+            check_layers(net, [layer], "catkd.layer")
+            shapes[side] = layer_shapes(net, [layer])[layer]
+            if len(shapes[side]) != 3:
+                raise LossConfigError(
+                    f"loss.catkd.layer={layer} gives {shapes[side]} on the {side}: CAT-KD needs "
+                    "feature maps (B, C, h, w)"
+                )
         self.student_fc = _classifier(student, self.cfg.classifier, shapes["student"][0])
         self.teacher_fc = _classifier(teacher, self.cfg.classifier, shapes["teacher"][0])
         if self.student_fc.out_features != self.teacher_fc.out_features:
@@ -102,12 +115,9 @@ class CATKD(Objective):
         def compute(features: list[Tensor], logits: Tensor) -> Tensor:
             return class_cams(features[0], fc.weight, resolution)
 
-        description = {
-            "layer": self.cfg.layer,
-            "classifier": self.cfg.classifier,
-            "resolution": resolution,
-        }
-        return [TeacherOutput("catkd", (self.cfg.layer,), compute, description)]
+        layer = self.layers["teacher"]
+        description = {"layer": layer, "classifier": self.cfg.classifier, "resolution": resolution}
+        return [TeacherOutput("catkd", (layer,), compute, description)]
 
     def terms(
         self,
@@ -117,7 +127,7 @@ class CATKD(Objective):
         epoch: int,
     ) -> list[Term]:
         s = class_cams(
-            student.features[self.cfg.layer], self.student_fc.weight, self.cfg.resolution
+            student.features[self.layers["student"]], self.student_fc.weight, self.cfg.resolution
         )
         with exact(s):
             value = F.mse_loss(s, teacher["catkd"].detach().to(s.dtype))
