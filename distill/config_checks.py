@@ -218,7 +218,7 @@ def _declared(node: Any, attribute: str) -> Any:
     return list(found) if isinstance(found, tuple) else found
 
 
-def _comparable(cfg: dict[str, Any], other: Mapping[str, Any]) -> dict[str, Any]:
+def normalize_layers(cfg: dict[str, Any], other: Mapping[str, Any]) -> dict[str, Any]:
     """``cfg`` with the layer keys that are null (= the network's declared ``cam_layer`` /
     ``feature_layers``) written out, and ``loss.map_size`` dropped when null and absent from
     ``other``: a run saved before these defaults (``block3``, ``[block1, block2, block3]``, no
@@ -262,7 +262,7 @@ def check_saved_config(cfg: DictConfig, output_dir: Path) -> list[str]:
         return []
     new = OmegaConf.to_container(cfg, resolve=True)
     saved = OmegaConf.to_container(OmegaConf.load(saved_path), resolve=False)
-    diff = config_diff(_comparable(saved, new), _comparable(new, saved))  # type: ignore[arg-type]
+    diff = config_diff(normalize_layers(saved, new), normalize_layers(new, saved))  # type: ignore[arg-type]
     if not diff or cfg.get("allow_changed_config", False):
         return diff
     shown = ", ".join(diff[:12]) + (f" (+{len(diff) - 12} more)" if len(diff) > 12 else "")

@@ -782,12 +782,12 @@ def test_cost_reads_the_step_times_the_docs_quote(capsys):
     assert total and round(float(total.group(1))) == int(quoted.group(1))
 
 
-def test_committed_cpu_mini_runs_are_listed_as_another_configuration(tmp_path, capsys):
-    """The repository's results/cpu-mini runs predate today's profile keys: status lists them
+def test_archived_cpu_mini_runs_are_listed_as_another_configuration(tmp_path, capsys):
+    """The archived cpu-mini runs of 2026-11-22 predate the profile's keys: status lists them
     (exit 0), report says no run of this configuration finished (exit 1) and writes nothing."""
-    shipped = ROOT / "results" / "cpu-mini" / "runs"
+    shipped = ROOT / "results" / "archive" / "cpu-mini-2026-11-22" / "runs"
     if not shipped.is_dir():
-        pytest.skip("no committed cpu-mini runs")
+        pytest.skip("no archived cpu-mini runs")
     shutil.copytree(shipped, tmp_path / "cpu-mini" / "runs")
     args = ["--profile", "cpu-mini", "--results-dir", str(tmp_path)]
     assert harness.main(["status", *args]) == 0
@@ -798,3 +798,29 @@ def test_committed_cpu_mini_runs_are_listed_as_another_configuration(tmp_path, c
     err = capsys.readouterr().err
     assert err.startswith("error: no finished run of profile 'cpu-mini'") and err.count("\n") == 1
     assert not any((tmp_path / "cpu-mini" / n).exists() for n in ("table.md", "chart.png"))
+
+
+def test_committed_cpu_mini_runs_count_after_later_config_keys(tmp_path, capsys):
+    """The committed cpu-mini runs were saved before data.dataset / num_classes, the networks'
+    declared layers (null layer keys) and the registry's teacher run names: the harness still
+    counts them as the profile's runs (status: finished; report: every seed in every mean)."""
+    shipped = ROOT / "results" / "cpu-mini" / "runs"
+    if not (shipped / "teacher" / "metrics.json").is_file():
+        pytest.skip("no committed cpu-mini runs")
+    saved = yaml.safe_load((shipped / "ce-s0" / ".hydra" / "config.yaml").read_text())
+    assert "dataset" not in saved["data"] and saved["loss"]["student_layer"] == "block3"
+    no_weights = shutil.ignore_patterns("checkpoints", "teacher_weights.pt*")
+    shutil.copytree(shipped, tmp_path / "cpu-mini" / "runs", ignore=no_weights)
+    args = ["--profile", "cpu-mini", "--results-dir", str(tmp_path)]
+    assert harness.main(["status", *args]) == 0
+    out = capsys.readouterr().out
+    assert "every run of profile 'cpu-mini' is finished" in out and "another config" not in out
+    assert harness.main(["report", *args]) == 0
+    with open(tmp_path / "cpu-mini" / "table.csv") as handle:
+        rows = {(r["table"], r["cell"]): r for r in csv.DictReader(handle)}
+    errors = [
+        json.loads((shipped / f"shapcam-s{s}" / "metrics.json").read_text())["test_error"]
+        for s in (0, 1)
+    ]
+    assert rows[("table4", "shapcam")]["n_seeds"] == "2"
+    assert float(rows[("table4", "shapcam")]["mean"]) == pytest.approx(sum(errors) / 2, abs=0.01)

@@ -87,13 +87,48 @@ def _diff_keys(a: Any, b: Any, prefix: str = "") -> list[str]:
     return [] if a == b else [prefix.rstrip(".")]
 
 
+# derived strings of the automatic teacher lookup; harness runs pass teacher.checkpoint instead
+TEACHER_LOOKUP_KEYS = ("run_name", "run_dir", "train_command")
+
+
+def _fill(value: Any, num_classes: Any) -> Any:
+    """``value`` with every ``${data.num_classes}`` replaced by ``num_classes``."""
+    if isinstance(value, dict):
+        return {k: _fill(v, num_classes) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_fill(v, num_classes) for v in value]
+    return num_classes if value == "${data.num_classes}" else value
+
+
+def _upgraded(config: dict[str, Any], other: dict[str, Any]) -> dict[str, Any]:
+    """``config`` as a run saved by an older version compares with today's composition: keys
+    added since (:data:`~distill.config_checks.ADDED_KEYS`) at the value those runs had, null
+    layer keys written out as the networks declare them (the rule ``train.py`` applies to a
+    rerun), ``${data.num_classes}`` at its value, the teacher lookup's derived strings dropped."""
+    from distill.config_checks import ADDED_KEYS, normalize_layers
+
+    config = normalize_layers(copy.deepcopy(config), other)
+    teacher = config.get("teacher")
+    if isinstance(teacher, dict):  # where a teacher lookup would look: the harness names it
+        config["teacher"] = {k: v for k, v in teacher.items() if k not in TEACHER_LOOKUP_KEYS}
+    for dotted, value in ADDED_KEYS.items():
+        node = config
+        *parents, leaf = dotted.split(".")
+        for key in parents:
+            node = node.setdefault(key, {}) if isinstance(node, dict) else {}
+        if isinstance(node, dict):
+            node.setdefault(leaf, value)
+    return _fill(config, (config.get("data") or {}).get("num_classes", 10))
+
+
 def config_mismatch(run_dir: Path, overrides: Sequence[str]) -> str | None:
     """Why ``run_dir``'s saved config differs from what ``overrides`` compose to (None: same, or
     nothing saved yet)."""
     found = saved_config(run_dir)
     if found is None:
         return None
-    diff = _diff_keys(compose(overrides), found)
+    composed = compose(overrides)
+    diff = _diff_keys(_upgraded(composed, found), _upgraded(found, composed))
     return f"{run_dir} (differs in {', '.join(diff[:8])})" if diff else None
 
 
