@@ -7,7 +7,7 @@
   ``allow_changed_config=true``. :func:`save_config` writes it once training starts.
 * :func:`unwritable` — why a folder (made if missing) cannot be written, for a one-line refusal.
 * :func:`data_key` — the ``${data_key:${data}}`` resolver: a short hash of the data identity
-  (which images a run trains on), part of the teacher run names.
+  (which dataset and images a run trains on), part of the teacher run names.
 """
 
 from __future__ import annotations
@@ -136,9 +136,19 @@ _SYNTHETIC_IDENTITY = ("synthetic_size", "synthetic_test_size", "synthetic_seed"
 
 
 def data_key(data: Mapping[str, Any]) -> str:
-    """8 hex digits identifying the training images of a ``data`` config: source, root (not for
-    synthetic data), subset, validation split and synthetic size/seed."""
+    """8 hex digits identifying the training images of a ``data`` config: dataset and class
+    count, source, root (not for synthetic data), subset, validation split and synthetic
+    size/seed.
+
+    CIFAR-10 with 10 classes (also a config without ``dataset``/``num_classes``) leaves the
+    dataset out of the hashed text, so keys of runs made before datasets were configurable
+    stay the same."""
+    from distill.data.datasets import CIFAR10
+
     ident = {k: data.get(k) for k in _DATA_IDENTITY}
+    dataset = (data.get("dataset") or CIFAR10.name, data.get("num_classes") or CIFAR10.num_classes)
+    if dataset != (CIFAR10.name, CIFAR10.num_classes):
+        ident.update(dataset=dataset[0], num_classes=dataset[1])
     if data.get("source") == "synthetic":
         ident.update({k: data.get(k) for k in _SYNTHETIC_IDENTITY})
     else:
@@ -174,11 +184,24 @@ def _ignored(key: str) -> bool:
     return any(key == k or key.startswith(k + ".") for k in IGNORED_ON_RERUN)
 
 
+# keys added after runs were saved without them, with the value those runs had implicitly
+ADDED_KEYS: dict[str, Any] = {
+    "data.dataset": "cifar10",
+    "data.num_classes": 10,
+    "module.num_classes": 10,
+}
+
+
 def config_diff(saved: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
-    """Dotted keys whose values differ between two configs (keys in IGNORED_ON_RERUN skipped)."""
+    """Dotted keys whose values differ between two configs (keys in IGNORED_ON_RERUN skipped; a
+    key of :data:`ADDED_KEYS` missing on one side counts as its value there)."""
     a, b = _flatten(saved), _flatten(new)
     keys = (k for k in set(a) | set(b) if not _ignored(k))
-    return sorted(k for k in keys if a.get(k, _MISSING) != b.get(k, _MISSING))
+    return sorted(
+        k
+        for k in keys
+        if a.get(k, ADDED_KEYS.get(k, _MISSING)) != b.get(k, ADDED_KEYS.get(k, _MISSING))
+    )
 
 
 def check_saved_config(cfg: DictConfig, output_dir: Path) -> list[str]:

@@ -37,7 +37,6 @@ from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
 import cams
-from distill.data.augment import normalize_images
 from distill.integrity import IntegrityError, checksum_path
 from distill.losses import map_agreement
 from distill.visualize import (
@@ -338,7 +337,7 @@ def explain_figure(
     if len(images.labels) == 0:
         raise ExplainError("no images to explain (empty test set)")
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    x, y = normalize_images(images.images.to(dev)), images.labels.to(dev)
+    x, y = images.normalized(dev), images.labels.to(dev)
     nets = [teacher, *students]
     preds = {}
     for n in nets:

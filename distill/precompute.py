@@ -30,7 +30,6 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from distill.data.augment import normalize_images
 from distill.integrity import IntegrityError
 from distill.objectives import teacher_needs
 from distill.precision import use_channels_last
@@ -53,7 +52,7 @@ def precompute(cfg: DictConfig) -> str:
     cache = teacher.cache_for(datamodule)
 
     def compute(images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return teacher.explain(normalize_images(images.to(device)), labels.to(device))
+        return teacher.explain(datamodule.normalize(images.to(device)), labels.to(device))
 
     indices = cached_indices(datamodule)
     print(
@@ -102,7 +101,7 @@ def fill_memo(cfg: DictConfig, teacher: Teacher, datamodule: Any, device: torch.
     for start in range(0, total, size):  # (index, view) pairs, view-major
         pair = torch.arange(start, min(start + size, total))
         idx, aug = indices[pair % len(indices)], view_params(pair // len(indices), pad)
-        images = normalize_images(aug.apply(datamodule.train_images[idx]).to(device))
+        images = datamodule.normalize(aug.apply(datamodule.train_images[idx]).to(device))
         if channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         labels = datamodule.train_labels[idx].to(device)

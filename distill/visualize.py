@@ -32,6 +32,7 @@ from torch import Tensor, nn
 
 import cams
 from distill.data.augment import normalize_images
+from distill.data.datasets import CIFAR10, DatasetSpec
 from distill.losses import map_agreement
 
 if TYPE_CHECKING:
@@ -80,13 +81,19 @@ def pick_images(labels: Tensor, per_class: int, max_classes: int | None = None) 
 
 @dataclass(frozen=True)
 class FigureImages:
-    """Images of a figure: uint8 (N, 3, H, W), labels, index in their split, class names."""
+    """Images of a figure: uint8 (N, 3, H, W), labels, index in their split, class names and
+    the dataset (whose statistics normalize them for the networks)."""
 
     images: Tensor
     labels: Tensor
     indices: Tensor
     split: str  # "validation" (training-set indices) or "test"
     classes: tuple[str, ...]
+    dataset: DatasetSpec = CIFAR10
+
+    def normalized(self, device: torch.device | str | None = None) -> Tensor:
+        """The images as the networks' input (normalized with the dataset's mean/std)."""
+        return normalize_images(self.images.to(device), self.dataset)
 
     def class_name(self, label: int) -> str:
         return self.classes[label] if 0 <= label < len(self.classes) else str(label)
@@ -120,8 +127,14 @@ def figure_images(
         indices, images, split = torch.arange(len(labels)), datamodule.test_images, "test"
     pos = pick_images(labels.cpu(), per_class, max_classes)
     names = getattr(datamodule, "classes", None) or ()
+    dataset = getattr(datamodule, "dataset", None)
     return FigureImages(
-        images[pos].cpu(), labels[pos].cpu().long(), indices[pos], split, tuple(names)
+        images[pos].cpu(),
+        labels[pos].cpu().long(),
+        indices[pos],
+        split,
+        tuple(names),
+        dataset if isinstance(dataset, DatasetSpec) else CIFAR10,
     )
 
 
@@ -493,7 +506,7 @@ class CamFigure(pl.Callback):
         if self.images is None:
             self.images = figure_images(datamodule, self.per_class, self.max_classes)
         images = self.images
-        x = normalize_images(images.images.to(module.device))
+        x = images.normalized(module.device)
         y = images.labels.to(module.device)
         with _eval_mode(module.net, teacher.net), torch.enable_grad():
             teacher_maps, student_maps = teacher_cam(x, y), student_cam(x, y)

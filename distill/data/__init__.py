@@ -1,4 +1,5 @@
-"""CIFAR-10 data: sources decoded once into uint8 tensors, batched augmentation, datamodule."""
+"""Image-classification data (CIFAR-10, CIFAR-100, ...): dataset declarations, sources decoded
+once into uint8 tensors, batched augmentation, datamodule."""
 
 from distill.data.augment import (
     CIFAR10_MEAN,
@@ -8,10 +9,16 @@ from distill.data.augment import (
     normalize_images,
 )
 from distill.data.datamodule import CIFAR10DataModule, IndexBatchSampler, ResidentDataset
-from distill.data.sources import (
+from distill.data.datasets import (
     CIFAR10_CLASSES,
-    CIFARArrays,
+    CIFAR100_CLASSES,
+    DATASETS,
     DataError,
+    DatasetSpec,
+    get_dataset,
+)
+from distill.data.sources import (
+    CIFARArrays,
     decode_images,
     list_image_folder,
     load_folder,
@@ -24,14 +31,18 @@ __all__ = [
     "CIFAR10_CLASSES",
     "CIFAR10_MEAN",
     "CIFAR10_STD",
+    "CIFAR100_CLASSES",
+    "DATASETS",
     "AugParams",
     "CIFAR10DataModule",
     "CIFARArrays",
     "DataError",
+    "DatasetSpec",
     "IndexBatchSampler",
     "ResidentDataset",
     "decode_images",
     "denormalize_images",
+    "get_dataset",
     "list_image_folder",
     "load_folder",
     "load_torchvision",

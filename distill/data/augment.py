@@ -1,4 +1,4 @@
-"""Batched tensor augmentation (reflect-pad crop + horizontal flip) and CIFAR-10 normalization.
+"""Batched tensor augmentation (reflect-pad crop + horizontal flip) and per-dataset normalization.
 
 The augmentation is described by :class:`AugParams` (one crop offset and one flip flag per
 sample), so exactly the same geometric transform can be applied to a second tensor of any
@@ -12,29 +12,26 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from distill.data.datasets import CIFAR10, DatasetSpec, get_dataset
+
 __all__ = ["CIFAR10_MEAN", "CIFAR10_STD", "AugParams", "denormalize_images", "normalize_images"]
 
-# attention-transfer's CIFAR-10 statistics (0..1 scale)
-CIFAR10_MEAN: tuple[float, float, float] = (125.3 / 255, 123.0 / 255, 113.9 / 255)
-CIFAR10_STD: tuple[float, float, float] = (63.0 / 255, 62.1 / 255, 66.7 / 255)
+CIFAR10_MEAN = CIFAR10.mean  # attention-transfer's CIFAR-10 statistics (0..1 scale)
+CIFAR10_STD = CIFAR10.std
 
 
-def _channel_stats(x: Tensor) -> tuple[Tensor, Tensor]:
-    mean = torch.tensor(CIFAR10_MEAN, device=x.device, dtype=torch.float32).view(1, 3, 1, 1)
-    std = torch.tensor(CIFAR10_STD, device=x.device, dtype=torch.float32).view(1, 3, 1, 1)
-    return mean, std
-
-
-def normalize_images(images: Tensor) -> Tensor:
-    """uint8 (B, 3, H, W) in 0..255 (or float in 0..1) -> float32 ``(x/255 - mean) / std``."""
+def normalize_images(images: Tensor, dataset: str | DatasetSpec | None = None) -> Tensor:
+    """uint8 (B, 3, H, W) in 0..255 (or float in 0..1) -> float32 ``(x/255 - mean) / std`` with
+    the ``mean``/``std`` of ``dataset`` (a :data:`~distill.data.datasets.DATASETS` name or
+    entry; None: CIFAR-10)."""
     x = images.float() / 255.0 if images.dtype == torch.uint8 else images.float()
-    mean, std = _channel_stats(x)
+    mean, std = get_dataset(dataset).stats(x.device)
     return (x - mean) / std
 
 
-def denormalize_images(x: Tensor) -> Tensor:
+def denormalize_images(x: Tensor, dataset: str | DatasetSpec | None = None) -> Tensor:
     """Inverse of :func:`normalize_images`: float (B, 3, H, W) -> float in 0..1."""
-    mean, std = _channel_stats(x)
+    mean, std = get_dataset(dataset).stats(x.device)
     return x * std + mean
 
 

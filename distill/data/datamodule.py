@@ -1,4 +1,5 @@
-"""CIFAR-10 LightningDataModule with tensor-resident data and batched on-device augmentation.
+"""Image-classification LightningDataModule (any dataset of :mod:`distill.data.datasets`;
+CIFAR-10 by default) with tensor-resident data and batched on-device augmentation.
 
 Images are decoded once into uint8 tensors and kept resident (on the training device when
 ``device="auto"``). Loaders yield batches of *indices*; the batch is gathered from the resident
@@ -6,7 +7,7 @@ tensors, moved to the device, and augmented/normalized as a whole in ``on_after_
 
 Every batch is a dict (see docs/CONTRACTS.md)::
 
-    {"image": float (B,3,32,32) normalized (augmented when training), "label": long (B,),
+    {"image": float (B,3,H,W) normalized (augmented when training), "label": long (B,),
      "index": long (B,) index into the full training (or test) set, "aug": AugParams | None}
 
 Shuffling and augmentation are deterministic functions of ``(seed, epoch, batch number, rank)``,
@@ -27,6 +28,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from distill.data.augment import AugParams, normalize_images
+from distill.data.datasets import DatasetSpec, get_dataset
 from distill.data.sources import (
     CIFARArrays,
     DataError,
@@ -158,11 +160,17 @@ class ResidentDataset(Dataset):
 
 
 class CIFAR10DataModule(pl.LightningDataModule):
-    """CIFAR-10 from torchvision, an image folder or synthetic data; see the module docstring.
+    """A dataset (CIFAR-10 by default) from torchvision, an image folder or synthetic data; see
+    the module docstring.
 
     Args:
         source: "torchvision" (download when ``download``), "folder" (``root/train/<class>/*``,
             ``root/test/<class>/*``) or "synthetic".
+        dataset: a :data:`distill.data.datasets.DATASETS` name: its classes, normalization,
+            image size and torchvision class.
+        num_classes: the number of classes (``data.num_classes``, which the model and module
+            configs read); must be the dataset's, except for synthetic data (another count gets
+            classes ``class0``, ...). None: the dataset's.
         root: dataset directory for torchvision/folder.
         download: allow torchvision to download into ``root``.
         batch_size: training batch size; ``eval_batch_size`` for val/test (default: same).
@@ -186,6 +194,8 @@ class CIFAR10DataModule(pl.LightningDataModule):
         self,
         source: str = "torchvision",
         root: str | Path = "data/cifar10",
+        dataset: str = "cifar10",
+        num_classes: int | None = None,
         download: bool = True,
         batch_size: int = 128,
         eval_batch_size: int | None = None,
@@ -206,6 +216,14 @@ class CIFAR10DataModule(pl.LightningDataModule):
         super().__init__()
         if source not in SOURCES:
             raise DataError(f"data.source must be one of {', '.join(SOURCES)}; got '{source}'")
+        self.spec: DatasetSpec = get_dataset(dataset)
+        self.declared_classes = self.spec.num_classes if num_classes is None else num_classes
+        if source != "synthetic" and self.declared_classes != self.spec.num_classes:
+            raise DataError(
+                f"data.num_classes={num_classes}, but {self.spec.title} has "
+                f"{self.spec.num_classes} classes: set data.num_classes={self.spec.num_classes} "
+                "(only synthetic data takes another count)"
+            )
         self.source, self.root, self.download = source, root, download
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size or batch_size
@@ -225,17 +243,26 @@ class CIFAR10DataModule(pl.LightningDataModule):
         """Decode the source once (idempotent); raises :class:`DataError` on bad input."""
         if self.arrays is None:
             if self.source == "torchvision":
-                self.arrays = load_torchvision(self.root, self.download)
+                self.arrays = load_torchvision(self.root, self.download, self.spec)
             elif self.source == "folder":
-                self.arrays = load_folder(self.root, self.cache_dir)
+                self.arrays = load_folder(self.root, self.cache_dir, self.spec)
             else:
                 n, n_test, seed = self.synthetic
-                self.arrays = make_synthetic(n, n_test, seed)
+                self.arrays = make_synthetic(n, n_test, seed, self.declared_classes, self.spec)
         return self.arrays
 
     @property
+    def dataset(self) -> DatasetSpec:
+        """The dataset's declaration (classes, normalization, image size)."""
+        return self.spec
+
+    def normalize(self, images: Tensor) -> Tensor:
+        """uint8 (or 0..1 float) images -> the network's input, with this dataset's statistics."""
+        return normalize_images(images, self.spec)
+
+    @property
     def train_images(self) -> Tensor:
-        """uint8 (N, 3, 32, 32), the full un-augmented training set (CPU)."""
+        """uint8 (N, 3, H, W), the full un-augmented training set (CPU)."""
         return self.load().train_images
 
     @property
@@ -265,7 +292,7 @@ class CIFAR10DataModule(pl.LightningDataModule):
 
     @property
     def dataset_id(self) -> str:
-        """Identifies source and content (for caches keyed by dataset index)."""
+        """Identifies dataset, source and content (for caches keyed by dataset index)."""
         return self.load().dataset_id
 
     @property
@@ -278,9 +305,9 @@ class CIFAR10DataModule(pl.LightningDataModule):
 
     def prepare_data(self) -> None:
         if self.source == "torchvision":
-            load_torchvision(self.root, self.download)
+            load_torchvision(self.root, self.download, self.spec)
         elif self.source == "folder":
-            load_folder(self.root, self.cache_dir)  # fills the cache once
+            load_folder(self.root, self.cache_dir, self.spec)  # fills the cache once
 
     def _target_device(self) -> torch.device:
         if self.device != "auto":
@@ -355,7 +382,7 @@ class CIFAR10DataModule(pl.LightningDataModule):
                 batch["aug"] = aug
                 for transform in self.extra_augment:
                     images = transform(images)
-            batch["image"] = normalize_images(images)
+            batch["image"] = self.normalize(images)
         return batch
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:

@@ -1,4 +1,8 @@
-"""CIFAR-10 sources decoded once into uint8 tensors: torchvision, image folder, synthetic."""
+"""Dataset sources decoded once into uint8 tensors: torchvision, image folder, synthetic.
+
+Each loader takes the dataset (a :data:`~distill.data.datasets.DATASETS` name or entry; default
+CIFAR-10) whose classes, image size and torchvision class it reads.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +13,7 @@ import sys
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +22,7 @@ import torch
 from torch import Tensor
 
 from distill.config_checks import unwritable
+from distill.data.datasets import CIFAR10, CIFAR10_CLASSES, DataError, DatasetSpec, get_dataset
 from distill.integrity import IntegrityError, atomic_write, verify_checksum, write_checksum
 
 __all__ = [
@@ -30,29 +36,13 @@ __all__ = [
     "make_synthetic",
 ]
 
-CIFAR10_CLASSES: tuple[str, ...] = (
-    "airplane",
-    "automobile",
-    "bird",
-    "cat",
-    "deer",
-    "dog",
-    "frog",
-    "horse",
-    "ship",
-    "truck",
-)
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".webp")
 _CACHE_VERSION = 2  # 2: keyed by file stats, identified by a content hash
 
 
-class DataError(RuntimeError):
-    """A user-facing data problem; the message says what is wrong and how to fix it."""
-
-
 @dataclass
 class CIFARArrays:
-    """A decoded dataset: uint8 (N, 3, 32, 32) images and long (N,) labels per split."""
+    """A decoded dataset: uint8 (N, 3, H, W) images and long (N,) labels per split."""
 
     train_images: Tensor
     train_labels: Tensor
@@ -62,40 +52,55 @@ class CIFARArrays:
     dataset_id: str
 
 
-def missing_data_message(root: str | Path, reason: str) -> str:
-    """The error text for "no CIFAR-10 at ``root``", listing the three ways out."""
+def missing_data_message(
+    root: str | Path, reason: str, dataset: str | DatasetSpec = CIFAR10
+) -> str:
+    """The error text for "no ``dataset`` at ``root``", listing the three ways out."""
+    ds = get_dataset(dataset)
     return (
-        f"CIFAR-10 not found at '{root}' ({reason}). Fix one of:\n"
+        f"{ds.title} not found at '{root}' ({reason}). Fix one of:\n"
         "  data.download=true                 (torchvision download; needs internet)\n"
         "  data.source=folder data.root=PATH  (image-folder copy PATH/{train,test}/<class>/*;\n"
-        "                                      data=cifar10_folder: ../shared/data/cifar10-jpeg)\n"
-        "  data.source=synthetic              (tiny deterministic fake data; data=synthetic)"
+        f"                                      data={ds.folder_config}: {ds.folder_root})\n"
+        "  data.source=synthetic              (tiny deterministic fake data; "
+        f"data={ds.synthetic_config})"
     )
 
 
 # ----------------------------------------------------------------------------- torchvision
 
 
-def load_torchvision(root: str | Path, download: bool) -> CIFARArrays:
-    """torchvision's CIFAR10 (python pickle batches), downloading when allowed."""
-    from torchvision.datasets import CIFAR10
+def load_torchvision(
+    root: str | Path, download: bool, dataset: str | DatasetSpec = CIFAR10
+) -> CIFARArrays:
+    """The dataset's torchvision class (e.g. ``CIFAR10``, ``CIFAR100``: python pickle batches),
+    downloading when allowed; ``dataset_id`` is ``torchvision:<name>``."""
+    import torchvision.datasets
 
+    ds = get_dataset(dataset)
+    tv_class = getattr(torchvision.datasets, ds.torchvision)
     root = Path(root).expanduser().resolve()
     try:
-        train = CIFAR10(str(root), train=True, download=download)
-        test = CIFAR10(str(root), train=False, download=download)
+        train = tv_class(str(root), train=True, download=download)
+        test = tv_class(str(root), train=False, download=download)
     except (RuntimeError, OSError) as err:  # not found / corrupted / no network (URLError)
         reason = "download disabled" if not download else f"download failed: {err}"
-        raise DataError(missing_data_message(root, reason)) from None
+        raise DataError(missing_data_message(root, reason, ds)) from None
+    if tuple(train.classes) != ds.classes:
+        raise DataError(
+            f"torchvision's {ds.torchvision} at '{root}' has other classes than {ds.title} "
+            f"declares (distill.data.datasets): {list(train.classes)[:5]}...; delete the folder "
+            "and download again"
+        )
 
-    def to_tensors(ds: CIFAR10) -> tuple[Tensor, Tensor]:
-        images = torch.from_numpy(np.ascontiguousarray(ds.data.transpose(0, 3, 1, 2)))
-        return images, torch.as_tensor(ds.targets, dtype=torch.long)
+    def to_tensors(split: Any) -> tuple[Tensor, Tensor]:
+        images = torch.from_numpy(np.ascontiguousarray(split.data.transpose(0, 3, 1, 2)))
+        return images, torch.as_tensor(split.targets, dtype=torch.long)
 
     tr_x, tr_y = to_tensors(train)
     te_x, te_y = to_tensors(test)
     # torchvision checks the MD5 of every batch file on load: the content is the official one
-    return CIFARArrays(tr_x, tr_y, te_x, te_y, tuple(train.classes), "torchvision:cifar10")
+    return CIFARArrays(tr_x, tr_y, te_x, te_y, ds.classes, f"torchvision:{ds.name}")
 
 
 # ----------------------------------------------------------------------------- image folder
@@ -105,24 +110,37 @@ def _class_dirs(split_dir: Path) -> list[str]:
     return sorted(p.name for p in split_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
-def list_image_folder(root: str | Path, split: str) -> tuple[list[Path], list[int]]:
-    """Files and labels of ``root/split/<class>/*`` (classes in CIFAR-10 order, names sorted)."""
+def _some(names: Sequence[str], limit: int = 10) -> str:
+    """``names`` for a message: all up to ``limit``, else the first ``limit`` and a count."""
+    if not names:
+        return "none"
+    more = f" (+{len(names) - limit} more)" if len(names) > limit else ""
+    return f"{list(names[:limit])}{more}"
+
+
+def list_image_folder(
+    root: str | Path, split: str, dataset: str | DatasetSpec = CIFAR10
+) -> tuple[list[Path], list[int]]:
+    """Files and labels of ``root/split/<class>/*``: the class folders must be exactly the
+    dataset's classes (labels in its class order; file names sorted)."""
+    ds = get_dataset(dataset)
     split_dir = Path(root) / split
     if not split_dir.is_dir():
-        raise DataError(missing_data_message(root, f"no '{split}' folder"))
+        raise DataError(missing_data_message(root, f"no '{split}' folder", ds))
     found = _class_dirs(split_dir)
-    if set(found) != set(CIFAR10_CLASSES):
-        missing = sorted(set(CIFAR10_CLASSES) - set(found))
-        extra = sorted(set(found) - set(CIFAR10_CLASSES))
+    if set(found) != set(ds.classes):
+        missing = [c for c in ds.classes if c not in set(found)]
+        extra = sorted(set(found) - set(ds.classes))
+        listed = f" {', '.join(ds.classes)}" if ds.num_classes <= 10 else ""
         raise DataError(
-            f"'{split_dir}' must hold exactly the 10 CIFAR-10 class folders "
-            f"{', '.join(CIFAR10_CLASSES)}; missing: {missing or 'none'}, "
-            f"unexpected: {extra or 'none'}. "
+            f"'{split_dir}' must hold exactly the {ds.num_classes} {ds.title} class folders"
+            f"{listed} (distill.data.datasets); missing: {_some(missing)}, "
+            f"unexpected: {_some(extra)}. "
             "Fix the folder layout or point data.root at a complete copy."
         )
     files: list[Path] = []
     labels: list[int] = []
-    for label, name in enumerate(CIFAR10_CLASSES):
+    for label, name in enumerate(ds.classes):
         with os.scandir(split_dir / name) as it:
             names = sorted(
                 e.name for e in it if e.is_file() and e.name.lower().endswith(IMAGE_EXTENSIONS)
@@ -134,8 +152,8 @@ def list_image_folder(root: str | Path, split: str) -> tuple[list[Path], list[in
     return files, labels
 
 
-def _read_one(path: Path) -> tuple[np.ndarray, bytes]:
-    """Decode one 32x32 RGB image file; also return the SHA-256 of its bytes."""
+def _read_one(path: Path, size: int = 32) -> tuple[np.ndarray, bytes]:
+    """Decode one ``size`` x ``size`` RGB image file; also return the SHA-256 of its bytes."""
     from PIL import Image, UnidentifiedImageError
 
     try:
@@ -144,29 +162,32 @@ def _read_one(path: Path) -> tuple[np.ndarray, bytes]:
     except (UnidentifiedImageError, OSError) as err:
         raise DataError(f"cannot read image '{path}': {err}. Remove or replace the file.") from None
     with im:
-        if im.size != (32, 32) or im.mode != "RGB":
+        if im.size != (size, size) or im.mode != "RGB":
             raise DataError(
                 f"'{path}' is {im.size[0]}x{im.size[1]} {im.mode}; "
-                "CIFAR-10 images must be 32x32 RGB. "
+                f"images of this dataset must be {size}x{size} RGB. "
                 "Convert the folder copy (or use data.source=torchvision / synthetic)."
             )
         return np.asarray(im, dtype=np.uint8), hashlib.sha256(data).digest()
 
 
-def _decode_all(files: Sequence[Path], threads: int | None = None) -> tuple[Tensor, list[bytes]]:
-    out = np.empty((len(files), 32, 32, 3), dtype=np.uint8)
+def _decode_all(
+    files: Sequence[Path], threads: int | None = None, size: int = 32
+) -> tuple[Tensor, list[bytes]]:
+    out = np.empty((len(files), size, size, 3), dtype=np.uint8)
     digests: list[bytes] = []
     workers = threads or min(4, os.cpu_count() or 1)
+    read = partial(_read_one, size=size)
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        for i, (arr, digest) in enumerate(pool.map(_read_one, files, chunksize=256)):
+        for i, (arr, digest) in enumerate(pool.map(read, files, chunksize=256)):
             out[i] = arr
             digests.append(digest)
     return torch.from_numpy(out).permute(0, 3, 1, 2).contiguous(), digests
 
 
-def decode_images(files: Sequence[Path], threads: int | None = None) -> Tensor:
-    """Decode 32x32 RGB image files into a uint8 (N, 3, 32, 32) tensor."""
-    return _decode_all(files, threads)[0]
+def decode_images(files: Sequence[Path], threads: int | None = None, size: int = 32) -> Tensor:
+    """Decode ``size`` x ``size`` RGB image files into a uint8 (N, 3, size, size) tensor."""
+    return _decode_all(files, threads, size)[0]
 
 
 def _stat_key(root: Path, files: Sequence[Path]) -> str:
@@ -192,13 +213,18 @@ def _content_hash(root: Path, files: Sequence[Path], digests: Sequence[bytes]) -
     return h.hexdigest()
 
 
-def _folder_id(n_train: int, n_test: int, content: str) -> str:
-    """Identity of a folder copy by content (not by path: a moved copy keeps its identity)."""
-    return f"folder:n={n_train}:test={n_test}:sha256={content[:16]}"
+def _folder_id(n_train: int, n_test: int, content: str, dataset: DatasetSpec = CIFAR10) -> str:
+    """Identity of a folder copy by dataset and content (not by path: a moved copy keeps its
+    identity); CIFAR-10's has no dataset part, as before datasets were configurable."""
+    name = "" if dataset.name == CIFAR10.name else f"{dataset.name}:"
+    return f"folder:{name}n={n_train}:test={n_test}:sha256={content[:16]}"
 
 
-def load_folder(root: str | Path, cache_dir: str | Path | None = None) -> CIFARArrays:
-    """Decode an image-folder copy; ``dataset_id`` is a hash of every file's bytes and name.
+def load_folder(
+    root: str | Path, cache_dir: str | Path | None = None, dataset: str | DatasetSpec = CIFAR10
+) -> CIFARArrays:
+    """Decode an image-folder copy of ``dataset``; ``dataset_id`` names the dataset (not for
+    CIFAR-10) and hashes every file's bytes and name.
 
     With ``cache_dir``, the decoded tensors are cached (one file per folder path, with a SHA-256
     sidecar) together with the content hash, and reused while every file's path, size, mtime and
@@ -206,19 +232,21 @@ def load_folder(root: str | Path, cache_dir: str | Path | None = None) -> CIFARA
     cache that must be (re)built in a folder that cannot be written is a :class:`DataError`
     (before decoding).
     """
+    ds = get_dataset(dataset)
     root = Path(root).expanduser().resolve()
     if not root.is_dir():
-        raise DataError(missing_data_message(root, "folder does not exist"))
-    tr_files, tr_labels = list_image_folder(root, "train")
-    te_files, te_labels = list_image_folder(root, "test")
+        raise DataError(missing_data_message(root, "folder does not exist", ds))
+    tr_files, tr_labels = list_image_folder(root, "train", ds)
+    te_files, te_labels = list_image_folder(root, "test", ds)
     files = tr_files + te_files
     stat_key = _stat_key(root, files)
-    if _LAST.get("key") == (str(root), stat_key):  # prepare_data then setup: load once
+    key = (ds.name, str(root), stat_key)
+    if _LAST.get("key") == key:  # prepare_data then setup: load once
         return _LAST["arrays"]
     cache = None
     if cache_dir:
         where = hashlib.sha256(str(root).encode()).hexdigest()[:16]
-        cache = Path(cache_dir).expanduser() / f"cifar10-folder-{where}.pt"
+        cache = Path(cache_dir).expanduser() / f"{ds.name}-folder-{where}.pt"
         blob = _load_cache(cache, stat_key)
         if blob is not None:
             arrays = CIFARArrays(
@@ -226,30 +254,30 @@ def load_folder(root: str | Path, cache_dir: str | Path | None = None) -> CIFARA
                 blob["train_labels"],
                 blob["test_images"],
                 blob["test_labels"],
-                CIFAR10_CLASSES,
-                _folder_id(len(tr_files), len(te_files), blob["content"]),
+                ds.classes,
+                _folder_id(len(tr_files), len(te_files), blob["content"], ds),
             )
-            _LAST.update(key=(str(root), stat_key), arrays=arrays)
+            _LAST.update(key=key, arrays=arrays)
             return arrays
         reason = unwritable(cache.parent)
         if reason is not None:
             raise DataError(_cache_message(cache, reason))
-    images, digests = _decode_all(files)
+    images, digests = _decode_all(files, size=ds.image_size)
     content = _content_hash(root, files, digests)
     arrays = CIFARArrays(
         images[: len(tr_files)].clone(),
         torch.tensor(tr_labels, dtype=torch.long),
         images[len(tr_files) :].clone(),
         torch.tensor(te_labels, dtype=torch.long),
-        CIFAR10_CLASSES,
-        _folder_id(len(tr_files), len(te_files), content),
+        ds.classes,
+        _folder_id(len(tr_files), len(te_files), content, ds),
     )
     if cache is not None:
         try:
             _save_cache(cache, stat_key, content, arrays)
         except OSError as err:
             raise DataError(_cache_message(cache, err.strerror or str(err))) from None
-    _LAST.update(key=(str(root), stat_key), arrays=arrays)
+    _LAST.update(key=key, arrays=arrays)
     return arrays
 
 
@@ -260,7 +288,7 @@ def _cache_message(cache: Path, reason: str) -> str:
     )
 
 
-_LAST: dict[str, Any] = {}  # the last folder loaded in this process: (root, stat key) -> arrays
+_LAST: dict[str, Any] = {}  # the last folder loaded in this process: key -> arrays
 
 
 def _load_cache(cache: Path, stat_key: str) -> dict | None:
@@ -306,38 +334,52 @@ def _palette(num_classes: int) -> Tensor:
     return 40 + rgb * (level - 40)
 
 
-def _synthetic_split(n: int, num_classes: int, seed: int) -> tuple[Tensor, Tensor]:
+def _synthetic_split(n: int, num_classes: int, seed: int, side: int = 32) -> tuple[Tensor, Tensor]:
     """Class-colored square on a class-tinted noisy background; deterministic given ``seed``."""
     g = torch.Generator().manual_seed(seed)
     labels = torch.arange(n) % num_classes
     labels = labels[torch.randperm(n, generator=g)]
     color = _palette(num_classes)[labels][:, :, None, None]  # (n, 3, 1, 1)
-    img = 128 + 0.3 * (color - 128) + 24 * torch.randn(n, 3, 32, 32, generator=g)
+    img = 128 + 0.3 * (color - 128) + 24 * torch.randn(n, 3, side, side, generator=g)
     size = torch.randint(10, 17, (n,), generator=g)
-    y0 = (torch.rand(n, generator=g) * (32 - size + 1)).long()
-    x0 = (torch.rand(n, generator=g) * (32 - size + 1)).long()
-    ar = torch.arange(32)
+    y0 = (torch.rand(n, generator=g) * (side - size + 1)).long()
+    x0 = (torch.rand(n, generator=g) * (side - size + 1)).long()
+    ar = torch.arange(side)
     in_y = (ar[None, :] >= y0[:, None]) & (ar[None, :] < (y0 + size)[:, None])
     in_x = (ar[None, :] >= x0[:, None]) & (ar[None, :] < (x0 + size)[:, None])
-    mask = (in_y[:, :, None] & in_x[:, None, :])[:, None]  # (n, 1, 32, 32)
-    img = torch.where(mask, color + 12 * torch.randn(n, 3, 32, 32, generator=g), img)
+    mask = (in_y[:, :, None] & in_x[:, None, :])[:, None]  # (n, 1, side, side)
+    img = torch.where(mask, color + 12 * torch.randn(n, 3, side, side, generator=g), img)
     return img.round().clamp(0, 255).to(torch.uint8), labels.long()
 
 
 def make_synthetic(
-    n_train: int = 1000, n_test: int = 500, seed: int = 0, num_classes: int = 10
+    n_train: int = 1000,
+    n_test: int = 500,
+    seed: int = 0,
+    num_classes: int | None = None,
+    dataset: str | DatasetSpec = CIFAR10,
 ) -> CIFARArrays:
-    """Deterministic learnable fake CIFAR-10 (class = color of a square and background tint)."""
-    if n_train < num_classes or n_test < 1:
+    """Deterministic learnable fake data in the shape of ``dataset`` (class = color of a square
+    and background tint) with ``num_classes`` classes (default: the dataset's; another count gets
+    the names ``class0``, ``class1``, ...).
+
+    ``dataset_id`` is ``synthetic:n=<n_train>:test=<n_test>:seed=<seed>``, followed by
+    ``:<dataset>:classes=<num_classes>`` unless that is CIFAR-10 with 10 classes (the id of
+    synthetic data before datasets were configurable).
+    """
+    ds = get_dataset(dataset)
+    num_classes = ds.num_classes if num_classes is None else num_classes
+    if num_classes < 2 or n_train < num_classes or n_test < 1:
         raise DataError(
-            f"synthetic data needs n_train >= {num_classes} and n_test >= 1, "
-            f"got {n_train}, {n_test}"
+            f"synthetic data needs num_classes >= 2, n_train >= num_classes and n_test >= 1, "
+            f"got {num_classes}, {n_train}, {n_test}: raise data.synthetic_size (or lower "
+            "data.num_classes)"
         )
-    tr_x, tr_y = _synthetic_split(n_train, num_classes, seed)
-    te_x, te_y = _synthetic_split(n_test, num_classes, seed + 100_003)
-    classes = (
-        CIFAR10_CLASSES if num_classes == 10 else tuple(f"class{i}" for i in range(num_classes))
-    )
-    return CIFARArrays(
-        tr_x, tr_y, te_x, te_y, classes, f"synthetic:n={n_train}:test={n_test}:seed={seed}"
-    )
+    tr_x, tr_y = _synthetic_split(n_train, num_classes, seed, ds.image_size)
+    te_x, te_y = _synthetic_split(n_test, num_classes, seed + 100_003, ds.image_size)
+    named = num_classes == ds.num_classes
+    classes = ds.classes if named else tuple(f"class{i}" for i in range(num_classes))
+    ident = f"synthetic:n={n_train}:test={n_test}:seed={seed}"
+    if (ds.name, num_classes) != (CIFAR10.name, CIFAR10.num_classes):
+        ident += f":{ds.name}:classes={num_classes}"
+    return CIFARArrays(tr_x, tr_y, te_x, te_y, classes, ident)

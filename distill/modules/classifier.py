@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from torchmetrics import MeanMetric, Metric
 from torchmetrics.classification import MulticlassAccuracy
 
+from distill.config_checks import ConfigError
 from distill.precision import use_channels_last
 
 __all__ = [
@@ -30,6 +31,7 @@ __all__ = [
     "NonFiniteLossError",
     "arch_name",
     "check_checkpoint_compatible",
+    "check_output_width",
     "default_optimizer",
     "default_scheduler",
 ]
@@ -78,6 +80,27 @@ def arch_name(net: nn.Module) -> str:
     return str(arch) if arch is not None else type(net).__name__
 
 
+def output_width(net: nn.Module) -> int | None:
+    """Number of classes ``net`` outputs: ``net.num_classes``, else ``net.fc.out_features``
+    (None when it declares neither)."""
+    width = getattr(net, "num_classes", None)
+    fc = getattr(net, "fc", None)
+    if width is None and isinstance(fc, nn.Linear):
+        width = fc.out_features
+    return int(width) if width is not None else None
+
+
+def check_output_width(net: nn.Module, num_classes: int, who: str = "model") -> None:
+    """:class:`~distill.config_checks.ConfigError` when ``net`` declares another number of
+    classes than the data (``data.num_classes``)."""
+    width = output_width(net)
+    if width is not None and width != num_classes:
+        raise ConfigError(
+            f"the {who} ({arch_name(net)}) outputs {width} classes but the data has "
+            f"{num_classes} (data.num_classes): set {who}.num_classes=${{data.num_classes}}"
+        )
+
+
 class ClassifierModule(pl.LightningModule):
     """Trains ``net`` with cross-entropy; logs train/<term>, train/err, val/err, test/err and lr.
 
@@ -94,7 +117,8 @@ class ClassifierModule(pl.LightningModule):
         channels_last: channels_last memory format for the net and its inputs; ``"auto"``: on
             when the trainer runs mixed precision (:func:`distill.precision.use_channels_last`).
         compile: ``torch.compile`` the net in place (state_dict keys are unchanged).
-        num_classes: number of classes (default: ``net.fc.out_features`` or 10).
+        num_classes: number of classes (``data.num_classes`` in the configs; must match the
+            net's output width); None: the net's (``net.num_classes`` / ``net.fc``), else 10.
     """
 
     def __init__(
@@ -114,8 +138,9 @@ class ClassifierModule(pl.LightningModule):
         self.scheduler_interval = scheduler_interval
         self.channels_last_setting, self.use_compile = channels_last, compile
         self.use_channels_last = use_channels_last(channels_last, "32-true")  # auto: at setup
-        fc = getattr(net, "fc", None)
-        n_cls = num_classes or (fc.out_features if isinstance(fc, nn.Linear) else 10)
+        if num_classes is not None:
+            check_output_width(net, num_classes)
+        n_cls = num_classes or output_width(net) or 10
         self.arch = arch_name(net)
         self.save_hyperparameters(
             {

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from distill.console import say
 from distill.loss_config import LossConfig, build_cam
 from distill.losses import map_agreement
-from distill.modules.classifier import ClassifierModule
+from distill.modules.classifier import ClassifierModule, check_output_width
 from distill.objectives import StudentOutputs, build_objectives
 from distill.objectives.base import capture
 from distill.teacher import Teacher
@@ -83,6 +83,7 @@ class StudentModule(ClassifierModule):
                 cache_root,
                 memo_root,
             )
+        check_output_width(teacher.net, self.hparams["num_classes"], "teacher.model")
         self.teacher = teacher
         self.teacher_checkpoint = teacher.checkpoint
         self.hparams.update(
