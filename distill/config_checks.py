@@ -204,6 +204,45 @@ def config_diff(saved: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
     )
 
 
+def _declared(node: Any, attribute: str) -> Any:
+    """The class attribute ``attribute`` of the network a config node builds (``_target_``:
+    ``cam_layer`` / ``feature_layers``), None when it cannot be read without building it."""
+    target = node.get("_target_") if isinstance(node, Mapping) else None
+    try:
+        from hydra.utils import get_object
+
+        found = getattr(get_object(target), attribute, None) if target else None
+    except Exception:  # noqa: BLE001 - an unimportable target: nothing declared
+        return None
+    return list(found) if isinstance(found, tuple) else found
+
+
+def _as_saved(new: dict[str, Any], saved: Mapping[str, Any]) -> dict[str, Any]:
+    """``new`` with the layer keys that are null (= the network's declared ``cam_layer`` /
+    ``feature_layers``) written out, and ``loss.map_size`` dropped when null and absent from
+    ``saved``: a run saved before these defaults (``block3``, ``[block1, block2, block3]``) is
+    the same run."""
+    loss = new.get("loss")
+    if not isinstance(loss, dict):
+        return new
+    loss = dict(loss)
+    teacher = (new.get("module") or {}).get("teacher_net") or (new.get("teacher") or {}).get(
+        "model"
+    )
+    nets = {"student": new.get("model"), "teacher": teacher}
+    for side, net in nets.items():
+        if loss.get(f"{side}_layer", "") is None:
+            loss[f"{side}_layer"] = _declared(net, "cam_layer")
+    if isinstance(loss.get("at"), dict):
+        at = loss["at"] = dict(loss["at"])
+        for side, net in nets.items():
+            if at.get(f"{side}_layers", "") is None:
+                at[f"{side}_layers"] = _declared(net, "feature_layers")
+    if loss.get("map_size", "") is None and "map_size" not in (saved.get("loss") or {}):
+        del loss["map_size"]
+    return {**new, "loss": loss}
+
+
 def check_saved_config(cfg: DictConfig, output_dir: Path) -> list[str]:
     """Compare ``cfg`` with the config saved in ``output_dir`` (nothing saved yet: ``[]``).
 
@@ -215,7 +254,7 @@ def check_saved_config(cfg: DictConfig, output_dir: Path) -> list[str]:
         return []
     new = OmegaConf.to_container(cfg, resolve=True)
     saved = OmegaConf.to_container(OmegaConf.load(saved_path), resolve=False)
-    diff = config_diff(saved, new)  # type: ignore[arg-type]
+    diff = config_diff(saved, _as_saved(new, saved))  # type: ignore[arg-type]
     if not diff or cfg.get("allow_changed_config", False):
         return diff
     shown = ", ".join(diff[:12]) + (f" (+{len(diff) - 12} more)" if len(diff) > 12 else "")

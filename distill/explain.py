@@ -241,6 +241,13 @@ def _maps(
         return cam(x, y).detach().float().cpu()
 
 
+def _layer(net: Network, layer: str | None) -> str:
+    """``layer``, or the network's declared ``cam_layer`` when None."""
+    from distill.objectives.base import declared_layer
+
+    return declared_layer(net.net, layer, "--layer", ExplainError)
+
+
 def _default_methods(students: Sequence[Network]) -> list[str]:
     found = [OmegaConf.select(s.config, "loss.method") for s in students if s.config is not None]
     return list(dict.fromkeys(m for m in found if m)) or ["gradcam"]
@@ -295,7 +302,7 @@ def explain_figure(
     methods: Sequence[str] | None = None,
     out_path: str | Path = "explain.png",
     *,
-    layer: str = "block3",
+    layer: str | None = None,
     per_class: int = 1,
     max_classes: int = 10,
     data: Sequence[str] | None = None,
@@ -313,7 +320,8 @@ def explain_figure(
             ``per_class`` test images of each of the first ``max_classes`` classes of the first
             run's data, or of ``data`` (``train.py`` overrides such as ``data=cifar10_folder``).
         methods: :data:`cams.METHODS` names; None: the students' ``loss.method`` (else gradcam).
-        layer: the CAM target layer of every network.
+        layer: the CAM target layer of every network (None: each network's declared
+            ``cam_layer``; maps of different sizes are compared average-pooled to the smaller).
         device: where the CAMs run (default: CUDA when available).
         palette: write a 256-colour PNG (:func:`distill.visualize.save_figure`).
 
@@ -344,13 +352,15 @@ def explain_figure(
         n.net.to(dev)
         with torch.no_grad():
             preds[n.label] = n.net(x).argmax(1).cpu().tolist()
+    layers = [_layer(n, layer) for n in nets]
     maps = {
         m: [
-            _maps(m, n, "teacher" if n is teacher else "student", layer, students, x, y)
-            for n in nets
+            _maps(m, n, "teacher" if n is teacher else "student", at, students, x, y)
+            for n, at in zip(nets, layers, strict=True)
         ]
         for m in methods
     }
+    layer = "/".join(dict.fromkeys(layers))  # the label: one name when all networks agree
     agreement = {
         s.label: {m: map_agreement(maps[m][k + 1], maps[m][0]).tolist() for m in methods}
         for k, s in enumerate(students)
@@ -397,7 +407,8 @@ def _render(
                     titles=[f"cos {a:.2f}" for a in cos],
                 )
             )
-    h, w = maps[methods[0]][0].shape[-2:]
+    h = min(m.shape[-2] for m in maps[methods[0]])
+    w = min(m.shape[-1] for m in maps[methods[0]])
     title = (
         f"True-class CAMs at {layer}: teacher ({teacher.arch}) and {len(students)} student(s), "
         f"{images.split} images (first {images.per_class} of each class)\n"
@@ -506,7 +517,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--methods",
         help="comma-separated CAM methods (default: the students' loss.method, else gradcam)",
     )
-    parser.add_argument("--layer", default="block3", help="CAM target layer (default: block3)")
+    parser.add_argument(
+        "--layer", help="CAM target layer (default: each network's cam_layer, WRN: block3)"
+    )
     parser.add_argument("--per-class", type=int, default=1, help="images per class (default 1)")
     parser.add_argument("--max-classes", type=int, default=10, help="classes shown (default 10)")
     parser.add_argument(

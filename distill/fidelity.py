@@ -11,11 +11,12 @@ the image count and the seconds):
   ``fidelity/kl_teacher_student`` = mean ``KL(p_t || p_s) = sum_k p_t,k (log p_t,k - log p_s,k)``
   (softmax at T = 1; in nats, >= 0, not bounded by 1);
 * explanation agreement, runs with a teacher: mean per-image cosine of the flattened true-class maps
-  of student and teacher, ``fidelity/map_cosine_gradcam`` with Grad-CAM at ``layer`` for every
-  cell (one yardstick), ``fidelity/map_cosine_own`` with the cell's own CAM (``loss.method`` at
-  ``loss.student_layer`` / ``loss.teacher_layer`` with the loss's CAM options, overridden by
-  ``own_cam[method]``) when it has one. A map that is all zero has cosine 0 with anything
-  (:func:`distill.losses.map_agreement`);
+  of student and teacher (average-pooled to the smaller when their sizes differ),
+  ``fidelity/map_cosine_gradcam`` with Grad-CAM at ``layer`` (default: each net's ``cam_layer``)
+  for every cell (one yardstick), ``fidelity/map_cosine_own`` with the cell's own CAM
+  (``loss.method`` at ``loss.student_layer`` / ``loss.teacher_layer`` with the loss's CAM
+  options, overridden by ``own_cam[method]``) when it has one. A map that is all zero has
+  cosine 0 with anything (:func:`distill.losses.map_agreement`);
 * faithfulness of the run's own net's Grad-CAM maps at ``layer`` (every run, the teacher's too):
   ``faithfulness/average_drop``, ``increase_in_confidence``, ``coherency``, ``complexity`` and
   ``adcc`` from :mod:`cams.metrics` (the author's pipeline: the class is the model's prediction);
@@ -55,6 +56,7 @@ from cams.metrics import (
 from distill.config_checks import ConfigError
 from distill.loss_config import build_cam
 from distill.losses import map_agreement
+from distill.objectives.base import declared_layer
 from distill.teacher import check_teacher_data, load_teacher
 
 __all__ = [
@@ -104,7 +106,9 @@ class FidelityCallback(pl.Callback):
     Args:
         enabled: False: do nothing (``callbacks.fidelity.enabled=false``).
         max_images: measure at most this many evenly spaced test images (None: all).
-        layer: the Grad-CAM yardstick's layer, in the run's net and the teacher's.
+        layer: the Grad-CAM yardstick's layer, in the run's net and the teacher's (None: each
+            network's declared ``cam_layer``; maps of different sizes are compared average-pooled
+            to the smaller, :func:`distill.losses.map_agreement`).
         own_method: also compare the maps of the cell's own CAM method (student runs with one).
         own_cam: per-method option overrides for the own-method maps, both nets (e.g. fewer
             Shap-CAM permutations than the teacher's training maps).
@@ -118,7 +122,7 @@ class FidelityCallback(pl.Callback):
         self,
         enabled: bool = True,
         max_images: int | None = None,
-        layer: str = "block3",
+        layer: str | None = None,
         own_method: bool = True,
         own_cam: Mapping[str, Mapping[str, Any]] | None = None,
         teacher_net: nn.Module | None = None,
@@ -135,6 +139,7 @@ class FidelityCallback(pl.Callback):
         self.teacher_net, self.teacher_checkpoint = teacher_net, teacher_checkpoint
         self.teacher: nn.Module | None = None  # the module's teacher, or the one loaded here
         self.warned = False
+        self.layers: dict[str, str] = {}  # the yardstick's layer per network (setup)
         self.metrics: dict[str, Metric] = {}
         self.cams: dict[str, Any] = {}
         self.own_is_yardstick = False
@@ -152,12 +157,16 @@ class FidelityCallback(pl.Callback):
         own = getattr(pl_module, "teacher", None)
         self.teacher = own.net if own is not None else self._load_teacher(trainer)
         self.seconds += time.perf_counter() - start
+        self.layers = {}
         for name, net in self._nets(pl_module).items():
-            if self.layer not in dict(net.named_modules()):
+            layer = declared_layer(net, self.layer, "callbacks.fidelity.layer", ConfigError)
+            if layer not in dict(net.named_modules()):
+                hint = getattr(net, "cam_layer", None) or "block3"
                 raise ConfigError(
-                    f"callbacks.fidelity.layer={self.layer!r} is not a module of the {name}'s "
-                    "network; choose one with spatial maps, e.g. block3"
+                    f"callbacks.fidelity.layer={layer!r} is not a module of the {name}'s "
+                    f"network; choose one with spatial maps, e.g. {hint} (null: its cam_layer)"
                 )
+            self.layers[name] = layer
 
     def _load_teacher(self, trainer: pl.Trainer) -> nn.Module | None:
         """``teacher_net`` with the verified ``teacher_checkpoint`` (None without one). A CE run
@@ -198,7 +207,8 @@ class FidelityCallback(pl.Callback):
             if getattr(pl_module, "use_channels_last", False):
                 self.teacher.to(memory_format=torch.channels_last)
         self.cams = {
-            f"gradcam_{side}": build_cam("gradcam", net, self.layer) for side, net in nets.items()
+            f"gradcam_{side}": build_cam("gradcam", net, self.layers[side])
+            for side, net in nets.items()
         }
         own = self._own_cams(pl_module, nets) if "teacher" in nets and self.own_method else None
         self.cams.update(own or {})
@@ -230,7 +240,7 @@ class FidelityCallback(pl.Callback):
             side: (getattr(loss, f"{side}_layer"), {**loss.options(side), **override})
             for side in ("student", "teacher")
         }
-        if method == "gradcam" and all(spec == (self.layer, {}) for spec in specs.values()):
+        if method == "gradcam" and all(specs[s] == (self.layers[s], {}) for s in specs):
             return {}
         return {
             f"own_{side}": build_cam(method, nets[side], layer, options)

@@ -16,7 +16,7 @@ are checked at start-up by :mod:`distill.config_checks` (each objective's own by
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields, make_dataclass
+from dataclasses import dataclass, field, fields, make_dataclass, replace
 from typing import Any
 
 from torch import nn
@@ -25,6 +25,7 @@ import cams
 from cams.utils import NORMALIZATIONS
 from distill.losses import LossConfigError, check_alpha
 from distill.objectives import OBJECTIVES
+from distill.objectives.base import declared_layer
 from distill.objectives.kd import KDConfig
 
 __all__ = [
@@ -35,6 +36,7 @@ __all__ = [
     "build_cam",
     "cam_options",
     "register_configs",
+    "resolve_cam_layers",
 ]
 
 SCHEMA_NAME = "_schema"  # configs/loss/ce.yaml: defaults: [_schema, _self_]
@@ -52,8 +54,9 @@ class _LossKeys:
     method: str | None = None  # a cams.METHODS name; None: no explanation term
     alpha: float = 0.0
     norm: str = "l2"  # cams.utils.NORMALIZATIONS
-    student_layer: str = "block3"
-    teacher_layer: str = "block3"
+    student_layer: str | None = None  # None: the student's declared cam_layer
+    teacher_layer: str | None = None  # None: the teacher's declared cam_layer
+    map_size: int | None = None  # maps compared at this size; None: the smaller (same if equal)
     teacher_maps: str = "online"  # TEACHER_MAP_SOURCES
     map_align: str = "nearest"
     cache_dir: str | None = None
@@ -123,6 +126,20 @@ LossConfig = make_dataclass(
     options) of every registered objective (:data:`distill.objectives.OBJECTIVES`).""",
     },
 )
+
+
+def resolve_cam_layers(cfg: Any, student: nn.Module, teacher: nn.Module) -> Any:
+    """``cfg`` (a :class:`LossConfig`) with ``student_layer`` / ``teacher_layer`` set: a null
+    one is the network's declared ``cam_layer`` (:func:`distill.objectives.base.declared_layer`,
+    which raises naming the key when the network declares none). Unchanged without a CAM
+    method (the layers are not used)."""
+    if cfg.method is None:
+        return cfg
+    return replace(
+        cfg,
+        student_layer=declared_layer(student, cfg.student_layer, "loss.student_layer"),
+        teacher_layer=declared_layer(teacher, cfg.teacher_layer, "loss.teacher_layer"),
+    )
 
 
 def register_configs() -> None:

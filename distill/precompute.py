@@ -56,7 +56,7 @@ def precompute(cfg: DictConfig) -> str:
 
     indices = cached_indices(datamodule)
     print(
-        f"teacher maps: {cfg.loss.method} at {cfg.loss.teacher_layer}, "
+        f"teacher maps: {cfg.loss.method} at {teacher.layer}, "
         f"{len(indices)} training images -> {cache.directory}"
     )
     cache.build(

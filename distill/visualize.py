@@ -372,7 +372,9 @@ def cam_figure(
             titles=[f"cos {a:.2f}" for a in agree.tolist()],
         ),
     ]
-    h, w = teacher_maps.shape[-2:]
+    h, w = (
+        min(a, b) for a, b in zip(teacher_maps.shape[-2:], student_maps.shape[-2:], strict=True)
+    )
     at = f" at {layer}" if layer else ""
     when = f", end of epoch {epoch}" if epoch is not None else ""
     title = (

@@ -52,14 +52,16 @@ def reference(module, cfg, batch: dict) -> tuple[torch.Tensor, dict[str, torch.T
     net, teacher_net = module.net, module.teacher.net
     terms: dict[str, torch.Tensor] = {}
     if loss_cfg.method:
+        # null layers: the WRNs' declared cam_layer, the last conv output block3 (8x8 both)
+        s_layer, t_layer = loss_cfg.student_layer or "block3", loss_cfg.teacher_layer or "block3"
         options = {**loss_cfg.cam, **loss_cfg.student_cam}
-        cam = cams.build(loss_cfg.method, net, loss_cfg.student_layer, **options)
+        cam = cams.build(loss_cfg.method, net, s_layer, **options)
         if isinstance(options.get("seed", 0), int) and loss_cfg.method == "shapcam":
             cam.seed = step_seed(options.get("seed", 0), torch.initial_seed(), 0)
         out = cam.compute(x, y, create_graph=True)
         logits, s_maps = out.logits, out.maps
         t_options = {**loss_cfg.cam, **loss_cfg.teacher_cam}
-        t_cam = cams.build(loss_cfg.method, teacher_net, loss_cfg.teacher_layer, **t_options)
+        t_cam = cams.build(loss_cfg.method, teacher_net, t_layer, **t_options)
         t_maps = t_cam(x, y).detach()
     else:
         logits = net(x)

@@ -125,8 +125,14 @@ def test_teacher_of_another_architecture_is_refused(tmp_path, teacher_ckpt):
 
 
 def test_map_shape_mismatch_stops_before_training(tmp_path, teacher_ckpt):
+    """16x16 student maps against 8x8 teacher maps are pooled to 8x8 (tests/test_map_alignment.py);
+    a size that divides neither cannot be reached by pooling and stops the run at construction."""
     cfg = tiny(tmp_path, teacher_ckpt, "loss=gradcam", "loss.student_layer=block2")
-    with pytest.raises(ValueError, match="same resolution|equal resolution"):
+    assert student(cfg).objectives[-1].size == (8, 8)
+    cfg = tiny(
+        tmp_path, teacher_ckpt, "loss=gradcam", "loss.student_layer=block2", "loss.map_size=3"
+    )
+    with pytest.raises(ValueError, match=r"cannot be aligned .* set loss\.map_size=8"):
         student(cfg)
 
 

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from distill.console import say
-from distill.loss_config import LossConfig, build_cam
+from distill.loss_config import LossConfig, build_cam, resolve_cam_layers
 from distill.losses import map_agreement
 from distill.modules.classifier import ClassifierModule, check_output_width
 from distill.objectives import StudentOutputs, build_objectives
@@ -70,10 +70,12 @@ class StudentModule(ClassifierModule):
     ) -> None:
         super().__init__(net=net, **kwargs)
         cfg = loss if isinstance(loss, LossConfig) else LossConfig.from_mapping(loss or {})
+        if teacher is None and teacher_net is None:
+            raise TypeError("StudentModule needs teacher_net (or a ready teacher=Teacher)")
+        # null CAM layers: the networks' declared cam_layer (refused here when there is none)
+        cfg = resolve_cam_layers(cfg, net, teacher.net if teacher is not None else teacher_net)
         self.loss_cfg = cfg
         if teacher is None:
-            if teacher_net is None:
-                raise TypeError("StudentModule needs teacher_net (or a ready teacher=Teacher)")
             teacher = Teacher.load(
                 teacher_net,
                 cfg,
@@ -92,6 +94,8 @@ class StudentModule(ClassifierModule):
             teacher_arch=type(teacher.net).__name__,
         )
         self.objectives = build_objectives(cfg, self.net, teacher.net)
+        # the (h, w) at which student and teacher maps are compared (the CAM term's; None: no term)
+        self.map_size = next((o.size for o in self.objectives if o.name == "cam"), None)
         teacher.require(self.objectives)
         self.student_layers = [layer for o in self.objectives for layer in o.student_layers]
         self.student_cam = None
@@ -155,7 +159,8 @@ class StudentModule(ClassifierModule):
         assert loss is not None  # cross-entropy is always on
         self.term_weights = {name: float(w) for name, w in weights.items()}
         if student.maps is not None and "maps" in teacher and self._trainer is not None:
-            agreement = map_agreement(student.maps.detach(), teacher["maps"]).mean()
+            agreement = map_agreement(student.maps.detach(), teacher["maps"], self.map_size)
+            agreement = agreement.mean()
             self.log_train_mean("map_agreement", agreement, len(y))  # resume-exact epoch mean
         return loss, student.logits, terms
 
@@ -186,7 +191,8 @@ class StudentModule(ClassifierModule):
         result = super().validation_step(batch, batch_idx)
         if self.student_cam is not None and batch_idx < self.loss_cfg.agreement_batches:
             x, y = batch["image"], batch["label"]
-            agreement = map_agreement(self.student_cam(x, y), self.teacher.explain(x, y)).mean()
+            maps = self.student_cam(x, y), self.teacher.explain(x, y)
+            agreement = map_agreement(*maps, self.map_size).mean()
             self.log("val/map_agreement", agreement, on_epoch=True, batch_size=len(y))
         return result
 

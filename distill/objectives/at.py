@@ -1,16 +1,17 @@
-"""Attention transfer (AT; Zagoruyko & Komodakis, ICLR 2017) over the WRN group outputs."""
+"""Attention transfer (AT; Zagoruyko & Komodakis, ICLR 2017) over the networks' stage outputs
+(their declared ``feature_layers``; the WRN group outputs)."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from distill.losses import LossConfigError
+from distill.losses import LossConfigError, aligned_size
 from distill.objectives import register_objective
 from distill.objectives.base import (
     Objective,
@@ -19,6 +20,7 @@ from distill.objectives.base import (
     Term,
     check_domain,
     check_layers,
+    declared_layers,
     exact,
     finite,
     layer_shapes,
@@ -27,19 +29,18 @@ from distill.objectives.base import (
 if TYPE_CHECKING:
     from distill.loss_config import LossConfig
 
-GROUPS = ["block1", "block2", "block3"]  # WRN group outputs: 32x32, 16x16, 8x8
-
 
 @dataclass
 class ATConfig:
     """``loss.at``: the attention-transfer code's WRN setting (beta / 2 = 500 on the mean
-    squared difference; mdistiller uses 1000)."""
+    squared difference; mdistiller uses 1000). Null layers: each network's declared
+    ``feature_layers`` (WRN: its group outputs block1, block2, block3)."""
 
     enabled: bool = False
     weight: float = 500.0
     p: float = 2.0  # at(A) = normalize(mean_c |A_c|^p)
-    student_layers: list[str] = field(default_factory=lambda: list(GROUPS))
-    teacher_layers: list[str] = field(default_factory=lambda: list(GROUPS))
+    student_layers: list[str] | None = None  # None: the student's feature_layers
+    teacher_layers: list[str] | None = None  # None: the teacher's feature_layers
 
 
 class _MeanSquare(torch.autograd.Function):
@@ -90,8 +91,10 @@ def at_loss(student: Sequence[Tensor], teacher: Sequence[Tensor]) -> Tensor:
 @register_objective("at")
 class AttentionTransfer(Objective):
     """``weight * at_loss`` (:func:`attention`, :func:`at_loss`), term ``at``, over the pairs
-    ``student_layers[g]`` / ``teacher_layers[g]``; a pair of unequal spatial sizes is compared at
-    the smaller one. The teacher's attention maps (32^2 + 16^2 + 8^2 = 1,344 values per image for
+    ``student_layers[g]`` / ``teacher_layers[g]`` (null: the networks' ``feature_layers``); a pair
+    of unequal spatial sizes is compared at the smaller one, the larger feature map average-pooled
+    (square maps whose sides divide, :func:`distill.losses.aligned_size`; any other pair is
+    refused at setup). The teacher's attention maps (32^2 + 16^2 + 8^2 = 1,344 values per image for
     the WRN groups) are one teacher output, memoized like the logits."""
 
     Config = ATConfig
@@ -103,17 +106,15 @@ class AttentionTransfer(Objective):
         c = loss.at
         check_domain("at.weight", c.weight, finite(c.weight) and c.weight >= 0, "a number >= 0")
         check_domain("at.p", c.p, finite(c.p) and c.p > 0, "a number > 0")
-        if not c.student_layers or len(c.student_layers) != len(c.teacher_layers):
-            raise LossConfigError(
-                f"loss.at.student_layers {list(c.student_layers)} and loss.at.teacher_layers "
-                f"{list(c.teacher_layers)} must pair layers one to one (at least one)"
-            )
+        if c.student_layers is not None and c.teacher_layers is not None:
+            _check_pairing(c.student_layers, c.teacher_layers)
 
     def __init__(self, loss: LossConfig, student: nn.Module, teacher: nn.Module) -> None:
         super().__init__(loss, student, teacher)
         c = self.cfg
-        self.student_layers = tuple(c.student_layers)
-        self.teacher_layers = tuple(c.teacher_layers)
+        self.student_layers = declared_layers(student, c.student_layers, "loss.at.student_layers")
+        self.teacher_layers = declared_layers(teacher, c.teacher_layers, "loss.at.teacher_layers")
+        _check_pairing(self.student_layers, self.teacher_layers)
         check_layers(student, self.student_layers, "at.student_layers")
         check_layers(teacher, self.teacher_layers, "at.teacher_layers")
         s_shapes = layer_shapes(student, self.student_layers)
@@ -126,7 +127,14 @@ class AttentionTransfer(Objective):
                     f"loss.at pairs {s_layer} {(1, *s)} with {t_layer} {(1, *t)}: attention "
                     "transfer needs feature maps (B, C, h, w)"
                 )
-            self.sizes.append((min(s[1], t[1]), min(s[2], t[2])))
+            try:
+                self.sizes.append(aligned_size(s[1:], t[1:]))
+            except LossConfigError as err:
+                raise LossConfigError(
+                    f"loss.at pairs {s_layer} ({s[1]}x{s[2]}) with {t_layer} ({t[1]}x{t[2]}): "
+                    f"they cannot be aligned by average pooling ({err}); pair layers whose map "
+                    "sizes divide each other (loss.at.student_layers / loss.at.teacher_layers)"
+                ) from None
 
     def teacher_outputs(self) -> list[TeacherOutput]:
         p, sizes = self.cfg.p, self.sizes
@@ -152,3 +160,11 @@ class AttentionTransfer(Objective):
         ]
         t_maps = teacher["at"].split([h * w for h, w in self.sizes], dim=1)
         return [Term("at", at_loss(s_maps, t_maps), self.cfg.weight)]
+
+
+def _check_pairing(student_layers: Sequence[str], teacher_layers: Sequence[str]) -> None:
+    if not student_layers or len(student_layers) != len(teacher_layers):
+        raise LossConfigError(
+            f"loss.at.student_layers {list(student_layers)} and loss.at.teacher_layers "
+            f"{list(teacher_layers)} must pair layers one to one (at least one)"
+        )

@@ -40,6 +40,8 @@ __all__ = [
     "capture",
     "check_domain",
     "check_layers",
+    "declared_layer",
+    "declared_layers",
     "exact",
     "layer_shapes",
 ]
@@ -157,6 +159,44 @@ def check_layers(net: nn.Module, layers: Sequence[str], key: str) -> None:
             f"loss.{key}: {type(net).__name__} has no module {', '.join(unknown)}; "
             f"its top-level modules: {top}"
         )
+
+
+def _top_modules(net: nn.Module) -> str:
+    return ", ".join(n for n, _ in net.named_children())
+
+
+def declared_layer(
+    net: nn.Module, layer: str | None, option: str, error: type[Exception] = LossConfigError
+) -> str:
+    """``layer``, or when it is None the CAM layer ``net`` declares (its class attribute
+    ``cam_layer``: the last feature map before the global pool). Raises ``error`` naming
+    ``option`` (e.g. ``loss.student_layer``) when neither is there."""
+    if layer is not None:
+        return layer
+    found = getattr(net, "cam_layer", None)
+    if not isinstance(found, str) or not found:
+        raise error(
+            f"{option} is not set and {type(net).__name__} declares no cam_layer: set "
+            f"{option}=<module> (its top-level modules: {_top_modules(net)}) or give the class "
+            "a cam_layer attribute"
+        )
+    return found
+
+
+def declared_layers(net: nn.Module, layers: Sequence[str] | None, option: str) -> tuple[str, ...]:
+    """``layers``, or when None the feature layers ``net`` declares (class attribute
+    ``feature_layers``: its stage outputs); :class:`LossConfigError` naming ``option`` when
+    neither is there."""
+    if layers is not None:
+        return tuple(layers)
+    found = getattr(net, "feature_layers", None)
+    if not found:
+        raise LossConfigError(
+            f"{option} is not set and {type(net).__name__} declares no feature_layers: set "
+            f"{option}=[...] (its top-level modules: {_top_modules(net)}) or give the class a "
+            "feature_layers attribute"
+        )
+    return tuple(found)
 
 
 @contextmanager

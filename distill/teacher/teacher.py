@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from distill.loss_config import LossConfig, build_cam
 from distill.objectives import teacher_needs
-from distill.objectives.base import TeacherOutput, capture, check_layers
+from distill.objectives.base import TeacherOutput, capture, check_layers, declared_layer
 from distill.teacher.cache import (
     CacheError,
     ForeignCacheError,
@@ -67,7 +67,8 @@ def precompute_command(drop_cache_dir: bool = False, drop: str = "loss.cache_dir
 
 class Teacher(nn.Module):
     """A frozen teacher: ``net`` (eval mode, no grad, never trained), the CAM of ``loss.method``
-    at ``loss.teacher_layer`` (None without an explanation term), and where its maps come from
+    at ``loss.teacher_layer`` (null: the network's declared ``cam_layer``; None without an
+    explanation term), and where its maps come from
     (``loss.teacher_maps``):
 
     * ``online`` — the CAM on the student's (augmented) batch;
@@ -95,7 +96,13 @@ class Teacher(nn.Module):
         cfg = loss if isinstance(loss, LossConfig) else LossConfig.from_mapping(loss)
         self.checkpoint = str(checkpoint)
         self.net = load_teacher(net, self.checkpoint)
-        self.method, self.layer = cfg.method, cfg.teacher_layer
+        self.method = cfg.method
+        # null loss.teacher_layer: the network's declared cam_layer (needed only with a CAM)
+        layer = cfg.teacher_layer
+        if cfg.method is not None:
+            self.layer: str | None = declared_layer(self.net, layer, "loss.teacher_layer")
+        else:
+            self.layer = layer or getattr(self.net, "cam_layer", None)
         self.options = cfg.options("teacher")
         self.source, self.map_align = cfg.teacher_maps, cfg.map_align
         self.cache_dir = cfg.cache_dir
@@ -397,15 +404,13 @@ class Teacher(nn.Module):
 
     @cached_property
     def _probe(self) -> tuple[int, tuple[int, int]]:
-        captured: list[tuple[int, ...]] = []
-        layer = dict(self.net.named_modules())[self.layer]
-        handle = layer.register_forward_hook(lambda m, i, o: captured.append(tuple(o.shape)))
-        try:
-            device = next(self.net.parameters()).device
+        """(classes, (h, w) at the CAM layer; (0, 0) without one) from one 32x32 input."""
+        layers = [self.layer] if self.layer is not None else []
+        device = next(self.net.parameters()).device
+        with capture(self.net, layers) as found:
             logits = self.logits(torch.zeros(1, 3, 32, 32, device=device))
-        finally:
-            handle.remove()
-        return int(logits.shape[1]), (int(captured[0][-2]), int(captured[0][-1]))
+        shape = tuple(found[self.layer].shape) if layers else (0, 0)
+        return int(logits.shape[1]), (int(shape[-2]), int(shape[-1]))
 
     @property
     def num_classes(self) -> int:
