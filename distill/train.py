@@ -291,13 +291,17 @@ def teacher_command(overrides: list[str]) -> str | None:
     """The command that trains the teacher a student run looks for, from the student's own
     command-line overrides: its ``data``/``paths`` overrides as given, ``teacher.epochs`` /
     ``teacher.seed`` / ``teacher.model.*`` as the teacher run's keys, ``teacher=<name>`` and
-    ``model@teacher.model=<name>`` as ``model=<name>``. None outside Hydra."""
+    ``model@teacher.model=<name>`` as ``model=<name>``, ``recipe=<name>`` as given. None outside
+    Hydra, and None for a run with an ``experiment=`` override (it may pick the data, recipe and
+    teacher: the config's own ``teacher.train_command`` names them all)."""
     if not HydraConfig.initialized():
         return None
     kept = []
     for override in overrides:
         key, _, value = override.lstrip("+~").partition("=")
-        if key == "data" or key.startswith(("data.", "paths.")):
+        if key == "experiment":
+            return None
+        if key in ("data", "recipe") or key.startswith(("data.", "paths.")):
             kept.append(override)
         elif key in _TEACHER_KEYS:
             kept.append(f"{_TEACHER_KEYS[key]}={value}")
