@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +33,7 @@ VIEWS = 162  # pad 4: 9 x 9 crop offsets x 2 flips (distill.teacher.memo.num_vie
 MEASURED = ("wrn16_2", "wrn40_2")  # the student and teacher the step times were measured with
 
 
-@lru_cache(maxsize=None)
+@cache
 def forward_flops(name: str, num_classes: int = 10) -> int:
     """FLOPs of one forward pass of registered model ``name`` on one 32x32 image (eval mode),
     as ``torch.utils.flop_counter.FlopCounterMode`` counts them (a multiply-add is 2 FLOPs)."""
