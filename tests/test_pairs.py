@@ -304,3 +304,32 @@ def test_one_training_step_of_a_pair_with_a_cam_preset(
     before = module.net.fc.weight.detach().clone()
     torch.optim.SGD(module.net.parameters(), lr=0.1).step()
     assert not torch.equal(before, module.net.fc.weight)
+
+
+def test_a_saved_config_without_an_added_key_is_the_same_run() -> None:
+    """Runs saved before ``teacher.train_recipe`` (or ``data.dataset``) existed had "" (cifar10)."""
+    from distill.harness.runs import _diff_keys
+
+    old = {"teacher": {"epochs": 20}, "data": {"source": "folder"}}
+    new = {"teacher": {"epochs": 20, "train_recipe": ""}, "data": {"source": "folder"}}
+    assert _diff_keys(new, old) == [] and _diff_keys(old, new) == []
+    new["data"]["dataset"] = "cifar100"
+    new["teacher"]["train_recipe"] = " recipe=cifar100"
+    assert _diff_keys(new, old) == ["data.dataset", "teacher.train_recipe"]
+
+
+def test_a_dry_run_of_a_gpu_profile_without_gpus_assumes_one(
+    pairs_profile: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from distill.harness import HarnessError, Local, Profile, devices
+
+    monkeypatch.setattr(devices, "visible_gpus", lambda: 0)
+    gpu = pairs_profile.read_text().replace("trainer=cpu", "trainer=gpu")
+    pairs_profile.write_text(gpu.replace("devices: cpu:1\n", ""))
+    (sub, _) = Profile.load(str(pairs_profile)).expand()
+    pending = {0: ["ce"]}
+    place = Local.parse("auto").prepare(sub, pending, dry_run=True)
+    assert [d.label for d in place.devices] == ["gpu:0"] and place.assumed
+    assert "this machine shows no GPU: the plan assumes one" in place.describe(True)
+    with pytest.raises(HarnessError, match="trains on GPU .* workers are CPUs"):
+        Local.parse("auto").prepare(sub, pending)  # a real run still refuses
