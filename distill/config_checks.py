@@ -54,6 +54,7 @@ _RULES: tuple[Rule, ...] = (
     ("data.eval_batch_size", int, lambda v: v >= 1, "an integer >= 1", True),
     ("data.val_size", int, lambda v: v >= 0, "an integer >= 0", False),
     ("data.train_subset", int, lambda v: v >= 1, "an integer >= 1 or null", True),
+    ("data.num_classes", int, lambda v: v >= 2, "an integer >= 2", False),
     ("data.synthetic_size", int, lambda v: v >= 1, "an integer >= 1", False),
     ("data.synthetic_test_size", int, lambda v: v >= 1, "an integer >= 1", False),
     ("data.pad", int, lambda v: v >= 0, "an integer >= 0", False),

@@ -216,6 +216,14 @@ def test_width_mismatches_are_refused(tmp_path: Path, teacher_ckpt: Path) -> Non
         student(cfg)
 
 
+def test_num_classes_domain() -> None:
+    from distill.config_checks import validate_options
+
+    validate_options(compose_cfg("data=synthetic100"))
+    with pytest.raises(ConfigError, match="data.num_classes must be an integer >= 2, got 1"):
+        validate_options(compose_cfg("data=synthetic", "data.num_classes=1"))
+
+
 # ----------------------------------------------------------------------------- sources
 
 

@@ -166,11 +166,6 @@ class CIFAR10DataModule(pl.LightningDataModule):
     Args:
         source: "torchvision" (download when ``download``), "folder" (``root/train/<class>/*``,
             ``root/test/<class>/*``) or "synthetic".
-        dataset: a :data:`distill.data.datasets.DATASETS` name: its classes, normalization,
-            image size and torchvision class.
-        num_classes: the number of classes (``data.num_classes``, which the model and module
-            configs read); must be the dataset's, except for synthetic data (another count gets
-            classes ``class0``, ...). None: the dataset's.
         root: dataset directory for torchvision/folder.
         download: allow torchvision to download into ``root``.
         batch_size: training batch size; ``eval_batch_size`` for val/test (default: same).
@@ -188,14 +183,17 @@ class CIFAR10DataModule(pl.LightningDataModule):
         extra_augment: callables applied to every augmented uint8 training batch after the
             crop/flip (e.g. Hydra-instantiated ``torchvision.transforms.v2.RandomRotation``). They
             leave the finite crop/flip view set, so the teacher-output memo turns off.
+        dataset: a :data:`distill.data.datasets.DATASETS` name: its classes, normalization,
+            image size and torchvision class.
+        num_classes: the number of classes (``data.num_classes``, which the model and module
+            configs read); must be the dataset's, except for synthetic data (another count gets
+            classes ``class0``, ...). None: the dataset's.
     """
 
     def __init__(
         self,
         source: str = "torchvision",
         root: str | Path = "data/cifar10",
-        dataset: str = "cifar10",
-        num_classes: int | None = None,
         download: bool = True,
         batch_size: int = 128,
         eval_batch_size: int | None = None,
@@ -212,6 +210,8 @@ class CIFAR10DataModule(pl.LightningDataModule):
         shuffle_seed: int = 0,
         drop_last: bool = False,
         extra_augment: Sequence[Callable[[Tensor], Tensor]] | None = None,
+        dataset: str = "cifar10",
+        num_classes: int | None = None,
     ) -> None:
         super().__init__()
         if source not in SOURCES:
