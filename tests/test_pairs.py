@@ -107,8 +107,12 @@ def test_teacher_command_from_the_command_line(monkeypatch: pytest.MonkeyPatch) 
     monkeypatch.setattr(train.HydraConfig, "initialized", staticmethod(lambda: True))
     command = train.teacher_command(["data=cifar100", "recipe=cifar100", "teacher=vgg13"])
     assert command == "python train.py experiment=teacher data=cifar100 recipe=cifar100 model=vgg13"
-    # an experiment may pick data, recipe and teacher: the config's own command is used
+    # an experiment may pick data, recipe and teacher: the config's own command, plus paths
     assert train.teacher_command(["experiment=c100/vgg13-vgg8", "loss=dkd"]) is None
+    pick = ["experiment=c100/vgg13-vgg8", "paths.log_dir=/tmp/x", "loss=dkd"]
+    assert (
+        train.teacher_command(pick, "python train.py A") == "python train.py A paths.log_dir=/tmp/x"
+    )
     # without a recipe the CIFAR-10 command is unchanged (no recipe override)
     assert " recipe=" not in compose_cfg("loss=ce_kd").teacher.train_command
 
@@ -333,3 +337,21 @@ def test_a_dry_run_of_a_gpu_profile_without_gpus_assumes_one(
     assert "this machine shows no GPU: the plan assumes one" in place.describe(True)
     with pytest.raises(HarnessError, match="trains on GPU .* workers are CPUs"):
         Local.parse("auto").prepare(sub, pending)  # a real run still refuses
+
+
+@pytest.mark.slow
+def test_a_pair_student_without_its_teacher_prints_the_recipe_command(tmp_path: Path) -> None:
+    """End to end: the message of ``train.py experiment=c100/...`` without a teacher names a
+    command that composes to the teacher run the student looks for."""
+    from tests.conftest import run_python
+
+    data = ["data=synthetic100", "data.synthetic_size=100", "trainer=cpu"]
+    args = ["train.py", "experiment=c100/vgg13-vgg8", "loss=ce_kd", *data]
+    done = run_python([*args, f"paths.log_dir={tmp_path}", "logger=none", "callbacks=none"])
+    assert done.returncode == 2 and "no trained teacher found" in done.stderr, done.stderr[-2000:]
+    line = next(x for x in done.stderr.splitlines() if "python train.py experiment=teacher" in x)
+    words = _overrides(line.strip())
+    assert "recipe=cifar100" in words and "model=vgg13" in words
+    assert f"paths.log_dir={tmp_path}" in words and "data.source=synthetic" in words
+    wanted = compose_cfg(*args[1:], f"paths.log_dir={tmp_path}").teacher.run_name
+    assert compose_cfg(*words).run_name == wanted
