@@ -219,19 +219,21 @@ def _declared(node: Any, attribute: str) -> Any:
     return list(found) if isinstance(found, tuple) else found
 
 
-def _as_saved(new: dict[str, Any], saved: Mapping[str, Any]) -> dict[str, Any]:
-    """``new`` with the layer keys that are null (= the network's declared ``cam_layer`` /
+def _comparable(cfg: dict[str, Any], other: Mapping[str, Any]) -> dict[str, Any]:
+    """``cfg`` with the layer keys that are null (= the network's declared ``cam_layer`` /
     ``feature_layers``) written out, and ``loss.map_size`` dropped when null and absent from
-    ``saved``: a run saved before these defaults (``block3``, ``[block1, block2, block3]``) is
-    the same run."""
-    loss = new.get("loss")
+    ``other``: a run saved before these defaults (``block3``, ``[block1, block2, block3]``, no
+    ``map_size``) and its rerun with them compare equal, both ways."""
+    loss = cfg.get("loss")
     if not isinstance(loss, dict):
-        return new
+        return cfg
     loss = dict(loss)
-    teacher = (new.get("module") or {}).get("teacher_net") or (new.get("teacher") or {}).get(
-        "model"
-    )
-    nets = {"student": new.get("model"), "teacher": teacher}
+    candidates = [
+        (cfg.get("module") or {}).get("teacher_net"),
+        (cfg.get("teacher") or {}).get("model"),
+    ]
+    teacher = next((c for c in candidates if isinstance(c, Mapping)), None)
+    nets = {"student": cfg.get("model"), "teacher": teacher}
     for side, net in nets.items():
         if loss.get(f"{side}_layer", "") is None:
             loss[f"{side}_layer"] = _declared(net, "cam_layer")
@@ -240,9 +242,9 @@ def _as_saved(new: dict[str, Any], saved: Mapping[str, Any]) -> dict[str, Any]:
         for side, net in nets.items():
             if at.get(f"{side}_layers", "") is None:
                 at[f"{side}_layers"] = _declared(net, "feature_layers")
-    if loss.get("map_size", "") is None and "map_size" not in (saved.get("loss") or {}):
+    if loss.get("map_size", "") is None and "map_size" not in (other.get("loss") or {}):
         del loss["map_size"]
-    return {**new, "loss": loss}
+    return {**cfg, "loss": loss}
 
 
 def check_saved_config(cfg: DictConfig, output_dir: Path) -> list[str]:
@@ -256,7 +258,7 @@ def check_saved_config(cfg: DictConfig, output_dir: Path) -> list[str]:
         return []
     new = OmegaConf.to_container(cfg, resolve=True)
     saved = OmegaConf.to_container(OmegaConf.load(saved_path), resolve=False)
-    diff = config_diff(saved, _as_saved(new, saved))  # type: ignore[arg-type]
+    diff = config_diff(_comparable(saved, new), _comparable(new, saved))  # type: ignore[arg-type]
     if not diff or cfg.get("allow_changed_config", False):
         return diff
     shown = ", ".join(diff[:12]) + (f" (+{len(diff) - 12} more)" if len(diff) > 12 else "")

@@ -320,10 +320,15 @@ def _saved_before_null_layers(cfg: Any, directory, student_layer: str = "block3"
 def test_a_run_saved_with_the_old_layer_defaults_is_the_same_run(tmp_path, preset):
     """A rerun (resume) of a WRN run saved with ``block3`` / ``[block1, block2, block3]`` and no
     ``loss.map_size`` is not refused: the null keys resolve to the same layers."""
+    from omegaconf import OmegaConf
+
     from distill.config_checks import ConfigError, check_saved_config
     from tests.conftest import compose_cfg
 
     cfg = compose_cfg("data=synthetic", preset)
+    resolved = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
+    OmegaConf.save(resolved, tmp_path / "config_resolved.yaml")  # saved by this code: null layers
+    assert check_saved_config(cfg, tmp_path) == []
     _saved_before_null_layers(cfg, tmp_path)
     assert check_saved_config(cfg, tmp_path) == []
     _saved_before_null_layers(cfg, tmp_path, student_layer="block2")  # a real change still counts
