@@ -190,6 +190,7 @@ ADDED_KEYS: dict[str, Any] = {
     "data.dataset": "cifar10",
     "data.num_classes": 10,
     "module.num_classes": 10,
+    "teacher.train_recipe": "",
 }
 
 

@@ -198,7 +198,7 @@ def resolve_teacher(cfg: DictConfig) -> dict[str, str]:
     module = cfg.module
     if "teacher_run_dir" not in module:
         return {}
-    command = teacher_command(user_overrides()) or module.teacher_command
+    command = teacher_command(user_overrides(), module.teacher_command) or module.teacher_command
     path = resolve_teacher_checkpoint(
         module.get("teacher_checkpoint"), module.teacher_run_dir, command
     )
@@ -287,17 +287,23 @@ _TEACHER_KEYS = {"teacher.epochs": "trainer.max_epochs", "teacher.seed": "seed"}
 _TEACHER_MODEL = ("teacher", "model@teacher.model")  # the overrides that pick the teacher model
 
 
-def teacher_command(overrides: list[str]) -> str | None:
+def teacher_command(overrides: list[str], config_command: str | None = None) -> str | None:
     """The command that trains the teacher a student run looks for, from the student's own
     command-line overrides: its ``data``/``paths`` overrides as given, ``teacher.epochs`` /
     ``teacher.seed`` / ``teacher.model.*`` as the teacher run's keys, ``teacher=<name>`` and
-    ``model@teacher.model=<name>`` as ``model=<name>``. None outside Hydra."""
+    ``model@teacher.model=<name>`` as ``model=<name>``, ``recipe=<name>`` as given. With an
+    ``experiment=`` override (it may pick the data, recipe and teacher) it is ``config_command``
+    (the config's ``teacher.train_command``, naming them all) plus the ``paths`` overrides, or
+    None without one. None outside Hydra."""
     if not HydraConfig.initialized():
         return None
+    if any(o.lstrip("+~").startswith("experiment=") for o in overrides):
+        paths = [o for o in overrides if o.lstrip("+~").startswith("paths.")]
+        return " ".join([config_command, *paths]) if config_command else None
     kept = []
     for override in overrides:
         key, _, value = override.lstrip("+~").partition("=")
-        if key == "data" or key.startswith(("data.", "paths.")):
+        if key in ("data", "recipe") or key.startswith(("data.", "paths.")):
             kept.append(override)
         elif key in _TEACHER_KEYS:
             kept.append(f"{_TEACHER_KEYS[key]}={value}")

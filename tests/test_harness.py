@@ -438,6 +438,8 @@ DEFAULTS = {
     "slurm": {},
     "results_dir": "results",
     "description": "",
+    "pairs": {},  # a profile with pairs: tests/test_pairs.py
+    "pair": None,
 }
 
 

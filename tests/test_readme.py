@@ -53,6 +53,20 @@ ELSEWHERE = {
     "python -m distill.harness report --profile cpu-mini": (
         "tests.test_harness::test_smoke_profile_runs_the_whole_harness"
     ),
+    # CIFAR-100 pairs (240 epochs on a GPU): composed, their teacher command checked, a step
+    # of a pair trained, and the harness's dry run and cost on a two-pair profile
+    "python train.py experiment=teacher data=cifar100 recipe=cifar100 model=resnet56": (
+        "tests.test_pairs::test_the_printed_teacher_command_trains_the_teacher_the_student_looks_for"
+    ),
+    "python train.py experiment=c100/resnet56-resnet20 loss=dkd": (
+        "tests.test_pairs::test_every_pair_composes_with_the_recipe_and_aligns_its_cam_maps"
+    ),
+    "python -m distill.harness run --profile cifar100 --dry-run": (
+        "tests.test_pairs::test_dry_run_and_status_iterate_over_the_pairs"
+    ),
+    "python -m distill.harness cost --profile cifar100": (
+        "tests.test_pairs::test_cost_scales_each_pair_by_forward_flops"
+    ),
 }
 # a README page link that another branch creates (the lead removes it when merging docs/harness.md)
 PENDING_LINKS: set[str] = set()  # links to pages not written yet

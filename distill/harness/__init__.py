@@ -13,7 +13,7 @@ and chart),
 """
 
 from distill.harness.cli import main
-from distill.harness.cost_model import cost
+from distill.harness.cost_model import cost, estimate, flops_scale, forward_flops
 from distill.harness.devices import Device, Local, parse_devices, round_robin
 from distill.harness.lock import LOCK_NAME, results_lock, running_holder
 from distill.harness.processes import LOG_NAME, Runner, Step
@@ -22,6 +22,7 @@ from distill.harness.profiles import (
     RESULTS_ROOT,
     ROOT,
     HarnessError,
+    Pair,
     Profile,
     compose_profile,
     table_cells,
@@ -76,6 +77,7 @@ __all__ = [
     "Failure",
     "HarnessError",
     "Local",
+    "Pair",
     "Profile",
     "Runner",
     "Slurm",
@@ -87,6 +89,9 @@ __all__ = [
     "compose_profile",
     "config_mismatch",
     "cost",
+    "estimate",
+    "flops_scale",
+    "forward_flops",
     "deviating_runs",
     "deviation",
     "failure_summary",

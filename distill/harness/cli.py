@@ -20,6 +20,9 @@ lock file, ``.harness.lock``). Paths under the results folder are stored relativ
 ``python -m distill.harness report --profile cpu-mini`` writes ``results/<profile>/table.md``,
 ``table.csv``, ``chart.png`` and ``explain.png`` (columns: docs/harness.md); runs of another
 configuration are listed by ``status`` and ``report``, not counted; a report without runs exits 1.
+A profile with ``pairs`` (``configs/harness/cifar100.yaml``) runs each command once per teacher ->
+student pair, into ``results/<profile>/<pair>/`` (``--pair NAME``: only that one); ``cost`` adds
+the total over the pairs.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from distill.harness.cost_model import cost
+from distill.harness.cost_model import estimate, total_line
 from distill.harness.lock import running_holder
 from distill.harness.profiles import ROOT, HarnessError, Profile
 from distill.harness.records import GitRecorder
@@ -87,6 +90,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         metavar="KEY=VALUE",
         help="any hydra.launcher key of submitit_slurm (account=..., qos=...); repeatable",
     )
+    parser.add_argument(
+        "--pair", default=None, help="a profile with pairs: only this pair (default: every pair)"
+    )
     parser.add_argument("--dry-run", action="store_true", help="print the plan, start nothing")
     parser.add_argument(
         "--commit",
@@ -102,7 +108,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     try:
-        profile = Profile.load(args.profile, results_dir=args.results_dir)
+        loaded = Profile.load(args.profile, results_dir=args.results_dir)
+        profiles = loaded.expand(args.pair)
+        codes, totals = [], []
+        for profile in profiles:
+            if len(profiles) > 1:
+                print(f"== pair {profile.pair} ({profile.out})", flush=True)
+            if args.command == "cost":
+                text, hours = estimate(profile, Path(args.step_times))
+                print(text)
+                totals.append((str(profile.pair), hours))
+            else:
+                codes.append(_command(args, profile))
+        if len(totals) > 1:
+            print(total_line(loaded.name, totals))
+        return max(codes, default=0)
+    except HarnessError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+def _command(args: argparse.Namespace, profile: Profile) -> int:
+    """Run ``args.command`` for one (single-pair) profile; its exit status."""
+    try:
         if args.command == "run":
             failures = run(
                 profile,
@@ -126,8 +154,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             for line in _other_lines(profile):
                 print(line)
             print(report(profile, args.profile).read_text())
-        elif args.command == "cost":
-            print(cost(profile, Path(args.step_times)))
         else:
             if holder := running_holder(profile.out):
                 print(f"a harness run is in progress in {profile.out} ({holder})")
@@ -144,7 +170,4 @@ def main(argv: Sequence[str] | None = None) -> int:
     except NoRunsError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
-    except HarnessError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
     return 0

@@ -9,12 +9,20 @@ another on the same (image, view) stream, so the first cell of a seed that needs
 every step. A run that fills draws each image's view uniformly from ``V`` views once per epoch, so
 in epoch ``e`` a draw misses with probability ``(1 - 1/V)^(D + e)``, ``D`` being the draws per
 image of earlier seeds that filled the same table.
+
+The step times were measured for WRN-16-2 students of a WRN-40-2 teacher. For the pairs of a
+profile with ``pairs`` they are scaled by forward FLOPs at 32x32 (an estimate, not a measurement;
+:func:`flops_scale`): the student's part of a step (its memo-hit time) by ``F(student) /
+F(WRN-16-2)``, the teacher's part (online minus memo-hit time, the teacher run, the precomputed
+maps) by ``F(teacher) / F(WRN-40-2)``, with ``F`` the forward FLOPs of one 32x32 image counted by
+``torch.utils.flop_counter.FlopCounterMode``.
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +30,54 @@ from distill.harness.profiles import HarnessError, Profile
 from distill.harness.runs import compose
 
 VIEWS = 162  # pad 4: 9 x 9 crop offsets x 2 flips (distill.teacher.memo.num_views)
+MEASURED = ("wrn16_2", "wrn40_2")  # the student and teacher the step times were measured with
+
+
+@cache
+def forward_flops(name: str, num_classes: int = 10) -> int:
+    """FLOPs of one forward pass of registered model ``name`` on one 32x32 image (eval mode),
+    as ``torch.utils.flop_counter.FlopCounterMode`` counts them (a multiply-add is 2 FLOPs)."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from distill.models import build_model
+
+    net = build_model(name, num_classes=num_classes).eval()
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), counter:
+        net(torch.zeros(1, 3, 32, 32))
+    return int(counter.get_total_flops())
+
+
+def _model(cfg: dict[str, Any]) -> tuple[str, int]:
+    """The registry name and class count of a composed run config's model."""
+    from distill.models import model_name
+
+    classes = cfg["data"].get("num_classes", 10)
+    return model_name(cfg["model"]), int(classes) if isinstance(classes, int) else 10
+
+
+def flops_scale(student: tuple[str, int], teacher: tuple[str, int]) -> tuple[float, float]:
+    """The step-time factors of a pair: ``(F(student) / F(wrn16_2), F(teacher) / F(wrn40_2))``
+    with ``F`` = :func:`forward_flops` (the measured models at 10 classes)."""
+    return (
+        forward_flops(*student) / forward_flops(MEASURED[0]),
+        forward_flops(*teacher) / forward_flops(MEASURED[1]),
+    )
+
+
+def _scaled(
+    hit_s: dict[str, float], online_s: dict[str, float], s: float, t: float
+) -> tuple[dict[str, float], dict[str, float]]:
+    """Step times scaled per part: memo-hit steps (the student's work) by ``s``, the teacher's
+    extra work (online - hit; the teacher run and precompute entirely) by ``t``."""
+    teacher_only = {k for k in hit_s if k == "teacher" or k.startswith("precompute")}
+    hit = {k: v * (t if k in teacher_only else s) for k, v in hit_s.items()}
+    online = {
+        k: v * t if k in teacher_only else hit_s.get(k, v) * s + (v - hit_s.get(k, v)) * t
+        for k, v in online_s.items()
+    }
+    return hit, online
 
 
 def _train_images(cfg: dict[str, Any]) -> int:
@@ -90,11 +146,30 @@ def cost(profile: Profile, step_times: Path) -> str:
     with ``--memo`` it holds memo-hit (``step_s``) and computed-teacher (``step_s_online``) times.
     Times scale per image to the profile's batch size; test passes and checkpointing are left out.
     """
+    return estimate(profile, step_times)[0]
+
+
+def estimate(profile: Profile, step_times: Path) -> tuple[str, float]:
+    """:func:`cost`'s table and its total hours (for a pair of a profile with ``pairs``, with
+    the step times scaled by forward FLOPs: the module docstring)."""
     record, hit_s, online_s, batch = _read(step_times)
     configs = {
         cell: compose(profile.cell_overrides(cell, profile.seeds[0])) for cell in profile.cells
     }
     teacher_cfg = compose(profile.teacher_overrides())
+    scale_note = ""
+    if profile.pair is not None:
+        student, teacher = _model(configs[profile.cells[0]]), _model(teacher_cfg)
+        s, t = flops_scale(student, teacher)
+        hit_s, online_s = _scaled(hit_s, online_s, s, t)
+        scale_note = (
+            f"Estimate, not a measurement: the step times (measured with {MEASURED[0]} students "
+            f"of a {MEASURED[1]} teacher) are scaled by forward FLOPs at 32x32 "
+            f"(torch.utils.flop_counter.FlopCounterMode): student {student[0]} "
+            f"{forward_flops(*student) / 1e6:.1f} MFLOPs = {s:.2f} x {MEASURED[0]}'s, teacher "
+            f"{teacher[0]} {forward_flops(*teacher) / 1e6:.1f} MFLOPs = {t:.2f} x "
+            f"{MEASURED[1]}'s (student part of a step x {s:.2f}, teacher part x {t:.2f})."
+        )
     n_teacher = _train_images(teacher_cfg)
     rows = [
         _row(
@@ -112,7 +187,17 @@ def cost(profile: Profile, step_times: Path) -> str:
             _row(f"cached teacher maps ({method})", [hit_s.get(key)], 1, n_teacher, batch, "")
         )
     rows += _cell_rows(profile, configs, hit_s, online_s, batch)
-    return _table(profile, record, step_times, batch, rows)
+    text, total = _table(profile, record, step_times, batch, rows)
+    return (f"{text}{scale_note}\n" if scale_note else text), total
+
+
+def total_line(name: str, totals: Sequence[tuple[str, float]]) -> str:
+    """The sum over the pairs of a profile with ``pairs`` (``totals``: pair, hours)."""
+    each = ", ".join(f"{pair} {hours:.1f} h" for pair, hours in totals)
+    return (
+        f"**Total over the {len(totals)} pairs of profile `{name}`: "
+        f"{sum(h for _, h in totals):.1f} h** of sequential training ({each})."
+    )
 
 
 def _cell_rows(
@@ -183,7 +268,7 @@ def _table(
     step_times: Path,
     batch: int,
     rows: list[dict[str, Any]],
-) -> str:
+) -> tuple[str, float]:
     machine = record.get("machine", {})
     flags = ", ".join(k for k in ("bf16", "channels_last", "memo") if machine.get(k)) or "fp32"
     lines = [
@@ -222,4 +307,4 @@ def _table(
         )
     if missing:
         lines.append(f"Not measured, so not in the total: {', '.join(missing)}.")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines) + "\n", total

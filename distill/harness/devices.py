@@ -157,20 +157,27 @@ class Local:
 
     spec: str
     devices: list[Device] = field(default_factory=list)
+    assumed: bool = False  # a dry run's assumed GPU worker on a machine without GPUs
 
     @classmethod
     def parse(cls, spec: str) -> Local:
         return cls(spec, parse_devices(spec) or [])
 
-    def prepare(self, profile: Profile, pending: dict[int, list[str]]) -> Local:
+    def prepare(
+        self, profile: Profile, pending: dict[int, list[str]], dry_run: bool = False
+    ) -> Local:
         """Resolve ``auto`` and check the workers against the trainer of the teacher and of the
-        first pending cell (before anything starts)."""
+        first pending cell (before anything starts). A dry run of a GPU profile with ``auto`` on
+        a machine without GPUs plans on one assumed GPU worker (``gpu:0``, not checked)."""
         seed, cells = next(iter(pending.items()))
         trainers = [
             compose(profile.teacher_overrides())["trainer"],
             compose(profile.cell_overrides(cells[0], seed))["trainer"],
         ]
-        devices = self.devices or auto_devices(trainers[0].get("accelerator") == "cpu")
+        on_cpu = trainers[0].get("accelerator") == "cpu"
+        if dry_run and not self.devices and not on_cpu and visible_gpus() == 0:
+            return replace(self, devices=[Device("gpu", 0, "0")], assumed=True)
+        devices = self.devices or auto_devices(on_cpu)
         for trainer in trainers:
             check_trainer(devices, trainer, profile.name)
         return replace(self, devices=devices)
@@ -187,6 +194,11 @@ class Local:
             text += (
                 "; durations are unknown, so the plan below assumes equal ones (round robin: "
                 f"step k of each phase on worker k mod {len(self.devices)})"
+            )
+        if self.assumed:
+            text += (
+                "; this machine shows no GPU: the plan assumes one (run it where "
+                "torch.cuda.device_count() > 0, or with --launcher slurm)"
             )
         return text
 

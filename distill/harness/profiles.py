@@ -8,11 +8,16 @@ value of the wrong type is refused with OmegaConf's message, which names the key
 
 The table's cells are not listed here: they are ``distill.presets.table_methods()`` without and
 with KD, so a CAM method with its two loss presets needs no harness edit.
+
+A profile with ``pairs`` (``{name: {teacher: [overrides], student: [overrides]}}``) runs its
+protocol once per teacher -> student pair: :meth:`Profile.expand` gives one sub-profile per pair,
+named ``<profile>/<pair>`` (results in ``results/<profile>/<pair>/``, its own teacher), whose
+``teacher`` / ``student`` overrides are the profile's followed by the pair's.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +46,15 @@ def table_cells() -> list[str]:
 
 
 @dataclass
+class Pair:
+    """One teacher -> student pair of a multi-pair profile: the overrides its teacher run and its
+    student runs add to the profile's ``teacher`` / ``student`` ones."""
+
+    teacher: list[str] = field(default_factory=list)
+    student: list[str] = field(default_factory=list)
+
+
+@dataclass
 class Profile:
     """A reproduction protocol: which cells, seeds and Hydra overrides (also the profile files'
     schema: every key of a profile file is a field here, with this type)."""
@@ -61,6 +75,31 @@ class Profile:
     slurm: dict[str, Any] = field(default_factory=dict)  # hydra.launcher keys (--launcher slurm)
     results_dir: str = "results"
     description: str = ""
+    # several teacher -> student pairs, each run as its own sub-profile (see expand); empty: one
+    pairs: dict[str, Pair] = field(default_factory=dict)
+    pair: str | None = None  # set by expand on a pair's sub-profile; not a profile-file key
+
+    def expand(self, pair: str | None = None) -> list[Profile]:
+        """The profiles to run: ``[self]`` without ``pairs``, else one per pair (only ``pair``
+        when given), named ``<name>/<pair>``, with the pair's overrides after the profile's."""
+        if not self.pairs:
+            if pair is not None:
+                raise HarnessError(f"profile {self.name!r} has no pairs: drop --pair {pair}")
+            return [self]
+        if pair is not None and pair not in self.pairs:
+            raise HarnessError(f"unknown pair {pair!r}; choose one of {sorted(self.pairs)}")
+        return [
+            replace(
+                self,
+                name=f"{self.name}/{name}",
+                teacher=[*self.teacher, *spec.teacher],
+                student=[*self.student, *spec.student],
+                pairs={},
+                pair=name,
+            )
+            for name, spec in self.pairs.items()
+            if pair is None or name == pair
+        ]
 
     @classmethod
     def load(
@@ -74,6 +113,9 @@ class Profile:
         data = compose_profile(path)
         if results_dir is not None:
             data["results_dir"] = results_dir
+        if data.get("pair") is not None:
+            raise HarnessError(f"profile {name!r} sets pair: list its pairs under pairs instead")
+        data["pairs"] = {k: Pair(**v) for k, v in (data.get("pairs") or {}).items()}
         profile = cls(**data)
         known = table_cells()
         if profile.cells is None:

@@ -90,7 +90,10 @@ def check_report_configs(profile: Profile) -> None:
 
 def rerun_command(profile: Profile, profile_arg: str | None = None) -> str:
     """The ``run`` command line of this profile (``profile_arg``: how ``--profile`` named it)."""
-    command = f"python -m distill.harness run --profile {profile_arg or profile.name}"
+    name = profile.name.removesuffix(f"/{profile.pair}") if profile.pair else profile.name
+    command = f"python -m distill.harness run --profile {profile_arg or name}"
+    if profile.pair:
+        command += f" --pair {profile.pair}"
     if profile.results_dir != "results":
         command += f" --results-dir {profile.results_dir}"
     return command

@@ -253,7 +253,7 @@ def _run_locked(
     if not pending:
         print(f"every run of profile {profile.name!r} is finished")
         return []
-    place = place.prepare(profile, pending)
+    place = place.prepare(profile, pending, runner.dry_run)
     print(f"placement: {place.describe(runner.dry_run)}", flush=True)
     failed = run_teacher(profile, runner, place, recorder)
     if failed is not None:

@@ -92,7 +92,9 @@ class Slurm:
                 )
         return cls([f"hydra.launcher.{k}={v}" for k, v in pairs])
 
-    def prepare(self, profile: Profile, pending: dict[int, list[str]]) -> Slurm:
+    def prepare(
+        self, profile: Profile, pending: dict[int, list[str]], dry_run: bool = False
+    ) -> Slurm:
         return self
 
     def describe(self, dry_run: bool = False) -> str:
