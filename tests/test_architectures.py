@@ -12,6 +12,7 @@ taken exactly when ``cams._head.detect_head`` finds the head; both paths give th
 from __future__ import annotations
 
 import copy
+import math
 from pathlib import Path
 
 import pytest
@@ -195,3 +196,19 @@ def test_every_family_is_covered() -> None:
 
     prefixes = {n.rstrip("0123456789x_") for n in model_names()}
     assert prefixes == {f.rstrip("0123456789x_") for f in FAMILIES}, prefixes
+
+
+def test_train_runs_one_step_across_families(tmp_path: Path, teachers: dict[str, Path]) -> None:
+    """``train()`` end to end (one batch of fit, validation and test) for a MobileNetV2 student
+    (2x2 CAM) of a ShuffleNetV2 teacher (4x4 CAM, pooled to 2x2) with the Grad-CAM + KD loss."""
+    from distill.train import train
+
+    cfg = _cfg(
+        tmp_path, ("mobilenetv2", "shufflenetv2"), teachers["shufflenetv2"], "loss=gradcam_kd",
+        "data.synthetic_size=16", "data.synthetic_test_size=8", f"data.batch_size={BATCH}",
+        "trainer.limit_train_batches=1", "trainer.limit_val_batches=1",
+        "trainer.limit_test_batches=1",
+    )  # fmt: skip
+    metrics = train(cfg)
+    finite = [k for k, v in metrics.items() if isinstance(v, float) and not math.isfinite(v)]
+    assert metrics.get("epochs") == 1 and not finite, metrics
