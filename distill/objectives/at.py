@@ -166,5 +166,7 @@ def _check_pairing(student_layers: Sequence[str], teacher_layers: Sequence[str])
     if not student_layers or len(student_layers) != len(teacher_layers):
         raise LossConfigError(
             f"loss.at.student_layers {list(student_layers)} and loss.at.teacher_layers "
-            f"{list(teacher_layers)} must pair layers one to one (at least one)"
+            f"{list(teacher_layers)} must pair layers one to one (at least one); set both to "
+            "lists of equal length, e.g. loss.at.teacher_layers=[<one teacher layer per student "
+            "layer>]"
         )
