@@ -112,8 +112,13 @@ class AttentionTransfer(Objective):
     def __init__(self, loss: LossConfig, student: nn.Module, teacher: nn.Module) -> None:
         super().__init__(loss, student, teacher)
         c = self.cfg
-        self.student_layers = declared_layers(student, c.student_layers, "loss.at.student_layers")
-        self.teacher_layers = declared_layers(teacher, c.teacher_layers, "loss.at.teacher_layers")
+        s_layers = declared_layers(student, c.student_layers, "loss.at.student_layers")
+        t_layers = declared_layers(teacher, c.teacher_layers, "loss.at.teacher_layers")
+        if c.student_layers is None and c.teacher_layers is None:
+            # both declared: networks with different stage counts pair their last stages
+            n = min(len(s_layers), len(t_layers))
+            s_layers, t_layers = s_layers[len(s_layers) - n :], t_layers[len(t_layers) - n :]
+        self.student_layers, self.teacher_layers = s_layers, t_layers
         _check_pairing(self.student_layers, self.teacher_layers)
         check_layers(student, self.student_layers, "at.student_layers")
         check_layers(teacher, self.teacher_layers, "at.teacher_layers")
