@@ -3,7 +3,9 @@
 Settings (random weights, eval mode, fixed seeds):
 
 * ``resnet18``: torchvision resnet18, 224x224, batch 16, target ``layer4``;
-* ``wrn``: WRN-40-2 (``distill.models.wrn``), 32x32, batch 128, target ``block3``.
+* ``wrn``: WRN-40-2 (``distill.models.wrn``), 32x32, batch 128, target ``block3``;
+* ``resnet56``, ``resnet8x4``, ``vgg13``, ``mobilenetv2``, ``shufflenetv2``: the registry's
+  models (``distill.models.build_model``), 32x32, batch 128, target their ``cam_layer``.
 
 Every measurement runs in a fresh subprocess (``--worker``) so that its peak resident memory
 (``resource.getrusage(RUSAGE_SELF).ru_maxrss``) belongs to that method alone; ``base`` is the RSS
@@ -38,6 +40,13 @@ import cams
 SETTINGS = {
     "resnet18": {"batch": 16, "size": 224, "layer": "layer4"},
     "wrn": {"batch": 128, "size": 32, "layer": "block3"},
+    # the other registered CIFAR families (distill.models.build_model), at their declared
+    # cam_layer: a teacher and a student of each (issue 22)
+    "resnet56": {"batch": 128, "size": 32, "layer": "block3"},
+    "resnet8x4": {"batch": 128, "size": 32, "layer": "block3"},
+    "vgg13": {"batch": 128, "size": 32, "layer": "block4"},
+    "mobilenetv2": {"batch": 128, "size": 32, "layer": "head"},
+    "shufflenetv2": {"batch": 128, "size": 32, "layer": "head"},
 }
 # every registered method, by its class name (pytorch-grad-cam's names), in registry order
 CLASSES = {cls.__name__: cls for cls in cams.METHODS.values()}
@@ -61,9 +70,25 @@ def _model(setting: str) -> torch.nn.Module:
         import torchvision
 
         return torchvision.models.resnet18(weights=None).eval()
-    from distill.models.wrn import wrn40_2
+    from distill.models import build_model
 
-    return wrn40_2().eval()
+    return build_model("wrn40_2" if setting == "wrn" else setting).eval()
+
+
+def x_size(spec: dict[str, Any]) -> int:
+    return SETTINGS[spec["setting"]]["size"]
+
+
+def _channels(model: torch.nn.Module, layer: str, size: int) -> int:
+    """K: the channels of ``layer``'s output (ScoreCAM's forwards per sample)."""
+    found: list[int] = []
+    handle = dict(model.named_modules())[layer].register_forward_hook(
+        lambda m, i, o: found.append(o.shape[1])
+    )
+    with torch.no_grad():
+        model(torch.zeros(1, 3, size, size))
+    handle.remove()
+    return found[0]
 
 
 def _runner(spec: dict[str, Any], model: torch.nn.Module) -> Any:
@@ -78,7 +103,7 @@ def _runner(spec: dict[str, Any], model: torch.nn.Module) -> Any:
         cam = CLASSES[method](model, layer, **opts)
         return lambda x, t: cam(x, t)
     if impl == "bare":  # B·K forwards of masked-input-sized chunks, nothing else
-        k = {"resnet18": 512, "wrn": 128}[spec["setting"]]
+        k = _channels(model, SETTINGS[spec["setting"]]["layer"], x_size(spec))
 
         def bare(x: torch.Tensor, t: torch.Tensor) -> None:
             total = x.shape[0] * k

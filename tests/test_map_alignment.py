@@ -214,8 +214,12 @@ def test_at_layers_default_to_the_declared_feature_layers():
     wrn = _at(WideResNet(10, 1), WideResNet(16, 1))
     assert wrn.student_layers == wrn.teacher_layers == ("block1", "block2", "block3")
     assert wrn.sizes == [(32, 32), (16, 16), (8, 8)]
+    # 2 stages against 3 groups, both declared: the last two groups are paired
+    mixed = _at(ToyNet(16, 8), WideResNet(10, 1))
+    assert mixed.student_layers == ("stage1", "stage2")
+    assert mixed.teacher_layers == ("block2", "block3") and mixed.sizes == [(16, 16), (8, 8)]
     with pytest.raises(LossConfigError, match=r"student_layers \['stage1', 'stage2'\] and .* pair"):
-        _at(ToyNet(), WideResNet(10, 1))  # 2 stages against 3 groups: name the pairs
+        _at(ToyNet(), WideResNet(10, 1), teacher_layers=["block3"])  # explicit: one to one
     with pytest.raises(LossConfigError, match="loss.at.student_layers is not set and Undeclared"):
         _at(Undeclared(), ToyNet())
 
