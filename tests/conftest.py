@@ -14,6 +14,11 @@ from typing import Any
 import numpy as np
 import pytest
 
+# pytest-xdist (`-n auto` in pyproject): one share of the cores per worker, set before torch is
+# imported (here and in the subprocesses tests start), so that workers do not oversubscribe them
+if workers := int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0")):
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // workers)))
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_CIFAR = REPO_ROOT.parent / "shared" / "data" / "cifar10-jpeg"
 CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
