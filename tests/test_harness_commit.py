@@ -82,7 +82,7 @@ def _harness(profile: Path, results: Path, *args: str) -> subprocess.CompletedPr
 def test_commit_as_you_go_survives_a_fresh_clone(tmp_path):
     smoke = (ROOT / "configs" / "harness" / "smoke.yaml").read_text()
     profile = tmp_path / "mini.yaml"
-    one_seed = smoke.replace("seeds: [0, 1]", "seeds: [0]\ncells: [ce_kd]")
+    one_seed = smoke.replace("seeds: [0, 1]", "seeds: [0]\ncells: [gradcam_kd]")
     profile.write_text(one_seed.replace("baselines: [dkd]", "baselines: []"))
     repo = tmp_path / "repo"
     repo.mkdir()
@@ -98,11 +98,14 @@ def test_commit_as_you_go_survives_a_fresh_clone(tmp_path):
     tracked = _git(repo, "ls-files").split()
     assert f"results/smoke/runs/teacher/{WEIGHTS_NAME}" in tracked
     assert "results/smoke/runs/teacher/metrics.json" in tracked
-    assert "results/smoke/runs/ce_kd-s0/metrics.json" in tracked
+    assert "results/smoke/runs/gradcam_kd-s0/metrics.json" in tracked
     assert "results/smoke/table.md" in tracked
     assert not [f for f in tracked if "/checkpoints/" in f or f.endswith(".ckpt")]
+    # the CAM figures stay on disk, out of git (about 1 MB a picture)
+    assert list((repo / "results/smoke/runs/gradcam_kd-s0/cam_grids").glob("*.png"))
+    assert not [f for f in tracked if "/cam_grids/" in f]
     log = _git(repo, "log", "--format=%s")
-    assert "teacher finished" in log and "ce_kd-s0 finished" in log and "report" in log
+    assert "teacher finished" in log and "gradcam_kd-s0 finished" in log and "report" in log
     assert not _git(repo, "status", "--porcelain", "--", "results/smoke/table.md")
 
     # a restart keeps only what was committed: continue in a fresh clone with a second seed
@@ -112,13 +115,13 @@ def test_commit_as_you_go_survives_a_fresh_clone(tmp_path):
     second = _harness(profile, clone / "results", "run", "--commit", "--devices", "cpu:1")
     assert second.returncode == 0, second.stdout[-2000:] + second.stderr[-2000:]
     assert "teacher: finished, reusing" in second.stdout
-    assert "ce_kd-s1 -> " in second.stdout and "ce_kd-s0 -> " not in second.stdout
+    assert "gradcam_kd-s1 -> " in second.stdout and "gradcam_kd-s0 -> " not in second.stdout
     runs = clone / "results" / "smoke" / "runs"
-    resolved = (runs / "ce_kd-s1" / "config_resolved.yaml").read_text()
+    resolved = (runs / "gradcam_kd-s1" / "config_resolved.yaml").read_text()
     assert f"runs/teacher/{WEIGHTS_NAME}" in resolved
     status = _harness(profile, clone / "results", "status")
     assert "every run of profile 'smoke' is finished" in status.stdout, status.stdout
     assert "another configuration" not in status.stdout
-    metrics = json.loads((runs / "ce_kd-s1" / "metrics.json").read_text())
+    metrics = json.loads((runs / "gradcam_kd-s1" / "metrics.json").read_text())
     assert 0 <= metrics["test_error"] <= 100
-    assert "ce_kd-s1 finished" in _git(clone, "log", "--format=%s")
+    assert "gradcam_kd-s1 finished" in _git(clone, "log", "--format=%s")

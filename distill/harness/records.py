@@ -58,6 +58,10 @@ def export_teacher_weights(teacher_dir: Path) -> Path | None:
     return out
 
 
+# run subfolders left out of commits: checkpoints (restart from teacher weights) and figures
+_NOT_COMMITTED = ("checkpoints", "cam_grids")
+
+
 def _warn(message: str) -> None:
     print(f"warning: --commit: {message}", file=sys.stderr, flush=True)
 
@@ -80,13 +84,15 @@ class GitRecorder:
         return Path(proc.stdout.strip())
 
     def commit_run(self, name: str, run_dir: Path) -> bool:
-        """The run's records (config, metrics, logs, teacher weights), not its checkpoints."""
-        keep = [str(run_dir), f":(exclude){run_dir / 'checkpoints'}"]
+        """The run's records (config, metrics, logs, teacher weights), not its checkpoints nor
+        its CAM figures (``cam_grids/``, about 1 MB a picture; the report draws ``explain.png``)."""
+        keep = [str(run_dir), *(f":(exclude){run_dir / d}" for d in _NOT_COMMITTED)]
         return self.commit(keep, f"results: {self.out.name} {name} finished")
 
     def commit_results(self, message: str) -> bool:
         """Everything under the results folder (report, run records) but checkpoints."""
-        return self.commit([str(self.out), f":(exclude){self.out}/runs/*/checkpoints/*"], message)
+        skip = [f":(exclude){self.out}/runs/*/{d}/*" for d in _NOT_COMMITTED]
+        return self.commit([str(self.out), *skip], message)
 
     def commit(self, pathspec: Sequence[str], message: str) -> bool:
         """``git add`` then ``git commit -- pathspec``; True when a commit was made."""

@@ -80,25 +80,16 @@ def saved_config(run_dir: Path) -> dict[str, Any] | None:
     return _comparable(yaml.safe_load(path.read_text()) or {})
 
 
-_ABSENT = object()
-
-
 def _diff_keys(a: Any, b: Any, prefix: str = "") -> list[str]:
-    """Dotted keys whose values differ; a key of ``distill.config_checks.ADDED_KEYS`` absent on one
-    side (a run saved before the key existed) counts as the value it had implicitly."""
-    from distill.config_checks import ADDED_KEYS
-
+    """Dotted keys whose values differ (a key absent on one side counts as null there; keys added
+    since a run was saved are filled in before, by :func:`_upgraded`)."""
     if isinstance(a, dict) and isinstance(b, dict):
-        keys = sorted(set(a) | set(b))
         return [
             d
-            for k in keys
-            for d in _diff_keys(a.get(k, _ABSENT), b.get(k, _ABSENT), f"{prefix}{k}.")
+            for k in sorted(set(a) | set(b))
+            for d in _diff_keys(a.get(k), b.get(k), f"{prefix}{k}.")
         ]
-    key = prefix.rstrip(".")
-    a = ADDED_KEYS.get(key) if a is _ABSENT else a
-    b = ADDED_KEYS.get(key) if b is _ABSENT else b
-    return [] if a == b else [key]
+    return [] if a == b else [prefix.rstrip(".")]
 
 
 # derived strings of the automatic teacher lookup; harness runs pass teacher.checkpoint instead
