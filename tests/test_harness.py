@@ -826,3 +826,32 @@ def test_committed_cpu_mini_runs_count_after_later_config_keys(tmp_path, capsys)
     ]
     assert rows[("table4", "shapcam")]["n_seeds"] == "2"
     assert float(rows[("table4", "shapcam")]["mean"]) == pytest.approx(sum(errors) / 2, abs=0.01)
+
+
+def test_committed_cpu_runs_continue_in_a_fresh_clone_with_todays_code(tmp_path, capsys):
+    """The `cpu` runs committed so far (trained by the code before issue 22) are what a fresh
+    clone continues from: with only the tracked files, status counts every committed run as
+    finished (none is 'another configuration') and every other run as pending."""
+    tracked = subprocess.run(
+        ["git", "ls-files", "results/cpu/runs"], cwd=ROOT, capture_output=True, text=True
+    ).stdout.split()
+    if "results/cpu/runs/teacher/teacher_weights.pt" not in tracked:
+        pytest.skip("no committed cpu teacher")
+    for name in tracked:  # what a clone holds
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(ROOT / name, tmp_path / name)
+    done = {n.split("/")[3] for n in tracked if n.endswith("/metrics.json")} - {"teacher"}
+    assert (
+        harness.main(["status", "--profile", "cpu", "--results-dir", str(tmp_path / "results")])
+        == 0
+    )
+    out = capsys.readouterr().out
+    assert "another config" not in out and "teacher" not in out  # the teacher counts as finished
+    pending = {
+        f"{cell}-s{seed}"
+        for seed, cells in re.findall(r"seed (\d+): pending \[([^\]]*)\]", out)
+        for cell in re.findall(r"'([^']+)'", cells)
+    }
+    profile = Profile.load("cpu")
+    every = {f"{c}-s{s}" for s in profile.seeds for c in profile.cells}
+    assert done and not done & pending and pending | done == every, out
