@@ -855,3 +855,26 @@ def test_committed_cpu_runs_continue_in_a_fresh_clone_with_todays_code(tmp_path,
     profile = Profile.load("cpu")
     every = {f"{c}-s{s}" for s in profile.seeds for c in profile.cells}
     assert done and not done & pending and pending | done == every, out
+
+
+def test_a_pair_of_the_cifar100_profile_has_no_paper_column(tmp_path):
+    """The Shap-CAM paper measured WRN-40-2 -> WRN-16-2 on CIFAR-10 only: a pair's table has no
+    paper column and no rank correlation with it (the CSV's paper values are NaN)."""
+    pair = Profile.load("cifar100", results_dir=str(tmp_path)).expand()[0]
+    pair.seeds, pair.cells = [0, 1], ["ce", "gradcam", "ce_kd"]
+    for cell, values in {
+        "ce": [30.0, 31.0],
+        "gradcam": [29.0, 29.5],
+        "ce_kd": [28.0, 28.5],
+    }.items():
+        for seed, err in zip(pair.seeds, values, strict=True):
+            write_run(pair, cell, seed, err)
+    harness.report(pair)
+    table = (pair.out / "table.md").read_text()
+    header = next(line for line in table.splitlines() if line.startswith("| cell |"))
+    assert "paper" not in header and "Spearman" not in table
+    assert "| gradcam | 2 | 29.25 ± 0.35 | -1.25 " in table
+    with open(pair.out / "table.csv") as handle:
+        rows = {r["cell"]: r for r in csv.DictReader(handle)}
+    assert math.isnan(float(rows["gradcam"]["paper"]))
+    assert float(rows["gradcam"]["diff_baseline"]) == pytest.approx(-1.25)

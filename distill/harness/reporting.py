@@ -151,7 +151,7 @@ def collect(profile: Profile) -> list[dict[str, Any]]:
                 "excluded": excluded,
                 "other": others,
                 "fidelity": _fidelity_means(fid),
-                "paper": PAPER_ERRORS.get(cell, float("nan")),
+                "paper": PAPER_ERRORS.get(cell, math.nan) if profile.pair is None else math.nan,
                 "wall_seconds": wall,
             }
         )
@@ -343,10 +343,18 @@ def _fid(x: float | None) -> str:
     return "—" if x is None or not math.isfinite(x) else f"{x:.3f}"
 
 
-def _header(reduced: bool) -> list[str]:
+def paper_columns(profile: Profile) -> list[str]:
+    """The paper's columns of ``profile``'s table: its value and our difference at full scale
+    (profile ``paper``), its value for reference at reduced scale, none for a pair of a
+    multi-pair profile (the paper measured only WRN-40-2 -> WRN-16-2 on CIFAR-10)."""
+    if profile.pair is not None:
+        return []
+    return ["paper", "diff to paper"] if profile.name == "paper" else ["paper"]
+
+
+def _header(paper: list[str]) -> list[str]:
     cols = ["cell", "seeds", "error (mean ± sd)", "Δ ce [95% CI]", "Δ ce_kd [95% CI]"]
-    cols += list(FIDELITY_COLUMNS.values())
-    cols += ["paper"] if reduced else ["paper", "diff to paper"]
+    cols += [*FIDELITY_COLUMNS.values(), *paper]
     cols.append("note")
     return [f"| {' | '.join(cols)} |", "|" + "---|" * len(cols)]
 
@@ -355,7 +363,7 @@ def _md_row(
     row: dict[str, Any],
     by_cell: dict[str, Any],
     sd: float,
-    reduced: bool,
+    paper_cols: list[str],
     notes: _Footnotes,
     rerun: str,
 ) -> str:
@@ -365,11 +373,7 @@ def _md_row(
         for b in BASELINES
     ]
     fid = [_fid(row["fidelity"].get(k)) for k in FIDELITY_COLUMNS]
-    paper = (
-        [_fmt(row["paper"])]
-        if reduced
-        else [_fmt(row["paper"]), _fmt(row["mean"] - row["paper"], True)]
-    )
+    paper = [_fmt(row["paper"]), _fmt(row["mean"] - row["paper"], True)][: len(paper_cols)]
     cols = [row["cell"], str(len(row["errors"])), _error_cell(row, notes, rerun), *diffs, *fid]
     return f"| {' | '.join([*cols, *paper, _note(row, base, sd)])} |"
 
@@ -498,7 +502,7 @@ def report(profile: Profile, profile_arg: str | None = None, figure: bool = True
         row["run_dirs"] = {s: profile.run_dir(row["cell"], s) for s in profile.seeds}
     by_cell = {r["cell"]: r for r in rows}
     sd, dof = pooled_sd(rows)
-    reduced = profile.name != "paper"
+    paper = paper_columns(profile)
     notes, rerun = _Footnotes(), rerun_command(profile, profile_arg)
     teacher_other = any(n == "teacher" for n, _, _ in other)
     teacher = {} if teacher_other else read_metrics(profile.teacher_dir) or {}
@@ -512,12 +516,12 @@ def report(profile: Profile, profile_arg: str | None = None, figure: bool = True
         "",
         *warning,
         *_other_lines(other),
-        *_header(reduced),
-        *(_md_row(r, by_cell, sd, reduced, notes, rerun) for r in first),
+        *_header(paper),
+        *(_md_row(r, by_cell, sd, paper, notes, rerun) for r in first),
     ]
     teacher_row = _teacher_row(teacher)
     if teacher_row:  # no pairs, no noise note: its faithfulness beside the students'
-        lines.append(_md_row(teacher_row, {}, sd, reduced, notes, rerun))
+        lines.append(_md_row(teacher_row, {}, sd, paper, notes, rerun))
     if second:
         lines += [
             "",
@@ -526,8 +530,8 @@ def report(profile: Profile, profile_arg: str | None = None, figure: bool = True
             "`ce`, `ce_kd`, the profile's baseline cells and the best CAM cells of the table "
             "above (lowest mean error without and with KD, chosen now).",
             "",
-            *_header(reduced),
-            *(_md_row(r, by_cell, sd, reduced, notes, rerun) for r in second),
+            *_header(paper),
+            *(_md_row(r, by_cell, sd, paper, notes, rerun) for r in second),
         ]
     teachers = [teacher_row] if teacher_row else []
     fid_keys = sorted({k for r in [*rows, *teachers] for k in r["fidelity"]})
@@ -545,7 +549,7 @@ def report(profile: Profile, profile_arg: str | None = None, figure: bool = True
         "",
         _noise_footer(sd, dof, len(profile.seeds)),
     ]
-    if reduced:
+    if paper == ["paper"]:  # reduced scale
         rho, n = rank_correlation(first)
         shown = f"{rho:+.2f}" if math.isfinite(rho) else "— (fewer than 3 cells)"
         lines += [
@@ -640,7 +644,8 @@ def _chart(rows: list[dict[str, Any]], path: Path, title: str, sd: float) -> Non
     right.errorbar(
         dx, ours, yerr=bars, fmt="o", color="tab:blue", capsize=4, label="this run: mean ± 2 SE"
     )
-    right.scatter(dx, paper, color="tab:red", marker="_", s=300, zorder=3, label="paper")
+    if any(map(math.isfinite, paper)):  # none for a pair the paper did not measure
+        right.scatter(dx, paper, color="tab:red", marker="_", s=300, zorder=3, label="paper")
     right.set_ylabel("difference to CE / CE+KD baseline (points)")
     right.set_title("effect of the explanation term")
     right.legend(fontsize=8)
