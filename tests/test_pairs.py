@@ -312,14 +312,14 @@ def test_one_training_step_of_a_pair_with_a_cam_preset(
 
 def test_a_saved_config_without_an_added_key_is_the_same_run() -> None:
     """Runs saved before ``teacher.train_recipe`` (or ``data.dataset``) existed had "" (cifar10)."""
-    from distill.harness.runs import _diff_keys
+    from distill.harness.runs import differing_keys
 
     old = {"teacher": {"epochs": 20}, "data": {"source": "folder"}}
     new = {"teacher": {"epochs": 20, "train_recipe": ""}, "data": {"source": "folder"}}
-    assert _diff_keys(new, old) == [] and _diff_keys(old, new) == []
+    assert differing_keys(new, old) == [] and differing_keys(old, new) == []
     new["data"]["dataset"] = "cifar100"
     new["teacher"]["train_recipe"] = " recipe=cifar100"
-    assert _diff_keys(new, old) == ["data.dataset", "teacher.train_recipe"]
+    assert differing_keys(new, old) == ["data.dataset", "teacher.train_recipe"]
 
 
 def test_a_dry_run_of_a_gpu_profile_without_gpus_assumes_one(

@@ -126,14 +126,19 @@ def _upgraded(config: dict[str, Any], other: dict[str, Any]) -> dict[str, Any]:
     return _fill(config, (config.get("data") or {}).get("num_classes", 10))
 
 
+def differing_keys(composed: dict[str, Any], saved: dict[str, Any]) -> list[str]:
+    """Dotted keys where a saved run's config differs from today's composition, after both are
+    upgraded by :func:`_upgraded` (a key added since counts at the value old runs had)."""
+    return _diff_keys(_upgraded(composed, saved), _upgraded(saved, composed))
+
+
 def config_mismatch(run_dir: Path, overrides: Sequence[str]) -> str | None:
     """Why ``run_dir``'s saved config differs from what ``overrides`` compose to (None: same, or
     nothing saved yet)."""
     found = saved_config(run_dir)
     if found is None:
         return None
-    composed = compose(overrides)
-    diff = _diff_keys(_upgraded(composed, found), _upgraded(found, composed))
+    diff = differing_keys(compose(overrides), found)
     return f"{run_dir} (differs in {', '.join(diff[:8])})" if diff else None
 
 
