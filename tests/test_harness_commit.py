@@ -61,6 +61,26 @@ def test_exported_weights_are_the_teachers_and_are_verified(tmp_path):
         load_teacher(WideResNet(10, 1), out)
 
 
+def test_report_commit_leaves_out_unfinished_runs(tmp_path):
+    """A failed or interrupted run has logs but no metrics.json: its records stay uncommitted."""
+    subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)
+    _git(tmp_path, "config", "user.email", "t@t")
+    _git(tmp_path, "config", "user.name", "t")
+    out = tmp_path / "results" / "p"
+    for run, files in {"ce-s0": ["metrics.json", "train.log"], "dkd-s0": ["train.log"]}.items():
+        for name in [*files, "checkpoints/last.ckpt.sha256"]:
+            (out / "runs" / run / name).parent.mkdir(parents=True, exist_ok=True)
+            (out / "runs" / run / name).write_text("{}")
+    (out / "table.md").write_text("| x |")
+    assert GitRecorder(out).commit_results("results: p report")
+    tracked = set(_git(tmp_path, "ls-files").split())
+    assert tracked == {
+        "results/p/table.md",
+        "results/p/runs/ce-s0/metrics.json",
+        "results/p/runs/ce-s0/train.log",
+    }
+
+
 def test_recorder_outside_a_repository_warns_and_commits_nothing(tmp_path, capsys):
     recorder = GitRecorder(tmp_path / "results")
     assert recorder.commit_results("x") is False

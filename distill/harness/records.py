@@ -90,9 +90,17 @@ class GitRecorder:
         return self.commit(keep, f"results: {self.out.name} {name} finished")
 
     def commit_results(self, message: str) -> bool:
-        """Everything under the results folder (report, run records) but checkpoints."""
+        """Everything under the results folder (report, finished runs' records) but checkpoints,
+        figures and the runs that did not finish (no ``metrics.json``: a failed or interrupted
+        run's partial logs would read as a record in a fresh clone)."""
         skip = [f":(exclude){self.out}/runs/*/{d}/*" for d in _NOT_COMMITTED]
-        return self.commit([str(self.out), *skip], message)
+        runs = self.out / "runs"
+        unfinished = [
+            f":(exclude){run}"
+            for run in sorted(runs.iterdir() if runs.is_dir() else [])
+            if run.is_dir() and not (run / "metrics.json").exists()
+        ]
+        return self.commit([str(self.out), *skip, *unfinished], message)
 
     def commit(self, pathspec: Sequence[str], message: str) -> bool:
         """``git add`` then ``git commit -- pathspec``; True when a commit was made."""
