@@ -87,6 +87,27 @@ def test_noise_is_pooled_over_cells():
     assert _noise_note(base, base, sd) == ""
 
 
+def test_a_cell_with_a_collapsed_seed_is_left_out_of_the_pooled_noise():
+    """catkd of the cpu profile: seeds 66.4, 67.8 and 90.0 (chance); pooled with the rest it
+    made the noise 3.5 points and every other difference "within seed noise"."""
+    rows = [
+        {"cell": "ce", "errors": [36.0, 37.0, 36.5], "mean": 36.5},
+        {"cell": "shapcam", "errors": [32.5, 33.0, 32.9], "mean": 32.8},
+        {"cell": "catkd", "errors": [66.4, 67.8, 90.0], "mean": 74.7},
+    ]
+    assert harness.unstable_cells(rows) == ["catkd"]
+    sd, dof = harness.pooled_sd(rows, ["catkd"])
+    squares = 0.25 + 0.25 + 0 + 0.09 + 0.04 + 0.01
+    assert dof == 4 and sd == pytest.approx(math.sqrt(squares / 4))
+    rows[0]["unstable"], rows[1]["unstable"], rows[2]["unstable"] = False, False, True
+    assert _noise_note(rows[1], rows[0], sd) == "beyond 2 standard errors"
+    assert harness.pooled_sd(rows)[0] > 5  # pooled with it: shapcam's 3.7 points would hide
+    assert _noise_note(rows[2], rows[0], sd) == "catkd: seeds unstable (sd 13.24)"
+    # a wider but ordinary spread (sd 0.64, pooled others 0.40: under 3x) stays in the pool
+    rows[2]["errors"], rows[2]["mean"] = [35.0, 36.2, 36.0], 35.73
+    assert harness.unstable_cells(rows) == []
+
+
 def test_run_with_a_different_config_is_refused(tmp_path):
     profile = Profile.load("smoke", results_dir=str(tmp_path))
     run_dir = write_run(profile, "gradcam", 0, 50.0)

@@ -38,6 +38,7 @@ from distill.harness.reporting import (
     rank_correlation,
     report,
     rerun_command,
+    unstable_cells,
 )
 from distill.harness.runner import (
     Failure,
@@ -100,6 +101,7 @@ __all__ = [
     "pending_cells",
     "placement",
     "pooled_sd",
+    "unstable_cells",
     "read_metrics",
     "report",
     "rerun_command",

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import csv
 import math
+import statistics
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -209,18 +210,39 @@ def _baseline(cell: str) -> str:
     return "ce_kd" if cell.endswith("_kd") else "ce"
 
 
-def pooled_sd(rows: Sequence[dict[str, Any]]) -> tuple[float, int]:
-    """Seed-noise standard deviation pooled over every cell with two or more seeds, and its
-    degrees of freedom: ``sqrt(sum_cells sum_seeds (e - mean_cell)^2 / sum_cells (n - 1))``.
+# a cell whose seeds spread more than this many times the other cells' pooled sd is unstable
+# (3 seeds against ~30 pooled degrees of freedom: variance ratio 9, F-test p ~ 0.001)
+UNSTABLE_RATIO = 3.0
+
+
+def pooled_sd(rows: Sequence[dict[str, Any]], exclude: Sequence[str] = ()) -> tuple[float, int]:
+    """Seed-noise standard deviation pooled over every cell with two or more seeds (but the
+    cells named in ``exclude``), and its degrees of freedom:
+    ``sqrt(sum_cells sum_seeds (e - mean_cell)^2 / sum_cells (n - 1))``.
 
     One protocol's cells share the same seed noise, so pooling gives a far steadier estimate
     than each cell's own standard deviation from a handful of seeds. ``(nan, 0)`` without
     repeated seeds.
     """
-    rows = [r for r in rows if math.isfinite(r["mean"])]  # a diverged cell has no seed noise
+    # a diverged cell has no seed noise; an unstable one (see unstable_cells) has its own
+    rows = [r for r in rows if math.isfinite(r["mean"]) and r["cell"] not in exclude]
     squares = sum(sum((e - r["mean"]) ** 2 for e in r["errors"]) for r in rows)
     dof = sum(max(len(r["errors"]) - 1, 0) for r in rows)
     return (math.sqrt(squares / dof), dof) if dof else (float("nan"), 0)
+
+
+def unstable_cells(rows: Sequence[dict[str, Any]], ratio: float = UNSTABLE_RATIO) -> list[str]:
+    """Cells whose seed standard deviation exceeds ``ratio`` times the noise pooled over the
+    other cells: a seed that collapsed (e.g. to chance level) is not seed noise, and pooling it
+    would hide every real difference in the table behind one unstable method."""
+    unstable = []
+    for row in rows:
+        if len(row["errors"]) < 2 or not math.isfinite(row["mean"]):
+            continue
+        others, _ = pooled_sd([r for r in rows if r["cell"] != row["cell"]])
+        if math.isfinite(others) and statistics.stdev(row["errors"]) > ratio * others:
+            unstable.append(row["cell"])
+    return unstable
 
 
 def _diff_se(row: dict[str, Any], base: dict[str, Any], sd: float) -> float:
@@ -233,6 +255,9 @@ def _noise_note(row: dict[str, Any], base: dict[str, Any], sd: float) -> str:
     of means (:func:`_diff_se` with the pooled seed noise ``sd``)."""
     if row["cell"] == base["cell"] or not row["errors"] or not base["errors"]:
         return ""
+    if row.get("unstable") or base.get("unstable"):
+        cell = row if row.get("unstable") else base
+        return f"{cell['cell']}: seeds unstable (sd {statistics.stdev(cell['errors']):.2f})"
     if not math.isfinite(row["mean"]) or not math.isfinite(base["mean"]):
         return "" if row.get("diverged") else f"baseline {base['cell']} diverged"
     if not math.isfinite(sd):
@@ -241,15 +266,22 @@ def _noise_note(row: dict[str, Any], base: dict[str, Any], sd: float) -> str:
     return "beyond 2 standard errors" if beyond else "within seed noise"
 
 
-def _noise_footer(sd: float, dof: int, seeds: int) -> str:
+def _noise_footer(sd: float, dof: int, seeds: int, unstable: Sequence[str] = ()) -> str:
     if not dof:
         return "Seed noise: unknown (no cell has two seeds)."
     threshold = 2 * sd * math.sqrt(2 / seeds)
+    left_out = (
+        f" Left out of the pool as unstable (seed sd over {UNSTABLE_RATIO:g} times that of the "
+        f"other cells, e.g. a seed collapsed): {', '.join(f'`{c}`' for c in unstable)}; their "
+        "differences get no noise verdict."
+        if unstable
+        else ""
+    )
     return (
         f"Seed noise: standard deviation {sd:.2f} points, pooled over the cells ({dof} degrees "
-        f"of freedom). A difference to the baseline is noted as beyond noise when it exceeds 2 "
-        f"standard errors of a difference of means ({threshold:.2f} points for {seeds} vs "
-        f"{seeds} seeds); with many cells a few such notes arise by chance alone."
+        f"of freedom).{left_out} A difference to the baseline is noted as beyond noise when it "
+        f"exceeds 2 standard errors of a difference of means ({threshold:.2f} points for {seeds} "
+        f"vs {seeds} seeds); with many cells a few such notes arise by chance alone."
     )
 
 
@@ -501,7 +533,10 @@ def report(profile: Profile, profile_arg: str | None = None, figure: bool = True
     for row in rows:
         row["run_dirs"] = {s: profile.run_dir(row["cell"], s) for s in profile.seeds}
     by_cell = {r["cell"]: r for r in rows}
-    sd, dof = pooled_sd(rows)
+    unstable = unstable_cells(rows)
+    for row in rows:
+        row["unstable"] = row["cell"] in unstable
+    sd, dof = pooled_sd(rows, unstable)
     paper = paper_columns(profile)
     notes, rerun = _Footnotes(), rerun_command(profile, profile_arg)
     teacher_other = any(n == "teacher" for n, _, _ in other)
@@ -547,7 +582,7 @@ def report(profile: Profile, profile_arg: str | None = None, figure: bool = True
         f"{teacher_line}{_teacher_faithfulness(teacher)} Training wall time of the finished "
         f"runs (teacher + cells, fit + test, without precompute): {total / 60:.1f} min.",
         "",
-        _noise_footer(sd, dof, len(profile.seeds)),
+        _noise_footer(sd, dof, len(profile.seeds), unstable),
     ]
     if paper == ["paper"]:  # reduced scale
         rho, n = rank_correlation(first)
@@ -638,7 +673,8 @@ def _chart(rows: list[dict[str, Any]], path: Path, title: str, sd: float) -> Non
     for r in diffs:
         base = by_cell[_baseline(r["cell"])]
         ours.append(r["mean"] - base["mean"])
-        bars.append(2 * _diff_se(r, base, sd) if math.isfinite(sd) else 0.0)
+        own = statistics.stdev(r["errors"]) if r.get("unstable") else sd  # not in the pool
+        bars.append(2 * _diff_se(r, base, own) if math.isfinite(own) else 0.0)
         paper.append(r["paper"] - base["paper"])
     right.axhline(0.0, color="black", lw=0.8)
     right.errorbar(
