@@ -899,3 +899,19 @@ def test_a_pair_of_the_cifar100_profile_has_no_paper_column(tmp_path):
         rows = {r["cell"]: r for r in csv.DictReader(handle)}
     assert math.isnan(float(rows["gradcam"]["paper"]))
     assert float(rows["gradcam"]["diff_baseline"]) == pytest.approx(-1.25)
+
+
+def test_chart_scales_to_the_stable_cells_and_labels_an_unstable_one():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from distill.harness.reporting import _focus
+
+    fig, ax = plt.subplots()
+    _focus(ax, [32.0, 36.0], [(2, 74.8, "catkd"), (3, 35.0, "inside")])
+    low, high = ax.get_ylim()
+    assert low == pytest.approx(32.0 - 0.6) and high == pytest.approx(36.0 + 1.8 * 0.6)
+    assert [t.get_text() for t in ax.texts] == ["catkd: 74.8\n(off scale)"]
+    plt.close(fig)

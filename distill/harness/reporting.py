@@ -597,7 +597,8 @@ def report(profile: Profile, profile_arg: str | None = None, figure: bool = True
     if notes.texts:
         lines += ["", *notes.lines()]
     (profile.out / "table.md").write_text("\n".join(lines) + "\n")
-    _chart(rows, profile.out / "chart.png", profile.name, sd)
+    heading = f"pair {profile.pair}" if profile.pair else "WRN-40-2 → WRN-16-2"
+    _chart(rows, profile.out / "chart.png", f"{heading} student, profile {profile.name}", sd)
     return profile.out / "table.md"
 
 
@@ -628,6 +629,28 @@ def _map_figure(profile: Profile, rows: list[dict[str, Any]]) -> str:
         f"Maps: [explain.png](explain.png) — the teacher's and seed {seed}'s students' Grad-CAM "
         "maps on the same test images; per-student agreement in explain.md."
     )
+
+
+def _unstable_points(rows: list[dict[str, Any]], xs: range) -> list[tuple[int, float, str]]:
+    return [(x, r["mean"], r["cell"]) for x, r in zip(xs, rows, strict=True) if r.get("unstable")]
+
+
+def _focus(ax: Any, values: list[float], off: list[tuple[int, float, str]]) -> None:
+    """Scale ``ax`` to ``values`` (the stable cells) and write each unstable cell's value at the
+    edge it lies beyond, so that one collapsed cell does not flatten the others."""
+    finite = [v for v in values if math.isfinite(v)]
+    if not finite:
+        return
+    low, high = min(finite), max(finite)
+    pad = 0.15 * (high - low) or 1.0
+    ax.set_ylim(low - pad, high + 1.8 * pad)
+    for x, value, cell in off:
+        if low - pad <= value <= high + 1.8 * pad:
+            continue
+        y = high + 1.2 * pad if value > high else low - 0.6 * pad
+        ax.annotate(
+            f"{cell}: {value:.1f}\n(off scale)", (x, y), ha="center", fontsize=7, color="tab:red"
+        )
 
 
 def _chart(rows: list[dict[str, Any]], path: Path, title: str, sd: float) -> None:
@@ -662,6 +685,9 @@ def _chart(rows: list[dict[str, Any]], path: Path, title: str, sd: float) -> Non
         capsize=4,
         label="mean ± std over seeds",
     )
+    if any(r.get("unstable") for r in rows):  # scale to the stable cells, mark the others
+        stable = [r for r in rows if not r.get("unstable") and r["errors"]]
+        _focus(left, [e for r in stable for e in r["errors"]], _unstable_points(rows, xs))
     left.set_ylabel("test error (%)")
     left.set_title("this run (grey: single seeds)")
     left.legend(fontsize=8)
@@ -680,6 +706,22 @@ def _chart(rows: list[dict[str, Any]], path: Path, title: str, sd: float) -> Non
     right.errorbar(
         dx, ours, yerr=bars, fmt="o", color="tab:blue", capsize=4, label="this run: mean ± 2 SE"
     )
+    if any(r.get("unstable") for r in diffs):
+        ends = [
+            d + sign * b
+            for r, d, b in zip(diffs, ours, bars, strict=True)
+            for sign in (-1, 1)
+            if not r.get("unstable") and math.isfinite(d)
+        ]
+        _focus(
+            right,
+            [*ends, 0.0],
+            [
+                (x, d, r["cell"])
+                for x, r, d in zip(dx, diffs, ours, strict=True)
+                if r.get("unstable")
+            ],
+        )
     if any(map(math.isfinite, paper)):  # none for a pair the paper did not measure
         right.scatter(dx, paper, color="tab:red", marker="_", s=300, zorder=3, label="paper")
     right.set_ylabel("difference to CE / CE+KD baseline (points)")
@@ -698,7 +740,7 @@ def _chart(rows: list[dict[str, Any]], path: Path, title: str, sd: float) -> Non
         ax.set_title("fidelity to the teacher")
         ax.legend(fontsize=7)
         ax.grid(axis="y", alpha=0.3)
-    fig.suptitle(f"WRN-40-2 → WRN-16-2 student, profile {title}")
+    fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
