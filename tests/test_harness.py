@@ -100,6 +100,7 @@ def test_a_cell_with_a_collapsed_seed_is_left_out_of_the_pooled_noise():
     squares = 0.25 + 0.25 + 0 + 0.09 + 0.04 + 0.01
     assert dof == 4 and sd == pytest.approx(math.sqrt(squares / 4))
     rows[0]["unstable"], rows[1]["unstable"], rows[2]["unstable"] = False, False, True
+    rows[2]["std"] = statistics.stdev(rows[2]["errors"])  # as collect() writes it
     assert _noise_note(rows[1], rows[0], sd) == "beyond 2 standard errors"
     assert harness.pooled_sd(rows)[0] > 5  # pooled with it: shapcam's 3.7 points would hide
     assert _noise_note(rows[2], rows[0], sd) == "catkd: seeds unstable (sd 13.24)"

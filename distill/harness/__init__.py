@@ -101,7 +101,6 @@ __all__ = [
     "pending_cells",
     "placement",
     "pooled_sd",
-    "unstable_cells",
     "read_metrics",
     "report",
     "rerun_command",
@@ -114,4 +113,5 @@ __all__ = [
     "running_holder",
     "saved_config",
     "table_cells",
+    "unstable_cells",
 ]

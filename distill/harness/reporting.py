@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import csv
 import math
-import statistics
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -240,7 +239,7 @@ def unstable_cells(rows: Sequence[dict[str, Any]], ratio: float = UNSTABLE_RATIO
         if len(row["errors"]) < 2 or not math.isfinite(row["mean"]):
             continue
         others, _ = pooled_sd([r for r in rows if r["cell"] != row["cell"]])
-        if math.isfinite(others) and statistics.stdev(row["errors"]) > ratio * others:
+        if math.isfinite(others) and _mean_std(row["errors"])[1] > ratio * others:
             unstable.append(row["cell"])
     return unstable
 
@@ -257,7 +256,7 @@ def _noise_note(row: dict[str, Any], base: dict[str, Any], sd: float) -> str:
         return ""
     if row.get("unstable") or base.get("unstable"):
         cell = row if row.get("unstable") else base
-        return f"{cell['cell']}: seeds unstable (sd {statistics.stdev(cell['errors']):.2f})"
+        return f"{cell['cell']}: seeds unstable (sd {cell['std']:.2f})"
     if not math.isfinite(row["mean"]) or not math.isfinite(base["mean"]):
         return "" if row.get("diverged") else f"baseline {base['cell']} diverged"
     if not math.isfinite(sd):
@@ -631,8 +630,12 @@ def _map_figure(profile: Profile, rows: list[dict[str, Any]]) -> str:
     )
 
 
-def _unstable_points(rows: list[dict[str, Any]], xs: range) -> list[tuple[int, float, str]]:
-    return [(x, r["mean"], r["cell"]) for x, r in zip(xs, rows, strict=True) if r.get("unstable")]
+def _unstable_points(
+    rows: list[dict[str, Any]], values: list[float]
+) -> list[tuple[int, float, str]]:
+    """``(x, value, cell)`` of the unstable cells among ``rows`` plotted at ``values``."""
+    pairs = zip(rows, values, strict=True)
+    return [(x, v, r["cell"]) for x, (r, v) in enumerate(pairs) if r.get("unstable")]
 
 
 def _focus(ax: Any, values: list[float], off: list[tuple[int, float, str]]) -> None:
@@ -687,7 +690,8 @@ def _chart(rows: list[dict[str, Any]], path: Path, title: str, sd: float) -> Non
     )
     if any(r.get("unstable") for r in rows):  # scale to the stable cells, mark the others
         stable = [r for r in rows if not r.get("unstable") and r["errors"]]
-        _focus(left, [e for r in stable for e in r["errors"]], _unstable_points(rows, xs))
+        means = [r["mean"] for r in rows]
+        _focus(left, [e for r in stable for e in r["errors"]], _unstable_points(rows, means))
     left.set_ylabel("test error (%)")
     left.set_title("this run (grey: single seeds)")
     left.legend(fontsize=8)
@@ -699,7 +703,7 @@ def _chart(rows: list[dict[str, Any]], path: Path, title: str, sd: float) -> Non
     for r in diffs:
         base = by_cell[_baseline(r["cell"])]
         ours.append(r["mean"] - base["mean"])
-        own = statistics.stdev(r["errors"]) if r.get("unstable") else sd  # not in the pool
+        own = r["std"] if r.get("unstable") else sd  # not in the pool
         bars.append(2 * _diff_se(r, base, own) if math.isfinite(own) else 0.0)
         paper.append(r["paper"] - base["paper"])
     right.axhline(0.0, color="black", lw=0.8)
@@ -713,15 +717,7 @@ def _chart(rows: list[dict[str, Any]], path: Path, title: str, sd: float) -> Non
             for sign in (-1, 1)
             if not r.get("unstable") and math.isfinite(d)
         ]
-        _focus(
-            right,
-            [*ends, 0.0],
-            [
-                (x, d, r["cell"])
-                for x, r, d in zip(dx, diffs, ours, strict=True)
-                if r.get("unstable")
-            ],
-        )
+        _focus(right, [*ends, 0.0], _unstable_points(diffs, ours))
     if any(map(math.isfinite, paper)):  # none for a pair the paper did not measure
         right.scatter(dx, paper, color="tab:red", marker="_", s=300, zorder=3, label="paper")
     right.set_ylabel("difference to CE / CE+KD baseline (points)")
