@@ -916,3 +916,22 @@ def test_chart_scales_to_the_stable_cells_and_labels_an_unstable_one():
     assert low == pytest.approx(32.0 - 0.6) and high == pytest.approx(36.0 + 1.8 * 0.6)
     assert [t.get_text() for t in ax.texts] == ["catkd: 74.8\n(off scale)"]
     plt.close(fig)
+
+
+def test_report_names_a_collapsed_cell_and_keeps_the_others_verdicts(tmp_path):
+    """As in the cpu profile: a baseline with one seed at chance no longer hides the CAM cell's
+    difference to ``ce`` (pooled with it, the noise would be 11 points and the note "within")."""
+    profile = Profile.load("smoke", results_dir=str(tmp_path))
+    profile.cells, profile.seeds = ["ce", "gradcam", "catkd"], [0, 1, 2]
+    profile.baselines = ["catkd"]  # as Profile.load lists a profile's baselines
+    write_runs(
+        profile,
+        {"ce": [36.0, 37.0, 36.5], "gradcam": [33.9, 34.4, 34.0], "catkd": [66.4, 67.8, 90.0]},
+    )
+    table = harness.report(profile).read_text()
+    rows = {line.split(" | ")[0].lstrip("| "): line for line in table.splitlines()}
+    assert rows["gradcam"].endswith("| beyond 2 standard errors |")
+    assert rows["catkd"].endswith("| catkd: seeds unstable (sd 13.24) |")
+    assert "Left out of the pool as unstable" in table and "`catkd`" in table
+    squares = 0.25 + 0.25 + 0 + 0.04 + 0.09 + 0.01  # ce and gradcam only, 4 dof
+    assert f"standard deviation {math.sqrt(squares / 4):.2f} points" in table
